@@ -1,0 +1,79 @@
+//! Business clients and their API keys.
+//!
+//! Keys are found by their SHA-256 digest and then compared in constant
+//! time, so neither the lookup nor the comparison leaks how much of a
+//! guessed key was right, and the cost does not grow with the client count.
+
+use hashbrown::HashMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::Config;
+
+/// One configured client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub id: String,
+    pub api_key: Vec<u8>,
+    pub tier: String,
+    pub messages_per_minute: u64,
+}
+
+/// All clients, indexed by position (the index travels between shards).
+#[derive(Debug)]
+pub struct ClientTable {
+    clients: Vec<Client>,
+    by_key_digest: HashMap<[u8; 32], u32>,
+}
+
+impl ClientTable {
+    /// Builds the table from a validated config.
+    pub fn from_config(cfg: &Config) -> Self {
+        let mut clients = Vec::with_capacity(cfg.clients.len());
+        let mut by_key_digest = HashMap::new();
+        for (i, c) in cfg.clients.iter().enumerate() {
+            let limit = c
+                .messages_per_minute
+                .unwrap_or_else(|| cfg.tiers[&c.tier].messages_per_minute);
+            by_key_digest.insert(Sha256::digest(c.api_key.as_bytes()).into(), i as u32);
+            clients.push(Client {
+                id: c.id.clone(),
+                api_key: c.api_key.as_bytes().to_vec(),
+                tier: c.tier.clone(),
+                messages_per_minute: limit,
+            });
+        }
+        Self {
+            clients,
+            by_key_digest,
+        }
+    }
+
+    /// The client whose key is `key`.
+    pub fn authenticate(&self, key: &[u8]) -> Option<u32> {
+        let digest: [u8; 32] = Sha256::digest(key).into();
+        let &i = self.by_key_digest.get(&digest)?;
+        let client = &self.clients[i as usize];
+        bool::from(client.api_key.as_slice().ct_eq(key)).then_some(i)
+    }
+
+    /// The id of client `i`.
+    pub fn id(&self, i: u32) -> &str {
+        &self.clients[i as usize].id
+    }
+
+    /// Client `i`.
+    pub fn get(&self, i: u32) -> &Client {
+        &self.clients[i as usize]
+    }
+
+    /// Number of clients.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// True when no client is configured.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}

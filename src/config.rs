@@ -1,0 +1,369 @@
+//! `engine.toml`: parsed strictly (an unknown key is an error) and checked
+//! once at startup, so a running engine never meets a bad setting.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default request body limit.
+pub const MAX_BODY_BYTES_DEFAULT: usize = 64 * 1024;
+/// Hard upper bound for `max_body_bytes` (a journal record holds at most 4 MiB).
+pub const MAX_BODY_BYTES_LIMIT: usize = 4 << 20;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub engine: EngineConfig,
+    pub business: BusinessConfig,
+    pub mobile: MobileConfig,
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, TierConfig>,
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Number of shards (one per core); 0 = one per online CPU.
+    #[serde(default)]
+    pub shards: usize,
+    /// Where the journal lives; relative paths are relative to the config file's directory.
+    pub data_dir: PathBuf,
+    /// Journal segment size before rotation.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Capacity of each shard-to-shard channel (messages).
+    #[serde(default = "default_mesh_capacity")]
+    pub mesh_channel_capacity: usize,
+    /// Most connections a shard serves at once (business + mobile); more are refused.
+    #[serde(default = "default_connections_max")]
+    pub connections_per_shard_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusinessConfig {
+    pub listen: String,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// A request whose head or body is not complete this long after its first byte is dropped.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this long.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// TTL of a message that names none.
+    #[serde(default = "default_ttl_seconds")]
+    pub default_ttl_seconds: u64,
+    /// The largest TTL a message may ask for.
+    #[serde(default = "default_max_ttl_seconds")]
+    pub max_ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MobileConfig {
+    pub listen: String,
+    pub token_secret: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub messages_per_minute: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub id: String,
+    pub api_key: String,
+    pub tier: String,
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// Overrides the tier's limit for this client.
+    #[serde(default)]
+    pub messages_per_minute: Option<u64>,
+}
+
+fn default_segment_bytes() -> u64 {
+    64 << 20
+}
+fn default_mesh_capacity() -> usize {
+    1024
+}
+fn default_connections_max() -> usize {
+    16_384
+}
+fn default_max_body() -> usize {
+    MAX_BODY_BYTES_DEFAULT
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    120_000
+}
+fn default_ttl_seconds() -> u64 {
+    7 * 24 * 3600
+}
+fn default_max_ttl_seconds() -> u64 {
+    30 * 24 * 3600
+}
+
+/// A configuration error: which key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config {path}: `{key}` {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// Addresses after parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct Listeners {
+    pub business: SocketAddr,
+    pub mobile: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        if cfg.engine.data_dir.is_relative() {
+            if let Some(base) = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty() && *p != Path::new("."))
+            {
+                cfg.engine.data_dir = base.join(&cfg.engine.data_dir);
+            }
+        }
+        cfg.validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.into(),
+                key,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
+        if self.engine.shards > 1024 {
+            return bad(
+                "engine.shards",
+                format!("is {}, at most 1024", self.engine.shards),
+            );
+        }
+        if self.engine.segment_bytes < (64 << 10) || self.engine.segment_bytes > (1 << 40) {
+            return bad(
+                "engine.segment_bytes",
+                "must be between 65536 and 2^40".into(),
+            );
+        }
+        if self.engine.segment_bytes % 4096 != 0 {
+            return bad("engine.segment_bytes", "must be a multiple of 4096".into());
+        }
+        if !(16..=1 << 20).contains(&self.engine.mesh_channel_capacity) {
+            return bad(
+                "engine.mesh_channel_capacity",
+                "must be between 16 and 1048576".into(),
+            );
+        }
+        if self.engine.connections_per_shard_max == 0 {
+            return bad(
+                "engine.connections_per_shard_max",
+                "must be positive".into(),
+            );
+        }
+        for (key, addr) in [
+            ("business.listen", &self.business.listen),
+            ("mobile.listen", &self.mobile.listen),
+            ("admin.listen", &self.admin.listen),
+        ] {
+            if addr.parse::<SocketAddr>().is_err() {
+                return bad(
+                    key,
+                    format!("is {addr:?}, expected an address like 127.0.0.1:8080"),
+                );
+            }
+        }
+        if self.business.max_body_bytes < 256 || self.business.max_body_bytes > MAX_BODY_BYTES_LIMIT
+        {
+            return bad(
+                "business.max_body_bytes",
+                format!("must be between 256 and {MAX_BODY_BYTES_LIMIT}"),
+            );
+        }
+        if self.business.request_timeout_ms < 100 || self.business.idle_timeout_ms < 100 {
+            return bad(
+                "business.request_timeout_ms",
+                "timeouts must be at least 100 ms".into(),
+            );
+        }
+        if self.business.default_ttl_seconds == 0
+            || self.business.default_ttl_seconds > self.business.max_ttl_seconds
+        {
+            return bad(
+                "business.default_ttl_seconds",
+                "must be positive and at most max_ttl_seconds".into(),
+            );
+        }
+        if self.mobile.token_secret.len() < 32 {
+            return bad("mobile.token_secret", "must be at least 32 bytes".into());
+        }
+        for (name, tier) in &self.tiers {
+            if tier.messages_per_minute == 0 {
+                return bad(
+                    &format!("tiers.{name}.messages_per_minute"),
+                    "must be positive".into(),
+                );
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            let key = |f: &str| format!("clients[{i}].{f}");
+            if c.id.is_empty()
+                || c.id.len() > 128
+                || !c
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return bad(
+                    &key("id"),
+                    "must be 1-128 characters of A-Z a-z 0-9 - _ .".into(),
+                );
+            }
+            if !ids.insert(&c.id) {
+                return bad(&key("id"), format!("{:?} is used twice", c.id));
+            }
+            if c.api_key.len() < 16 {
+                return bad(&key("api_key"), "must be at least 16 characters".into());
+            }
+            if !keys.insert(&c.api_key) {
+                return bad(&key("api_key"), "is shared with another client".into());
+            }
+            if !self.tiers.contains_key(&c.tier) {
+                return bad(
+                    &key("tier"),
+                    format!("{:?} is not a tier defined under [tiers]", c.tier),
+                );
+            }
+            if c.messages_per_minute == Some(0) {
+                return bad(&key("messages_per_minute"), "must be positive".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Parsed listener addresses (validated in `load`).
+    pub fn listeners(&self) -> Listeners {
+        Listeners {
+            business: self.business.listen.parse().expect("validated"),
+            mobile: self.mobile.listen.parse().expect("validated"),
+            admin: self.admin.listen.parse().expect("validated"),
+        }
+    }
+
+    /// The shard count to run with.
+    pub fn shard_count(&self) -> usize {
+        if self.engine.shards > 0 {
+            self.engine.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[engine]
+data_dir = "d"
+[business]
+listen = "127.0.0.1:0"
+[mobile]
+listen = "127.0.0.1:0"
+token_secret = "0123456789abcdef0123456789abcdef"
+[admin]
+listen = "127.0.0.1:0"
+[tiers.basic]
+messages_per_minute = 60
+[[clients]]
+id = "acme"
+api_key = "acme-key-0123456789"
+tier = "basic"
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&p)
+    }
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.business.max_body_bytes, 65536);
+        assert_eq!(c.business.request_timeout_ms, 10_000);
+        assert!(c.engine.data_dir.ends_with("d"));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = load(&GOOD.replace("[admin]", "[admin]\nlisten_typo = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_typo"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = load(&GOOD.replace("tier = \"basic\"", "tier = \"gold\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clients[0].tier"), "{e}");
+        let e = load(&GOOD.replace("127.0.0.1:0\"\n[mobile]", "nowhere\"\n[mobile]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("business.listen"), "{e}");
+        let e = load(&GOOD.replace("0123456789abcdef0123456789abcdef", "short"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token_secret"), "{e}");
+    }
+}

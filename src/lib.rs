@@ -1,0 +1,21 @@
+//! esh3ar: a durable, thread-per-core messaging engine.
+//!
+//! `src/` is the shell around the [`esh3ar_shards`] core: configuration,
+//! CLI, runtime bootstrap ([`server`]), and the protocols ([`http`],
+//! [`business`], [`admin`]). docs/ARCHITECTURE.md is the map.
+
+pub mod admin;
+pub mod business;
+pub mod clients;
+pub mod config;
+pub mod http;
+pub mod journal_cli;
+pub mod server;
+pub mod shard;
+pub mod shutdown;
+pub mod token;
+
+/// The home shard of a recipient user.
+pub fn route(user: &str, shards: usize) -> usize {
+    esh3ar_shards::routing::home_shard(user.as_bytes(), shards)
+}

@@ -1,0 +1,274 @@
+//! One shard at run time: its journal and index, its end of the channel
+//! mesh, and the typed messages shards exchange.
+//!
+//! A shard that accepts a request for a user homed elsewhere sends
+//! [`MeshMsg::Append`] to the home shard and parks the request on a
+//! [`PendingReplies`] slot; the home shard appends, waits for the group
+//! commit and answers [`MeshMsg::Appended`]. The mesh receivers never await
+//! a send (replies go out from their own task), so two shards flooding each
+//! other cannot deadlock.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use esh3ar_shards::id::TrackingId;
+use esh3ar_shards::index::MessageIndex;
+use esh3ar_shards::journal::{Journal, JournalError};
+use esh3ar_shards::record::{Accepted, Record};
+use esh3ar_shards::{Priority, Status};
+use futures_channel::oneshot;
+use glommio::channels::channel_mesh::Senders;
+use hashbrown::HashMap;
+
+use crate::clients::ClientTable;
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+
+/// A validated message on its way to its home shard.
+#[derive(Debug)]
+pub struct NewMessage {
+    /// Index of the sending client in the [`ClientTable`].
+    pub client: u32,
+    pub to: String,
+    pub body: Vec<u8>,
+    pub priority: Priority,
+    pub expires_at_ms: u64,
+    pub accepted_at_ms: u64,
+}
+
+/// Why a home shard could not take messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendRefusal {
+    /// The journal failed (disk error): nothing is acknowledged any more.
+    StorageFailed,
+    /// The shard is shutting down.
+    ShuttingDown,
+}
+
+impl From<&JournalError> for AppendRefusal {
+    fn from(e: &JournalError) -> Self {
+        match e {
+            JournalError::Failed(_) => AppendRefusal::StorageFailed,
+            JournalError::Closed => AppendRefusal::ShuttingDown,
+        }
+    }
+}
+
+/// What `GET /v1/messages/{id}` shows.
+#[derive(Debug, Clone)]
+pub struct StatusView {
+    pub to: String,
+    pub status: Status,
+    pub priority: Priority,
+    pub attempts: u32,
+    pub accepted_at_ms: u64,
+    pub delivered_at_ms: u64,
+    pub acked_at_ms: u64,
+}
+
+/// Messages between shards.
+#[derive(Debug)]
+pub enum MeshMsg {
+    /// Append these messages (all homed on the receiver) and answer once durable.
+    Append {
+        from: u16,
+        req: u64,
+        items: Vec<NewMessage>,
+    },
+    /// Answer to `Append`: one sequence number per item, in order.
+    Appended {
+        req: u64,
+        result: Result<Vec<u64>, AppendRefusal>,
+    },
+    /// Look up a message for a client.
+    Lookup {
+        from: u16,
+        req: u64,
+        seq: u64,
+        client: u32,
+    },
+    /// Answer to `Lookup`.
+    Found {
+        req: u64,
+        view: Option<Box<StatusView>>,
+    },
+}
+
+/// Requests this shard sent and awaits answers for.
+#[derive(Default)]
+pub struct PendingReplies {
+    next: Cell<u64>,
+    waiting: RefCell<HashMap<u64, oneshot::Sender<MeshMsg>>>,
+}
+
+impl PendingReplies {
+    /// Registers a request; returns its id and the receiver of its answer.
+    pub fn register(&self) -> (u64, oneshot::Receiver<MeshMsg>) {
+        let req = self.next.get();
+        self.next.set(req + 1);
+        let (tx, rx) = oneshot::channel();
+        self.waiting.borrow_mut().insert(req, tx);
+        (req, rx)
+    }
+
+    /// Forgets a request whose send failed.
+    pub fn cancel(&self, req: u64) {
+        self.waiting.borrow_mut().remove(&req);
+    }
+
+    fn complete(&self, req: u64, msg: MeshMsg) {
+        if let Some(tx) = self.waiting.borrow_mut().remove(&req) {
+            let _ = tx.send(msg);
+        }
+    }
+}
+
+/// Counters of one shard, summed over shards at the edge.
+#[derive(Default)]
+pub struct ShardStats {
+    pub accepted: Cell<u64>,
+    pub connections: Cell<u64>,
+}
+
+/// Everything one shard owns.
+pub struct Shard {
+    pub id: usize,
+    pub count: usize,
+    pub cfg: Arc<Config>,
+    pub clients: Arc<ClientTable>,
+    pub journal: Rc<Journal>,
+    pub index: RefCell<MessageIndex>,
+    pub mesh: Senders<MeshMsg>,
+    pub replies: PendingReplies,
+    pub shutdown: Shutdown,
+    pub stats: ShardStats,
+}
+
+impl Shard {
+    /// Appends messages homed on this shard; returns their sequence numbers
+    /// and the generation to wait for. Synchronous: no other task runs
+    /// between the appends, so the messages of one call stay adjacent.
+    pub fn append_local(&self, items: &[NewMessage]) -> Result<(Vec<u64>, u64), AppendRefusal> {
+        let mut index = self.index.borrow_mut();
+        let mut seqs = Vec::with_capacity(items.len());
+        let mut generation = 0;
+        for m in items {
+            debug_assert_eq!(
+                crate::route(&m.to, self.count),
+                self.id,
+                "message appended on a foreign shard"
+            );
+            let seq = self.journal.take_seq();
+            let client = self.clients.id(m.client);
+            let record = Record::Accepted(Accepted {
+                seq,
+                client,
+                to: &m.to,
+                priority: m.priority,
+                expires_at_ms: m.expires_at_ms,
+                accepted_at_ms: m.accepted_at_ms,
+                body: &m.body,
+            });
+            let appended = self
+                .journal
+                .append(&record, &mut index)
+                .map_err(|e| AppendRefusal::from(&e))?;
+            generation = appended.generation;
+            seqs.push(seq);
+        }
+        self.stats
+            .accepted
+            .set(self.stats.accepted.get() + items.len() as u64);
+        Ok((seqs, generation))
+    }
+
+    /// Appends and waits for durability.
+    pub async fn append_durable(&self, items: &[NewMessage]) -> Result<Vec<u64>, AppendRefusal> {
+        let (seqs, generation) = self.append_local(items)?;
+        self.journal
+            .wait_durable(generation)
+            .await
+            .map_err(|e| AppendRefusal::from(&e))?;
+        Ok(seqs)
+    }
+
+    /// Looks up a message for `client` (None: unknown, or another client's).
+    pub fn lookup_local(&self, seq: u64, client: u32) -> Option<Box<StatusView>> {
+        let index = self.index.borrow();
+        let m = index.get(seq)?;
+        if &*m.client != self.clients.id(client) {
+            return None;
+        }
+        Some(Box::new(StatusView {
+            to: m.to.to_string(),
+            status: m.status,
+            priority: m.priority,
+            attempts: m.attempts,
+            accepted_at_ms: m.accepted_at_ms,
+            delivered_at_ms: m.delivered_at_ms,
+            acked_at_ms: m.acked_at_ms,
+        }))
+    }
+
+    /// Sends a request to another shard without waiting for channel space:
+    /// a full channel means the peer is overloaded, and the caller answers
+    /// 503 instead of queueing without bound.
+    pub fn try_send(&self, to: usize, msg: MeshMsg) -> Result<(), ()> {
+        self.mesh.try_send_to(to, msg).map_err(|_| ())
+    }
+
+    /// Handles a message from shard `peer`. Never awaits: answers that need
+    /// durability or channel space go out from a spawned task.
+    pub fn on_mesh(self: &Rc<Self>, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Append { from, req, items } => {
+                let appended = self.append_local(&items);
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let result = match appended {
+                        Ok((seqs, generation)) => {
+                            match shard.journal.wait_durable(generation).await {
+                                Ok(()) => Ok(seqs),
+                                Err(e) => Err(AppendRefusal::from(&e)),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let _ = shard
+                        .mesh
+                        .send_to(from as usize, MeshMsg::Appended { req, result })
+                        .await;
+                })
+                .detach();
+            }
+            MeshMsg::Lookup {
+                from,
+                req,
+                seq,
+                client,
+            } => {
+                let view = self.lookup_local(seq, client);
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = shard
+                        .mesh
+                        .send_to(from as usize, MeshMsg::Found { req, view })
+                        .await;
+                })
+                .detach();
+            }
+            MeshMsg::Appended { req, .. } | MeshMsg::Found { req, .. } => {
+                self.replies.complete(req, msg)
+            }
+        }
+    }
+
+    /// The tracking id of a message homed here.
+    pub fn tracking_id(&self, seq: u64) -> TrackingId {
+        TrackingId {
+            shard: self.id as u16,
+            seq,
+        }
+    }
+}

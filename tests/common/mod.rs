@@ -1,0 +1,418 @@
+//! Test harness: start the real `esh3ar` binary on ephemeral ports with a
+//! private data dir, and talk to it over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const API_KEY: &str = "acme-key-0123456789abcdef";
+pub const OTHER_KEY: &str = "other-key-0123456789abcdef";
+pub const TOKEN_SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
+/// Engine settings a test may change.
+#[derive(Clone)]
+pub struct Opts {
+    pub shards: usize,
+    pub segment_bytes: u64,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+    pub extra_engine: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            shards: 2,
+            segment_bytes: 1 << 20,
+            max_body_bytes: 65536,
+            request_timeout_ms: 10_000,
+            extra_engine: String::new(),
+        }
+    }
+}
+
+/// Writes a config for `data_dir` into `dir/engine.toml`.
+pub fn write_config(dir: &Path, data_dir: &Path, o: &Opts) -> PathBuf {
+    let text = format!(
+        r#"
+[engine]
+shards = {shards}
+data_dir = "{data}"
+segment_bytes = {seg}
+{extra}
+[business]
+listen = "127.0.0.1:0"
+max_body_bytes = {body}
+request_timeout_ms = {rt}
+
+[mobile]
+listen = "127.0.0.1:0"
+token_secret = "{secret}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[tiers.basic]
+messages_per_minute = 1000000
+
+[[clients]]
+id = "acme"
+api_key = "{key}"
+tier = "basic"
+
+[[clients]]
+id = "other"
+api_key = "{other}"
+tier = "basic"
+"#,
+        shards = o.shards,
+        data = data_dir.display(),
+        seg = o.segment_bytes,
+        extra = o.extra_engine,
+        body = o.max_body_bytes,
+        rt = o.request_timeout_ms,
+        secret = TOKEN_SECRET,
+        key = API_KEY,
+        other = OTHER_KEY,
+    );
+    let path = dir.join("engine.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running engine. Killed (SIGKILL) on drop.
+pub struct Engine {
+    pub child: Child,
+    pub business: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_esh3ar")
+}
+
+impl Engine {
+    /// Starts the engine on `config` and waits for its ready line.
+    pub fn start(config: &Path) -> Engine {
+        Self::try_start(config).unwrap_or_else(|e| panic!("engine did not start: {e}"))
+    }
+
+    /// Starts the engine; Err(stderr) if it exits before becoming ready.
+    pub fn try_start(config: &Path) -> Result<Engine, String> {
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("ESH3AR_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn esh3ar");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut admin = None;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("esh3ar admin=") {
+                        admin = Some(a.parse().unwrap());
+                    }
+                    if let Some(rest) = line.strip_prefix("esh3ar ready ") {
+                        let business = rest
+                            .split_whitespace()
+                            .find_map(|kv| kv.strip_prefix("business="))
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        return Ok(Engine {
+                            child,
+                            business,
+                            admin: admin.expect("admin line before ready line"),
+                            config: config.to_owned(),
+                            stderr: err_rx,
+                        });
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                let err: Vec<String> = err_rx.try_iter().collect();
+                return Err(format!("exited with {status}: {}", err.join("\n")));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("no ready line within 30 s".into());
+            }
+        }
+    }
+
+    /// SIGKILL, now.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        unsafe_kill(self.child.id(), 15);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.business)
+    }
+
+    /// Everything the engine wrote to stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// A keep-alive HTTP/1.1 client over one TCP connection.
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Builds a request with the given auth and JSON body.
+    pub fn request_bytes(
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> Vec<u8> {
+        let mut r = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+        if let Some(k) = key {
+            r += &format!("Authorization: Bearer {k}\r\n");
+        }
+        if let Some(b) = body {
+            r += &format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            );
+        } else {
+            r += "\r\n";
+        }
+        r.into_bytes()
+    }
+
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> Response {
+        let req = Self::request_bytes(method, path, key, body);
+        self.send_raw(&req);
+        self.read_response().expect("response")
+    }
+
+    /// POST /v1/messages with the test client's key.
+    pub fn send(&mut self, to: &str, body: &str) -> Response {
+        let json = serde_json::json!({"to": to, "body": body}).to_string();
+        self.request("POST", "/v1/messages", Some(API_KEY), Some(&json))
+    }
+
+    pub fn get_status(&mut self, id: &str) -> Response {
+        self.request("GET", &format!("/v1/messages/{id}"), Some(API_KEY), None)
+    }
+
+    /// Reads one response; Err on EOF or timeout.
+    pub fn read_response(&mut self) -> Result<Response, String> {
+        loop {
+            if let Some(r) = self.try_parse()? {
+                return Ok(r);
+            }
+            let mut chunk = [0u8; 16384];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err("connection closed".into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    fn try_parse(&mut self) -> Result<Option<Response>, String> {
+        let Some(head_end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Ok(None);
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_string();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or(format!("bad status line {status_line:?}"))?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| {
+                l.split_once(':')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            })
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let total = head_end + 4 + len;
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let body = self.buf[head_end + 4..total].to_vec();
+        self.buf.drain(..total);
+        Ok(Some(Response {
+            status,
+            headers,
+            body,
+        }))
+    }
+
+    /// True if the server closed the connection (EOF) within `wait`.
+    pub fn is_closed_within(&mut self, wait: Duration) -> bool {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let mut b = [0u8; 1024];
+        let closed = loop {
+            match self.stream.read(&mut b) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    break false
+                }
+                Err(_) => break true,
+            }
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        closed
+    }
+}
+
+/// Runs `esh3ar <args>` to completion; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin()).args(args).output().expect("run esh3ar");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A temp dir with a config; the data dir is `dir/data`.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Setup {
+    pub fn new(o: &Opts) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let config = write_config(dir.path(), &data, o);
+        Setup { dir, config }
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn start(&self) -> Engine {
+        Engine::start(&self.config)
+    }
+}
