@@ -20,23 +20,12 @@ impl Handler for AdminConn {
                 if self.ready.load(Ordering::Acquire) {
                     write_response(out, 200, "", br#"{"status":"ready"}"#, keep)
                 } else {
-                    write_response(
-                        out,
-                        503,
-                        "retry-after: 1\r\n",
-                        br#"{"status":"starting"}"#,
-                        keep,
-                    )
+                    write_response(out, 503, "retry-after: 1\r\n", br#"{"status":"starting"}"#, keep)
                 }
             }
-            (b"/healthz" | b"/readyz", _) => write_error(
-                out,
-                405,
-                "method_not_allowed",
-                "use GET",
-                "allow: GET\r\n",
-                keep,
-            ),
+            (b"/healthz" | b"/readyz", _) => {
+                write_error(out, 405, "method_not_allowed", "use GET", "allow: GET\r\n", keep)
+            }
             _ => write_error(out, 404, "not_found", "no such endpoint", "", keep),
         }
         true

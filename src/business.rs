@@ -35,10 +35,7 @@ pub struct BusinessConn {
 
 impl BusinessConn {
     pub fn new(shard: Rc<Shard>) -> Self {
-        Self {
-            shard,
-            auth_cache: None,
-        }
+        Self { shard, auth_cache: None }
     }
 
     fn authenticate(&mut self, header: Option<&[u8]>) -> Option<u32> {
@@ -57,9 +54,7 @@ impl BusinessConn {
 
 fn strip_bearer(header: &[u8]) -> Option<&[u8]> {
     let (scheme, rest) = header.split_at_checked(7)?;
-    scheme
-        .eq_ignore_ascii_case(b"bearer ")
-        .then(|| rest.trim_ascii())
+    scheme.eq_ignore_ascii_case(b"bearer ").then(|| rest.trim_ascii())
 }
 
 enum Route<'a> {
@@ -99,43 +94,21 @@ pub struct ApiError {
 
 impl ApiError {
     fn invalid(message: impl Into<String>) -> Self {
-        Self {
-            status: 400,
-            code: "invalid_field",
-            message: message.into(),
-        }
+        Self { status: 400, code: "invalid_field", message: message.into() }
     }
     fn refusal(r: Refusal) -> Self {
         let (code, message) = match r {
             Refusal::Overloaded => ("overloaded", "the engine is at capacity; retry later"),
-            Refusal::Home(AppendRefusal::StorageFailed) => (
-                "storage_unavailable",
-                "the journal cannot write; retry later",
-            ),
-            Refusal::Home(AppendRefusal::ShuttingDown) => {
-                ("shutting_down", "the engine is shutting down; retry later")
+            Refusal::Home(AppendRefusal::StorageFailed) => {
+                ("storage_unavailable", "the journal cannot write; retry later")
             }
+            Refusal::Home(AppendRefusal::ShuttingDown) => ("shutting_down", "the engine is shutting down; retry later"),
         };
-        Self {
-            status: 503,
-            code,
-            message: message.to_owned(),
-        }
+        Self { status: 503, code, message: message.to_owned() }
     }
     fn write(&self, out: &mut Vec<u8>, keep_alive: bool) {
-        let extra = if self.status == 503 {
-            RETRY_AFTER_1S
-        } else {
-            ""
-        };
-        write_error(
-            out,
-            self.status,
-            self.code,
-            &self.message,
-            extra,
-            keep_alive,
-        );
+        let extra = if self.status == 503 { RETRY_AFTER_1S } else { "" };
+        write_error(out, self.status, self.code, &self.message, extra, keep_alive);
     }
 }
 
@@ -158,28 +131,14 @@ impl Handler for BusinessConn {
             }
             Route::MethodNotAllowed(allow) => {
                 let extra = format!("allow: {allow}\r\n");
-                write_error(
-                    out,
-                    405,
-                    "method_not_allowed",
-                    "method not allowed on this endpoint",
-                    &extra,
-                    keep,
-                );
+                write_error(out, 405, "method_not_allowed", "method not allowed on this endpoint", &extra, keep);
                 return true;
             }
             _ => {}
         }
         let Some(client) = self.authenticate(req.header(&req.head.authorization)) else {
             let extra = "www-authenticate: Bearer\r\n";
-            write_error(
-                out,
-                401,
-                "unauthorized",
-                "missing or invalid API key",
-                extra,
-                keep,
-            );
+            write_error(out, 401, "unauthorized", "missing or invalid API key", extra, keep);
             return true;
         };
         let result = match route {
@@ -199,26 +158,14 @@ impl Handler for BusinessConn {
 }
 
 impl BusinessConn {
-    async fn send_one(
-        &mut self,
-        req: Request<'_>,
-        client: u32,
-        out: &mut Vec<u8>,
-    ) -> Result<(), ApiError> {
+    async fn send_one(&mut self, req: Request<'_>, client: u32, out: &mut Vec<u8>) -> Result<(), ApiError> {
         let keep = req.head.keep_alive;
         check_json_content_type(&req)?;
         let value = parse_json(req.body)?;
         let msg = self.new_message(&value, client, now_ms())?;
         let home = crate::route(&msg.to, self.shard.count);
-        let seqs = self
-            .append_on(home, vec![msg])
-            .await
-            .map_err(ApiError::refusal)?;
-        let id = TrackingId {
-            shard: home as u16,
-            seq: seqs[0],
-        }
-        .encode();
+        let seqs = self.append_on(home, vec![msg]).await.map_err(ApiError::refusal)?;
+        let id = TrackingId { shard: home as u16, seq: seqs[0] }.encode();
         let mut body = Vec::with_capacity(48);
         body.extend_from_slice(b"{\"id\":\"");
         body.extend_from_slice(&id);
@@ -227,18 +174,11 @@ impl BusinessConn {
         Ok(())
     }
 
-    async fn send_batch(
-        &mut self,
-        req: Request<'_>,
-        client: u32,
-        out: &mut Vec<u8>,
-    ) -> Result<(), ApiError> {
+    async fn send_batch(&mut self, req: Request<'_>, client: u32, out: &mut Vec<u8>) -> Result<(), ApiError> {
         let keep = req.head.keep_alive;
         check_json_content_type(&req)?;
         let value = parse_json(req.body)?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| ApiError::invalid("body must be a JSON object"))?;
+        let obj = value.as_object().ok_or_else(|| ApiError::invalid("body must be a JSON object"))?;
         if let Some(k) = obj.keys().find(|k| k.as_ref() != "messages") {
             return Err(ApiError::invalid(format!("unknown field `{k}`")));
         }
@@ -247,16 +187,13 @@ impl BusinessConn {
             .and_then(|m| m.as_array())
             .ok_or_else(|| ApiError::invalid("`messages` must be an array"))?;
         if items.is_empty() || items.len() > BATCH_ITEMS_MAX {
-            return Err(ApiError::invalid(format!(
-                "`messages` must hold 1 to {BATCH_ITEMS_MAX} items"
-            )));
+            return Err(ApiError::invalid(format!("`messages` must hold 1 to {BATCH_ITEMS_MAX} items")));
         }
         let now = now_ms();
         let count = self.shard.count;
         // Validate every item; group the valid ones by home shard.
         let mut results: Vec<Result<TrackingId, ApiError>> = Vec::with_capacity(items.len());
-        let mut groups: Vec<(Vec<usize>, Vec<NewMessage>)> =
-            (0..count).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut groups: Vec<(Vec<usize>, Vec<NewMessage>)> = (0..count).map(|_| (Vec::new(), Vec::new())).collect();
         for (i, item) in items.iter().enumerate() {
             match self.new_message(item, client, now) {
                 Ok(m) => {
@@ -281,11 +218,7 @@ impl BusinessConn {
                 continue;
             }
             let (req_id, rx) = self.shard.replies.register();
-            let msg = MeshMsg::Append {
-                from: self.shard.id as u16,
-                req: req_id,
-                items: msgs,
-            };
+            let msg = MeshMsg::Append { from: self.shard.id as u16, req: req_id, items: msgs };
             match self.shard.try_send(home, msg) {
                 Ok(()) => waits.push((home, positions, Some(rx))),
                 Err(_) => {
@@ -297,33 +230,15 @@ impl BusinessConn {
         let mut accepted = 0usize;
         let mut refused: Option<Refusal> = None;
         if let Some((positions, msgs)) = local {
-            let outcome = self
-                .shard
-                .append_durable(&msgs)
-                .await
-                .map_err(Refusal::Home);
-            record_outcome(
-                &mut results,
-                &positions,
-                self.shard.id,
-                outcome,
-                &mut accepted,
-                &mut refused,
-            );
+            let outcome = self.shard.append_durable(&msgs).await.map_err(Refusal::Home);
+            record_outcome(&mut results, &positions, self.shard.id, outcome, &mut accepted, &mut refused);
         }
         for (home, positions, rx) in waits {
             let outcome = match rx {
                 Some(rx) => await_appended(rx).await,
                 None => Err(Refusal::Overloaded),
             };
-            record_outcome(
-                &mut results,
-                &positions,
-                home,
-                outcome,
-                &mut accepted,
-                &mut refused,
-            );
+            record_outcome(&mut results, &positions, home, outcome, &mut accepted, &mut refused);
         }
         if accepted == 0 {
             if let Some(r) = refused {
@@ -356,43 +271,22 @@ impl BusinessConn {
         Ok(())
     }
 
-    async fn get_status(
-        &mut self,
-        id: &[u8],
-        client: u32,
-        out: &mut Vec<u8>,
-        keep: bool,
-    ) -> Result<(), ApiError> {
-        let not_found = || ApiError {
-            status: 404,
-            code: "not_found",
-            message: "no such message".to_owned(),
-        };
-        let id = TrackingId::decode(id)
-            .filter(|t| (t.shard as usize) < self.shard.count)
-            .ok_or_else(not_found)?;
+    async fn get_status(&mut self, id: &[u8], client: u32, out: &mut Vec<u8>, keep: bool) -> Result<(), ApiError> {
+        let not_found = || ApiError { status: 404, code: "not_found", message: "no such message".to_owned() };
+        let id = TrackingId::decode(id).filter(|t| (t.shard as usize) < self.shard.count).ok_or_else(not_found)?;
         let home = id.shard as usize;
         let view = if home == self.shard.id {
             self.shard.lookup_local(id.seq, client)
         } else {
             let (req, rx) = self.shard.replies.register();
-            let msg = MeshMsg::Lookup {
-                from: self.shard.id as u16,
-                req,
-                seq: id.seq,
-                client,
-            };
+            let msg = MeshMsg::Lookup { from: self.shard.id as u16, req, seq: id.seq, client };
             if self.shard.try_send(home, msg).is_err() {
                 self.shard.replies.cancel(req);
                 return Err(ApiError::refusal(Refusal::Overloaded));
             }
             match rx.await {
                 Ok(MeshMsg::Found { view, .. }) => view,
-                _ => {
-                    return Err(ApiError::refusal(Refusal::Home(
-                        AppendRefusal::ShuttingDown,
-                    )))
-                }
+                _ => return Err(ApiError::refusal(Refusal::Home(AppendRefusal::ShuttingDown))),
             }
         };
         let view = view.ok_or_else(not_found)?;
@@ -402,18 +296,10 @@ impl BusinessConn {
 
     async fn append_on(&self, home: usize, items: Vec<NewMessage>) -> Result<Vec<u64>, Refusal> {
         if home == self.shard.id {
-            return self
-                .shard
-                .append_durable(&items)
-                .await
-                .map_err(Refusal::Home);
+            return self.shard.append_durable(&items).await.map_err(Refusal::Home);
         }
         let (req, rx) = self.shard.replies.register();
-        let msg = MeshMsg::Append {
-            from: self.shard.id as u16,
-            req,
-            items,
-        };
+        let msg = MeshMsg::Append { from: self.shard.id as u16, req, items };
         if self.shard.try_send(home, msg).is_err() {
             self.shard.replies.cancel(req);
             return Err(Refusal::Overloaded);
@@ -422,15 +308,8 @@ impl BusinessConn {
     }
 
     /// Validates one message object.
-    fn new_message(
-        &self,
-        value: &BorrowedValue<'_>,
-        client: u32,
-        now_ms: u64,
-    ) -> Result<NewMessage, ApiError> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| ApiError::invalid("a message must be a JSON object"))?;
+    fn new_message(&self, value: &BorrowedValue<'_>, client: u32, now_ms: u64) -> Result<NewMessage, ApiError> {
+        let obj = value.as_object().ok_or_else(|| ApiError::invalid("a message must be a JSON object"))?;
         let business = &self.shard.cfg.business;
         let mut to = None;
         let mut body = None;
@@ -438,33 +317,21 @@ impl BusinessConn {
         let mut ttl_seconds = business.default_ttl_seconds;
         for (key, v) in obj.iter() {
             match key.as_ref() {
-                "to" => {
-                    to = Some(
-                        v.as_str()
-                            .ok_or_else(|| ApiError::invalid("`to` must be a string"))?,
-                    )
-                }
-                "body" => {
-                    body = Some(
-                        v.as_str()
-                            .ok_or_else(|| ApiError::invalid("`body` must be a string"))?,
-                    )
-                }
+                "to" => to = Some(v.as_str().ok_or_else(|| ApiError::invalid("`to` must be a string"))?),
+                "body" => body = Some(v.as_str().ok_or_else(|| ApiError::invalid("`body` must be a string"))?),
                 "priority" => {
-                    priority = v.as_str().and_then(Priority::parse).ok_or_else(|| {
-                        ApiError::invalid("`priority` must be \"high\", \"normal\" or \"low\"")
-                    })?
+                    priority = v
+                        .as_str()
+                        .and_then(Priority::parse)
+                        .ok_or_else(|| ApiError::invalid("`priority` must be \"high\", \"normal\" or \"low\""))?
                 }
                 "ttl_seconds" => {
-                    ttl_seconds = v
-                        .as_u64()
-                        .filter(|&t| t >= 1 && t <= business.max_ttl_seconds)
-                        .ok_or_else(|| {
-                            ApiError::invalid(format!(
-                                "`ttl_seconds` must be an integer from 1 to {}",
-                                business.max_ttl_seconds
-                            ))
-                        })?
+                    ttl_seconds = v.as_u64().filter(|&t| t >= 1 && t <= business.max_ttl_seconds).ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "`ttl_seconds` must be an integer from 1 to {}",
+                            business.max_ttl_seconds
+                        ))
+                    })?
                 }
                 other => return Err(ApiError::invalid(format!("unknown field `{other}`"))),
             }
@@ -500,16 +367,9 @@ fn record_outcome(
 ) {
     match outcome {
         Ok(seqs) => {
-            assert_eq!(
-                seqs.len(),
-                positions.len(),
-                "home shard answered for another number of items"
-            );
+            assert_eq!(seqs.len(), positions.len(), "home shard answered for another number of items");
             for (&pos, seq) in positions.iter().zip(seqs) {
-                results[pos] = Ok(TrackingId {
-                    shard: home as u16,
-                    seq,
-                });
+                results[pos] = Ok(TrackingId { shard: home as u16, seq });
             }
             *accepted += positions.len();
         }
@@ -522,9 +382,7 @@ fn record_outcome(
     }
 }
 
-async fn await_appended(
-    rx: futures_channel::oneshot::Receiver<MeshMsg>,
-) -> Result<Vec<u64>, Refusal> {
+async fn await_appended(rx: futures_channel::oneshot::Receiver<MeshMsg>) -> Result<Vec<u64>, Refusal> {
     match rx.await {
         Ok(MeshMsg::Appended { result, .. }) => result.map_err(Refusal::Home),
         // The home shard dropped the request: it is going away.
@@ -550,11 +408,7 @@ fn check_json_content_type(req: &Request<'_>) -> Result<(), ApiError> {
 
 fn parse_json(body: &mut [u8]) -> Result<BorrowedValue<'_>, ApiError> {
     if std::str::from_utf8(body).is_err() {
-        return Err(ApiError {
-            status: 400,
-            code: "invalid_utf8",
-            message: "request body is not valid UTF-8".into(),
-        });
+        return Err(ApiError { status: 400, code: "invalid_utf8", message: "request body is not valid UTF-8".into() });
     }
     simd_json::to_borrowed_value(body).map_err(|_| ApiError {
         status: 400,
@@ -594,7 +448,5 @@ fn status_json(id: TrackingId, v: &StatusView) -> Vec<u8> {
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -32,9 +32,7 @@ impl ClientTable {
         let mut clients = Vec::with_capacity(cfg.clients.len());
         let mut by_key_digest = HashMap::new();
         for (i, c) in cfg.clients.iter().enumerate() {
-            let limit = c
-                .messages_per_minute
-                .unwrap_or_else(|| cfg.tiers[&c.tier].messages_per_minute);
+            let limit = c.messages_per_minute.unwrap_or_else(|| cfg.tiers[&c.tier].messages_per_minute);
             by_key_digest.insert(Sha256::digest(c.api_key.as_bytes()).into(), i as u32);
             clients.push(Client {
                 id: c.id.clone(),
@@ -43,10 +41,7 @@ impl ClientTable {
                 messages_per_minute: limit,
             });
         }
-        Self {
-            clients,
-            by_key_digest,
-        }
+        Self { clients, by_key_digest }
     }
 
     /// The client whose key is `key`.

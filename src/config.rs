@@ -126,18 +126,11 @@ fn default_max_ttl_seconds() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config {path}: `{key}` {message}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, key: String, message: String },
 }
 
 /// Addresses after parsing.
@@ -151,59 +144,34 @@ pub struct Listeners {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         if cfg.engine.data_dir.is_relative() {
-            if let Some(base) = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty() && *p != Path::new("."))
-            {
+            if let Some(base) = path.parent().filter(|p| !p.as_os_str().is_empty() && *p != Path::new(".")) {
                 cfg.engine.data_dir = base.join(&cfg.engine.data_dir);
             }
         }
-        cfg.validate()
-            .map_err(|(key, message)| ConfigError::Invalid {
-                path: path.into(),
-                key,
-                message,
-            })?;
+        cfg.validate().map_err(|(key, message)| ConfigError::Invalid { path: path.into(), key, message })?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
         let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
         if self.engine.shards > 1024 {
-            return bad(
-                "engine.shards",
-                format!("is {}, at most 1024", self.engine.shards),
-            );
+            return bad("engine.shards", format!("is {}, at most 1024", self.engine.shards));
         }
         if self.engine.segment_bytes < (64 << 10) || self.engine.segment_bytes > (1 << 40) {
-            return bad(
-                "engine.segment_bytes",
-                "must be between 65536 and 2^40".into(),
-            );
+            return bad("engine.segment_bytes", "must be between 65536 and 2^40".into());
         }
         if self.engine.segment_bytes % 4096 != 0 {
             return bad("engine.segment_bytes", "must be a multiple of 4096".into());
         }
         if !(16..=1 << 20).contains(&self.engine.mesh_channel_capacity) {
-            return bad(
-                "engine.mesh_channel_capacity",
-                "must be between 16 and 1048576".into(),
-            );
+            return bad("engine.mesh_channel_capacity", "must be between 16 and 1048576".into());
         }
         if self.engine.connections_per_shard_max == 0 {
-            return bad(
-                "engine.connections_per_shard_max",
-                "must be positive".into(),
-            );
+            return bad("engine.connections_per_shard_max", "must be positive".into());
         }
         for (key, addr) in [
             ("business.listen", &self.business.listen),
@@ -211,42 +179,24 @@ impl Config {
             ("admin.listen", &self.admin.listen),
         ] {
             if addr.parse::<SocketAddr>().is_err() {
-                return bad(
-                    key,
-                    format!("is {addr:?}, expected an address like 127.0.0.1:8080"),
-                );
+                return bad(key, format!("is {addr:?}, expected an address like 127.0.0.1:8080"));
             }
         }
-        if self.business.max_body_bytes < 256 || self.business.max_body_bytes > MAX_BODY_BYTES_LIMIT
-        {
-            return bad(
-                "business.max_body_bytes",
-                format!("must be between 256 and {MAX_BODY_BYTES_LIMIT}"),
-            );
+        if self.business.max_body_bytes < 256 || self.business.max_body_bytes > MAX_BODY_BYTES_LIMIT {
+            return bad("business.max_body_bytes", format!("must be between 256 and {MAX_BODY_BYTES_LIMIT}"));
         }
         if self.business.request_timeout_ms < 100 || self.business.idle_timeout_ms < 100 {
-            return bad(
-                "business.request_timeout_ms",
-                "timeouts must be at least 100 ms".into(),
-            );
+            return bad("business.request_timeout_ms", "timeouts must be at least 100 ms".into());
         }
-        if self.business.default_ttl_seconds == 0
-            || self.business.default_ttl_seconds > self.business.max_ttl_seconds
-        {
-            return bad(
-                "business.default_ttl_seconds",
-                "must be positive and at most max_ttl_seconds".into(),
-            );
+        if self.business.default_ttl_seconds == 0 || self.business.default_ttl_seconds > self.business.max_ttl_seconds {
+            return bad("business.default_ttl_seconds", "must be positive and at most max_ttl_seconds".into());
         }
         if self.mobile.token_secret.len() < 32 {
             return bad("mobile.token_secret", "must be at least 32 bytes".into());
         }
         for (name, tier) in &self.tiers {
             if tier.messages_per_minute == 0 {
-                return bad(
-                    &format!("tiers.{name}.messages_per_minute"),
-                    "must be positive".into(),
-                );
+                return bad(&format!("tiers.{name}.messages_per_minute"), "must be positive".into());
             }
         }
         let mut ids = std::collections::HashSet::new();
@@ -255,15 +205,9 @@ impl Config {
             let key = |f: &str| format!("clients[{i}].{f}");
             if c.id.is_empty()
                 || c.id.len() > 128
-                || !c
-                    .id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                || !c.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             {
-                return bad(
-                    &key("id"),
-                    "must be 1-128 characters of A-Z a-z 0-9 - _ .".into(),
-                );
+                return bad(&key("id"), "must be 1-128 characters of A-Z a-z 0-9 - _ .".into());
             }
             if !ids.insert(&c.id) {
                 return bad(&key("id"), format!("{:?} is used twice", c.id));
@@ -275,10 +219,7 @@ impl Config {
                 return bad(&key("api_key"), "is shared with another client".into());
             }
             if !self.tiers.contains_key(&c.tier) {
-                return bad(
-                    &key("tier"),
-                    format!("{:?} is not a tier defined under [tiers]", c.tier),
-                );
+                return bad(&key("tier"), format!("{:?} is not a tier defined under [tiers]", c.tier));
             }
             if c.messages_per_minute == Some(0) {
                 return bad(&key("messages_per_minute"), "must be positive".into());
@@ -345,25 +286,17 @@ tier = "basic"
 
     #[test]
     fn unknown_key_is_an_error() {
-        let e = load(&GOOD.replace("[admin]", "[admin]\nlisten_typo = 1"))
-            .unwrap_err()
-            .to_string();
+        let e = load(&GOOD.replace("[admin]", "[admin]\nlisten_typo = 1")).unwrap_err().to_string();
         assert!(e.contains("listen_typo"), "{e}");
     }
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = load(&GOOD.replace("tier = \"basic\"", "tier = \"gold\""))
-            .unwrap_err()
-            .to_string();
+        let e = load(&GOOD.replace("tier = \"basic\"", "tier = \"gold\"")).unwrap_err().to_string();
         assert!(e.contains("clients[0].tier"), "{e}");
-        let e = load(&GOOD.replace("127.0.0.1:0\"\n[mobile]", "nowhere\"\n[mobile]"))
-            .unwrap_err()
-            .to_string();
+        let e = load(&GOOD.replace("127.0.0.1:0\"\n[mobile]", "nowhere\"\n[mobile]")).unwrap_err().to_string();
         assert!(e.contains("business.listen"), "{e}");
-        let e = load(&GOOD.replace("0123456789abcdef0123456789abcdef", "short"))
-            .unwrap_err()
-            .to_string();
+        let e = load(&GOOD.replace("0123456789abcdef0123456789abcdef", "short")).unwrap_err().to_string();
         assert!(e.contains("token_secret"), "{e}");
     }
 }

@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use esh3ar::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "esh3ar",
-    version,
-    about = "Durable thread-per-core messaging engine"
-)]
+#[command(name = "esh3ar", version, about = "Durable thread-per-core messaging engine")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,6 +60,11 @@ enum JournalCommand {
         #[arg(long, default_value = "engine.toml")]
         config: PathBuf,
     },
+    /// Print every message in the journal as JSON lines (id, to, status, body), read-only.
+    Dump {
+        #[arg(long, default_value = "engine.toml")]
+        config: PathBuf,
+    },
 }
 
 fn load(path: &PathBuf) -> Result<Config, ExitCode> {
@@ -91,9 +92,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config {
-            command: ConfigCommand::Check { config },
-        } => {
+        Command::Config { command: ConfigCommand::Check { config } } => {
             let cfg = load(&config)?;
             println!(
                 "config OK: {} shards, data_dir {}, business {}, mobile {}, admin {}, {} tiers, {} clients",
@@ -107,9 +106,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Journal {
-            command: JournalCommand::Verify { config },
-        } => {
+        Command::Journal { command: JournalCommand::Verify { config } } => {
             let cfg = load(&config)?;
             match esh3ar::journal_cli::verify(&cfg.engine.data_dir) {
                 Ok(r) if r.corrupt.is_empty() => {
@@ -129,27 +126,26 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 }
             }
         }
+        Command::Journal { command: JournalCommand::Dump { config } } => {
+            let cfg = load(&config)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            match esh3ar::journal_cli::dump(&cfg.engine.data_dir, &mut out) {
+                Ok(_) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    Err(ExitCode::from(1))
+                }
+            }
+        }
         Command::Token { config, user, ttl } => {
             let cfg = load(&config)?;
             if user.is_empty() || user.len() > esh3ar::business::USER_ID_BYTES_MAX {
-                eprintln!(
-                    "error: --user must be 1 to {} bytes",
-                    esh3ar::business::USER_ID_BYTES_MAX
-                );
+                eprintln!("error: --user must be 1 to {} bytes", esh3ar::business::USER_ID_BYTES_MAX);
                 return Err(ExitCode::from(2));
             }
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            println!(
-                "{}",
-                esh3ar::token::mint(
-                    cfg.mobile.token_secret.as_bytes(),
-                    &user,
-                    now,
-                    now + ttl.max(1)
-                )
-            );
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            println!("{}", esh3ar::token::mint(cfg.mobile.token_secret.as_bytes(), &user, now, now + ttl.max(1)));
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -158,9 +154,5 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("ESH3AR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }

@@ -97,20 +97,13 @@ impl DataDir {
             .with_context(|| format!("cannot open {}", lock_path.display()))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!(
-                "data dir {} is in use by another esh3ar process",
-                dir.display()
-            );
+            bail!("data dir {} is in use by another esh3ar process", dir.display());
         }
         let meta_path = dir.join("engine.meta");
         match fs::read_to_string(&meta_path) {
             Ok(text) => {
-                let found = read_meta_shards(&text).with_context(|| {
-                    format!(
-                        "{} is damaged; expected a line `shards = N`",
-                        meta_path.display()
-                    )
-                })?;
+                let found = read_meta_shards(&text)
+                    .with_context(|| format!("{} is damaged; expected a line `shards = N`", meta_path.display()))?;
                 if found != shards {
                     bail!(
                         "data dir {} was created with {found} shards but the engine is configured for {shards}; \
@@ -120,15 +113,10 @@ impl DataDir {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                write_file_durably(
-                    &meta_path,
-                    format!("format = 1\nshards = {shards}\n").as_bytes(),
-                )
-                .with_context(|| format!("cannot write {}", meta_path.display()))?;
+                write_file_durably(&meta_path, format!("format = 1\nshards = {shards}\n").as_bytes())
+                    .with_context(|| format!("cannot write {}", meta_path.display()))?;
             }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {}", meta_path.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", meta_path.display())),
         }
         Ok(DataDir { _lock: lock })
     }
@@ -136,9 +124,7 @@ impl DataDir {
 
 /// The shard count recorded in `engine.meta`.
 pub fn read_meta_shards(text: &str) -> Option<usize> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("shards = "))
-        .and_then(|v| v.trim().parse().ok())
+    text.lines().find_map(|l| l.strip_prefix("shards = ")).and_then(|v| v.trim().parse().ok())
 }
 
 /// The journal directory of shard `id`.
@@ -153,11 +139,7 @@ fn reserve_port(addr: SocketAddr) -> io::Result<(SocketAddr, Option<socket2::Soc
     if addr.port() != 0 {
         return Ok((addr, None));
     }
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     sock.set_reuse_port(true)?;
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
@@ -170,8 +152,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let shards = cfg.shard_count();
     let _data_dir = DataDir::open(&cfg.engine.data_dir, shards)?;
     let listeners = cfg.listeners();
-    let (business_addr, placeholder) = reserve_port(listeners.business)
-        .with_context(|| format!("cannot bind {}", listeners.business))?;
+    let (business_addr, placeholder) =
+        reserve_port(listeners.business).with_context(|| format!("cannot bind {}", listeners.business))?;
     let signal = install_signal_flag().context("cannot install signal handlers")?;
     let shared = Arc::new(Shared {
         clients: Arc::new(ClientTable::from_config(&cfg)),
@@ -187,14 +169,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         drained: Barrier::default(),
     });
     tracing::info!(shards, data_dir = %shared.cfg.engine.data_dir.display(), "starting esh3ar");
-    let mesh: MeshBuilder<MeshMsg, _> =
-        MeshBuilder::full(shards, shared.cfg.engine.mesh_channel_capacity);
+    let mesh: MeshBuilder<MeshMsg, _> = MeshBuilder::full(shards, shared.cfg.engine.mesh_channel_capacity);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let placement = if shards <= cpus {
-        PoolPlacement::MaxSpread(shards, None)
-    } else {
-        PoolPlacement::Unbound(shards)
-    };
+    let placement =
+        if shards <= cpus { PoolPlacement::MaxSpread(shards, None) } else { PoolPlacement::Unbound(shards) };
     let pool_shared = shared.clone();
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("shard")
@@ -205,9 +183,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         })
         .map_err(|e| anyhow::anyhow!("cannot start the shard executors: {e}"))?;
     // Shards bound their listeners (or failed) once `bound` is complete.
-    while shared.bound.arrived.load(Ordering::Acquire) < shards
-        && !shared.failed.load(Ordering::Acquire)
-    {
+    while shared.bound.arrived.load(Ordering::Acquire) < shards && !shared.failed.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(2));
     }
     drop(placeholder);
@@ -224,10 +200,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shard_main(
-    shared: Arc<Shared>,
-    mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>,
-) {
+async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>) {
     let (senders, mut receivers) = match mesh.join().await {
         Ok(pair) => pair,
         Err(e) => {
@@ -247,17 +220,11 @@ async fn shard_main(
                 println!("esh3ar admin={addr}");
                 let s = admin_shutdown.clone();
                 glommio::spawn_local(async move {
-                    accept_loop(l, &s, Limits::admin(), None, move |_| AdminConn {
-                        ready: ready.clone(),
-                    })
-                    .await
+                    accept_loop(l, &s, Limits::admin(), None, move |_| AdminConn { ready: ready.clone() }).await
                 })
                 .detach();
             }
-            Err(e) => shared.fail(format!(
-                "cannot bind admin listener {}: {e}",
-                cfg.admin.listen
-            )),
+            Err(e) => shared.fail(format!("cannot bind admin listener {}: {e}", cfg.admin.listen)),
         }
     }
     let dir = shard_dir(&cfg.engine.data_dir, id);
@@ -290,11 +257,7 @@ async fn shard_main(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "journal recovered"
     );
-    let journal_cfg = JournalConfig {
-        dir,
-        shard: id as u16,
-        segment_bytes: cfg.engine.segment_bytes,
-    };
+    let journal_cfg = JournalConfig { dir, shard: id as u16, segment_bytes: cfg.engine.segment_bytes };
     let journal = Journal::open(journal_cfg, &recovered);
     glommio::spawn_local(journal.clone().run_committer()).detach();
     let shard = Rc::new(Shard {
@@ -326,10 +289,7 @@ async fn shard_main(
     let business = match TcpListener::bind(shared.business_addr) {
         Ok(l) => Some(l),
         Err(e) => {
-            shared.fail(format!(
-                "shard {id}: cannot bind business listener {}: {e}",
-                shared.business_addr
-            ));
+            shared.fail(format!("shard {id}: cannot bind business listener {}: {e}", shared.business_addr));
             None
         }
     };
@@ -339,18 +299,12 @@ async fn shard_main(
     }
     let business = business.expect("bound when the barrier passed");
     if id == 0 {
-        println!(
-            "esh3ar ready business={} shards={}",
-            shared.business_addr, shared.shards
-        );
+        println!("esh3ar ready business={} shards={}", shared.business_addr, shared.shards);
         shared.ready.store(true, Ordering::Release);
     }
     let limits = Limits::business(&cfg);
     let conn_shard = shard.clone();
-    accept_loop(business, &shard.shutdown, limits, Some(&shard), move |_| {
-        BusinessConn::new(conn_shard.clone())
-    })
-    .await;
+    accept_loop(business, &shard.shutdown, limits, Some(&shard), move |_| BusinessConn::new(conn_shard.clone())).await;
     // Drain: requests in flight finish; idle connections already closed.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while shard.stats.connections.get() > 0 && Instant::now() < deadline {
@@ -363,11 +317,7 @@ async fn shard_main(
         shared.fail(format!("shard {id}: final journal flush failed: {e}"));
     }
     admin_shutdown.trigger();
-    tracing::info!(
-        shard = id,
-        accepted = shard.stats.accepted.get(),
-        "shard stopped"
-    );
+    tracing::info!(shard = id, accepted = shard.stats.accepted.get(), "shard stopped");
 }
 
 impl Limits {
@@ -379,11 +329,7 @@ impl Limits {
         }
     }
     fn admin() -> Limits {
-        Limits {
-            body_bytes_max: 1024,
-            request_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-        }
+        Limits { body_bytes_max: 1024, request_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(60) }
     }
 }
 
@@ -418,14 +364,7 @@ async fn accept_loop<H, F>(
         };
         if open.get() >= max {
             let mut out = Vec::new();
-            write_error(
-                &mut out,
-                503,
-                "too_many_connections",
-                "connection limit reached",
-                "retry-after: 1\r\n",
-                false,
-            );
+            write_error(&mut out, 503, "too_many_connections", "connection limit reached", "retry-after: 1\r\n", false);
             glommio::spawn_local(async move {
                 use futures_lite::AsyncWriteExt;
                 let mut s = stream;

@@ -71,28 +71,13 @@ pub struct StatusView {
 #[derive(Debug)]
 pub enum MeshMsg {
     /// Append these messages (all homed on the receiver) and answer once durable.
-    Append {
-        from: u16,
-        req: u64,
-        items: Vec<NewMessage>,
-    },
+    Append { from: u16, req: u64, items: Vec<NewMessage> },
     /// Answer to `Append`: one sequence number per item, in order.
-    Appended {
-        req: u64,
-        result: Result<Vec<u64>, AppendRefusal>,
-    },
+    Appended { req: u64, result: Result<Vec<u64>, AppendRefusal> },
     /// Look up a message for a client.
-    Lookup {
-        from: u16,
-        req: u64,
-        seq: u64,
-        client: u32,
-    },
+    Lookup { from: u16, req: u64, seq: u64, client: u32 },
     /// Answer to `Lookup`.
-    Found {
-        req: u64,
-        view: Option<Box<StatusView>>,
-    },
+    Found { req: u64, view: Option<Box<StatusView>> },
 }
 
 /// Requests this shard sent and awaits answers for.
@@ -154,11 +139,7 @@ impl Shard {
         let mut seqs = Vec::with_capacity(items.len());
         let mut generation = 0;
         for m in items {
-            debug_assert_eq!(
-                crate::route(&m.to, self.count),
-                self.id,
-                "message appended on a foreign shard"
-            );
+            debug_assert_eq!(crate::route(&m.to, self.count), self.id, "message appended on a foreign shard");
             let seq = self.journal.take_seq();
             let client = self.clients.id(m.client);
             let record = Record::Accepted(Accepted {
@@ -170,26 +151,18 @@ impl Shard {
                 accepted_at_ms: m.accepted_at_ms,
                 body: &m.body,
             });
-            let appended = self
-                .journal
-                .append(&record, &mut index)
-                .map_err(|e| AppendRefusal::from(&e))?;
+            let appended = self.journal.append(&record, &mut index).map_err(|e| AppendRefusal::from(&e))?;
             generation = appended.generation;
             seqs.push(seq);
         }
-        self.stats
-            .accepted
-            .set(self.stats.accepted.get() + items.len() as u64);
+        self.stats.accepted.set(self.stats.accepted.get() + items.len() as u64);
         Ok((seqs, generation))
     }
 
     /// Appends and waits for durability.
     pub async fn append_durable(&self, items: &[NewMessage]) -> Result<Vec<u64>, AppendRefusal> {
         let (seqs, generation) = self.append_local(items)?;
-        self.journal
-            .wait_durable(generation)
-            .await
-            .map_err(|e| AppendRefusal::from(&e))?;
+        self.journal.wait_durable(generation).await.map_err(|e| AppendRefusal::from(&e))?;
         Ok(seqs)
     }
 
@@ -227,48 +200,30 @@ impl Shard {
                 let shard = self.clone();
                 glommio::spawn_local(async move {
                     let result = match appended {
-                        Ok((seqs, generation)) => {
-                            match shard.journal.wait_durable(generation).await {
-                                Ok(()) => Ok(seqs),
-                                Err(e) => Err(AppendRefusal::from(&e)),
-                            }
-                        }
+                        Ok((seqs, generation)) => match shard.journal.wait_durable(generation).await {
+                            Ok(()) => Ok(seqs),
+                            Err(e) => Err(AppendRefusal::from(&e)),
+                        },
                         Err(e) => Err(e),
                     };
-                    let _ = shard
-                        .mesh
-                        .send_to(from as usize, MeshMsg::Appended { req, result })
-                        .await;
+                    let _ = shard.mesh.send_to(from as usize, MeshMsg::Appended { req, result }).await;
                 })
                 .detach();
             }
-            MeshMsg::Lookup {
-                from,
-                req,
-                seq,
-                client,
-            } => {
+            MeshMsg::Lookup { from, req, seq, client } => {
                 let view = self.lookup_local(seq, client);
                 let shard = self.clone();
                 glommio::spawn_local(async move {
-                    let _ = shard
-                        .mesh
-                        .send_to(from as usize, MeshMsg::Found { req, view })
-                        .await;
+                    let _ = shard.mesh.send_to(from as usize, MeshMsg::Found { req, view }).await;
                 })
                 .detach();
             }
-            MeshMsg::Appended { req, .. } | MeshMsg::Found { req, .. } => {
-                self.replies.complete(req, msg)
-            }
+            MeshMsg::Appended { req, .. } | MeshMsg::Found { req, .. } => self.replies.complete(req, msg),
         }
     }
 
     /// The tracking id of a message homed here.
     pub fn tracking_id(&self, seq: u64) -> TrackingId {
-        TrackingId {
-            shard: self.id as u16,
-            seq,
-        }
+        TrackingId { shard: self.id as u16, seq }
     }
 }

@@ -35,19 +35,11 @@ struct Claims {
 /// Mints a token for `user` valid until `exp` (unix seconds).
 pub fn mint(secret: &[u8], user: &str, iat: u64, exp: u64) -> String {
     let header = B64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let claims = serde_json::to_vec(&Claims {
-        sub: user.to_owned(),
-        exp,
-        iat: Some(iat),
-    })
-    .expect("claims serialize");
+    let claims = serde_json::to_vec(&Claims { sub: user.to_owned(), exp, iat: Some(iat) }).expect("claims serialize");
     let signing_input = format!("{header}.{}", B64.encode(claims));
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(signing_input.as_bytes());
-    format!(
-        "{signing_input}.{}",
-        B64.encode(mac.finalize().into_bytes())
-    )
+    format!("{signing_input}.{}", B64.encode(mac.finalize().into_bytes()))
 }
 
 /// Verifies a token and returns its user id. The signature is checked in
@@ -57,22 +49,18 @@ pub fn verify(secret: &[u8], token: &str, now_secs: u64) -> Result<String, Token
         return Err(TokenError::Malformed);
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(TokenError::Malformed);
     };
     let header = B64.decode(h).map_err(|_| TokenError::Malformed)?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|_| TokenError::Malformed)?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|_| TokenError::Malformed)?;
     if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
         return Err(TokenError::BadAlgorithm);
     }
     let sig = B64.decode(s).map_err(|_| TokenError::Malformed)?;
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(&token.as_bytes()[..h.len() + 1 + c.len()]);
-    mac.verify_slice(&sig)
-        .map_err(|_| TokenError::BadSignature)?;
+    mac.verify_slice(&sig).map_err(|_| TokenError::BadSignature)?;
     let claims = B64.decode(c).map_err(|_| TokenError::Malformed)?;
     let claims: Claims = serde_json::from_slice(&claims).map_err(|_| TokenError::Malformed)?;
     if claims.sub.is_empty() || claims.sub.len() > crate::business::USER_ID_BYTES_MAX {
@@ -94,10 +82,7 @@ mod tests {
         let t = mint(SECRET, "alice", 100, 200);
         assert_eq!(verify(SECRET, &t, 150), Ok("alice".to_owned()));
         assert_eq!(verify(SECRET, &t, 200), Err(TokenError::Expired));
-        assert_eq!(
-            verify(b"another secret of enough length!", &t, 150),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(verify(b"another secret of enough length!", &t, 150), Err(TokenError::BadSignature));
     }
 
     #[test]
@@ -106,16 +91,10 @@ mod tests {
         let forged_claims = B64.encode(br#"{"sub":"mallory","exp":999}"#);
         let mut parts: Vec<&str> = t.split('.').collect();
         parts[1] = &forged_claims;
-        assert_eq!(
-            verify(SECRET, &parts.join("."), 150),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(verify(SECRET, &parts.join("."), 150), Err(TokenError::BadSignature));
         assert_eq!(verify(SECRET, "a.b", 150), Err(TokenError::Malformed));
         assert_eq!(verify(SECRET, "", 150), Err(TokenError::Malformed));
         let none_alg = format!("{}.{}.", B64.encode(br#"{"alg":"none"}"#), parts[1]);
-        assert_eq!(
-            verify(SECRET, &none_alg, 150),
-            Err(TokenError::BadAlgorithm)
-        );
+        assert_eq!(verify(SECRET, &none_alg, 150), Err(TokenError::BadAlgorithm));
     }
 }

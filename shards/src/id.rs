@@ -41,10 +41,7 @@ impl TrackingId {
             let d = ALPHABET.iter().position(|&a| a == c)? as u128;
             v = (v << 5) | d;
         }
-        Some(Self {
-            shard: (v >> 64) as u16,
-            seq: v as u64,
-        })
+        Some(Self { shard: (v >> 64) as u16, seq: v as u64 })
     }
 }
 

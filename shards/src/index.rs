@@ -163,10 +163,7 @@ impl MessageIndex {
 
     /// Unsettled messages of `user`, in acceptance order.
     pub fn pending_for(&self, user: &str) -> impl Iterator<Item = u64> + '_ {
-        self.pending
-            .get(user)
-            .into_iter()
-            .flat_map(|q| q.iter().copied())
+        self.pending.get(user).into_iter().flat_map(|q| q.iter().copied())
     }
 
     /// Number of messages indexed.
@@ -194,11 +191,7 @@ impl MessageIndex {
     /// may refer to a message in an earlier one, so deleting out of order
     /// could resurrect a settled message on recovery.
     pub fn deletable_segments(&self, active: u64) -> Vec<u64> {
-        self.segments
-            .iter()
-            .take_while(|(&no, live)| no < active && live.unsettled == 0)
-            .map(|(&no, _)| no)
-            .collect()
+        self.segments.iter().take_while(|(&no, live)| no < active && live.unsettled == 0).map(|(&no, _)| no).collect()
     }
 
     /// Drops a deleted segment and the messages accepted in it.
@@ -206,10 +199,7 @@ impl MessageIndex {
         let Some(live) = self.segments.remove(&segment) else {
             return;
         };
-        assert_eq!(
-            live.unsettled, 0,
-            "forgetting segment {segment} with unsettled messages"
-        );
+        assert_eq!(live.unsettled, 0, "forgetting segment {segment} with unsettled messages");
         if live.any {
             for seq in live.first_seq..=live.last_seq {
                 self.messages.remove(&seq);
@@ -241,29 +231,13 @@ mod tests {
     }
 
     fn status(ix: &mut MessageIndex, seq: u64, status: Status) {
-        ix.apply(
-            9,
-            0,
-            &Record::Status(StatusChange {
-                seq,
-                status,
-                at_ms: 1000 + seq,
-            }),
-        );
+        ix.apply(9, 0, &Record::Status(StatusChange { seq, status, at_ms: 1000 + seq }));
     }
 
     #[test]
     fn pending_in_order_and_settles() {
         let mut ix = MessageIndex::new();
-        ix.apply(
-            1,
-            0,
-            &Record::SegmentHeader(SegmentHeader {
-                shard: 0,
-                segment: 1,
-                next_seq: 0,
-            }),
-        );
+        ix.apply(1, 0, &Record::SegmentHeader(SegmentHeader { shard: 0, segment: 1, next_seq: 0 }));
         for seq in 0..5 {
             accept(&mut ix, 1, seq, if seq % 2 == 0 { "a" } else { "b" });
         }
@@ -287,18 +261,11 @@ mod tests {
         accept(&mut ix, 2, 1, "a");
         accept(&mut ix, 3, 2, "a");
         status(&mut ix, 1, Status::Acked);
-        assert!(
-            ix.deletable_segments(3).is_empty(),
-            "segment 1 still unsettled"
-        );
+        assert!(ix.deletable_segments(3).is_empty(), "segment 1 still unsettled");
         status(&mut ix, 0, Status::Expired);
         assert_eq!(ix.deletable_segments(3), vec![1, 2]);
         status(&mut ix, 2, Status::Acked);
-        assert_eq!(
-            ix.deletable_segments(3),
-            vec![1, 2],
-            "the active segment is never deleted"
-        );
+        assert_eq!(ix.deletable_segments(3), vec![1, 2], "the active segment is never deleted");
         ix.forget_segment(1);
         assert!(ix.get(0).is_none());
         assert!(ix.get(1).is_some());

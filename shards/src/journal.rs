@@ -110,12 +110,8 @@ impl Journal {
     /// next to it; nothing becomes durable without it.
     pub fn open(cfg: JournalConfig, recovered: &Recovered) -> Rc<Self> {
         assert!(cfg.segment_bytes >= 2 * BLOCK_BYTES, "segment too small");
-        let mut inner = Inner {
-            tails: VecDeque::new(),
-            next_seq: recovered.next_seq,
-            appended_gen: 0,
-            active_segment: 0,
-        };
+        let mut inner =
+            Inner { tails: VecDeque::new(), next_seq: recovered.next_seq, appended_gen: 0, active_segment: 0 };
         let journal_needs_header = match &recovered.tail {
             Some(t) if !t.needs_header => {
                 inner.active_segment = t.segment;
@@ -176,11 +172,7 @@ impl Journal {
     /// Appends a record to the active segment (rotating first if it would
     /// not fit) and applies it to `index`. Durable only after
     /// [`Journal::wait_durable`] on the returned generation.
-    pub fn append(
-        &self,
-        record: &Record<'_>,
-        index: &mut MessageIndex,
-    ) -> Result<Appended, JournalError> {
+    pub fn append(&self, record: &Record<'_>, index: &mut MessageIndex) -> Result<Appended, JournalError> {
         if let Some(e) = self.failed.borrow().as_ref() {
             return Err(JournalError::Failed(e.clone()));
         }
@@ -190,10 +182,7 @@ impl Journal {
         let len = encoded_len(record) as u64;
         let needs_rotation = {
             let inner = self.inner.borrow();
-            let tail = inner
-                .tails
-                .back()
-                .expect("journal always has an active tail");
+            let tail = inner.tails.back().expect("journal always has an active tail");
             let end = tail.end_in_segment();
             end + len > self.cfg.segment_bytes && end > BLOCK_BYTES.min(self.cfg.segment_bytes / 2)
         };
@@ -223,11 +212,7 @@ impl Journal {
             });
         }
         let next_seq = self.inner.borrow().next_seq;
-        let header = Record::SegmentHeader(SegmentHeader {
-            shard: self.cfg.shard,
-            segment,
-            next_seq,
-        });
+        let header = Record::SegmentHeader(SegmentHeader { shard: self.cfg.shard, segment, next_seq });
         self.push(&header);
     }
 
@@ -235,10 +220,7 @@ impl Journal {
         let mut inner = self.inner.borrow_mut();
         inner.appended_gen += 1;
         let generation = inner.appended_gen;
-        let tail = inner
-            .tails
-            .back_mut()
-            .expect("journal always has an active tail");
+        let tail = inner.tails.back_mut().expect("journal always has an active tail");
         let offset = tail.end_in_segment();
         encode(record, &mut tail.bytes);
         tail.marks.push_back((tail.bytes.len(), generation));
@@ -247,20 +229,13 @@ impl Journal {
         if let Some(w) = self.committer.borrow_mut().take() {
             w.wake();
         }
-        Appended {
-            generation,
-            segment,
-            offset,
-        }
+        Appended { generation, segment, offset }
     }
 
     /// Resolves when every record up to `generation` is durable, or with the
     /// journal's failure.
     pub fn wait_durable(&self, generation: u64) -> WaitDurable<'_> {
-        WaitDurable {
-            journal: self,
-            generation,
-        }
+        WaitDurable { journal: self, generation }
     }
 
     /// The generation of the last appended record.
@@ -282,12 +257,7 @@ impl Journal {
     /// Deletes the oldest segments whose messages are all settled and that
     /// are fully written; returns how many were deleted.
     pub fn delete_settled_segments(&self, index: &mut MessageIndex) -> std::io::Result<usize> {
-        let oldest_unflushed = self
-            .inner
-            .borrow()
-            .tails
-            .front()
-            .map_or(u64::MAX, |t| t.segment);
+        let oldest_unflushed = self.inner.borrow().tails.front().map_or(u64::MAX, |t| t.segment);
         let deletable = index.deletable_segments(oldest_unflushed);
         for &segment in &deletable {
             let path = segment_path(&self.cfg.dir, segment);
@@ -297,11 +267,7 @@ impl Journal {
                 Err(e) => return Err(e),
             }
             index.forget_segment(segment);
-            tracing::info!(
-                shard = self.cfg.shard,
-                segment,
-                "deleted settled journal segment"
-            );
+            tracing::info!(shard = self.cfg.shard, segment, "deleted settled journal segment");
         }
         if !deletable.is_empty() {
             sync_dir(&self.cfg.dir)?;
@@ -364,23 +330,13 @@ impl Journal {
         }
     }
 
-    async fn commit(
-        &self,
-        files: &mut HashMap<u64, Rc<DmaFile>>,
-        batch: Batch,
-    ) -> Result<(), String> {
+    async fn commit(&self, files: &mut HashMap<u64, Rc<DmaFile>>, batch: Batch) -> Result<(), String> {
         let file = match files.get(&batch.segment) {
             Some(f) => f.clone(),
             None => {
                 let f = Rc::new(self.open_segment(batch.segment).await?);
                 // Close files of segments that are done.
-                let active: Vec<u64> = self
-                    .inner
-                    .borrow()
-                    .tails
-                    .iter()
-                    .map(|t| t.segment)
-                    .collect();
+                let active: Vec<u64> = self.inner.borrow().tails.iter().map(|t| t.segment).collect();
                 files.retain(|seg, _| active.contains(seg));
                 files.insert(batch.segment, f.clone());
                 f
@@ -392,23 +348,14 @@ impl Journal {
         dst[..batch.bytes.len()].copy_from_slice(&batch.bytes);
         dst[batch.bytes.len()..].fill(0);
         let path = segment_path(&self.cfg.dir, batch.segment);
-        let written = file.write_at(buf, batch.file_offset).await.map_err(|e| {
-            format!(
-                "write of {padded} bytes at {}:{} failed: {e}",
-                path.display(),
-                batch.file_offset
-            )
-        })?;
-        if written as u64 != padded {
-            return Err(format!(
-                "short write at {}:{} ({written} of {padded})",
-                path.display(),
-                batch.file_offset
-            ));
-        }
-        file.fdatasync()
+        let written = file
+            .write_at(buf, batch.file_offset)
             .await
-            .map_err(|e| format!("fdatasync of {} failed: {e}", path.display()))?;
+            .map_err(|e| format!("write of {padded} bytes at {}:{} failed: {e}", path.display(), batch.file_offset))?;
+        if written as u64 != padded {
+            return Err(format!("short write at {}:{} ({written} of {padded})", path.display(), batch.file_offset));
+        }
+        file.fdatasync().await.map_err(|e| format!("fdatasync of {} failed: {e}", path.display()))?;
         self.commits.set(self.commits.get() + 1);
         self.finish(&batch);
         Ok(())
@@ -428,8 +375,7 @@ impl Journal {
             file.pre_allocate(self.cfg.segment_bytes, false)
                 .await
                 .map_err(|e| format!("pre-allocate {} failed: {e}", path.display()))?;
-            sync_dir(&self.cfg.dir)
-                .map_err(|e| format!("fsync of {} failed: {e}", self.cfg.dir.display()))?;
+            sync_dir(&self.cfg.dir).map_err(|e| format!("fsync of {} failed: {e}", self.cfg.dir.display()))?;
         }
         Ok(file)
     }
@@ -437,10 +383,7 @@ impl Journal {
     /// Records a durable batch: advance the tail, drop full blocks, wake.
     fn finish(&self, batch: &Batch) {
         let mut inner = self.inner.borrow_mut();
-        let tail = inner
-            .tails
-            .front_mut()
-            .expect("committed tail is still queued");
+        let tail = inner.tails.front_mut().expect("committed tail is still queued");
         assert_eq!(tail.segment, batch.segment, "tail changed under a commit");
         tail.flushed = batch.end;
         while tail.marks.front().is_some_and(|&(e, _)| e <= batch.end) {
@@ -455,14 +398,8 @@ impl Journal {
                 m.0 -= keep_from;
             }
         }
-        assert!(
-            batch.generation <= inner.appended_gen,
-            "durable generation passed appended"
-        );
-        assert!(
-            batch.generation > self.durable_gen.get(),
-            "durable generation went backwards"
-        );
+        assert!(batch.generation <= inner.appended_gen, "durable generation passed appended");
+        assert!(batch.generation > self.durable_gen.get(), "durable generation went backwards");
         self.durable_gen.set(batch.generation);
         drop(inner);
         self.wake_waiters();
@@ -526,11 +463,7 @@ mod tests {
     }
 
     fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || f())
-            .unwrap()
-            .join()
-            .unwrap();
+        glommio::LocalExecutorBuilder::default().spawn(move || f()).unwrap().join().unwrap();
     }
 
     #[test]
@@ -540,11 +473,7 @@ mod tests {
         let p = path.clone();
         run(move || async move {
             let rec = recover_shard(&p, 3, Mode::Repair).unwrap();
-            let cfg = JournalConfig {
-                dir: p.clone(),
-                shard: 3,
-                segment_bytes: 64 * 1024,
-            };
+            let cfg = JournalConfig { dir: p.clone(), shard: 3, segment_bytes: 64 * 1024 };
             let j = Journal::open(cfg, &rec);
             glommio::spawn_local(j.clone().run_committer()).detach();
             let mut ix = MessageIndex::new();
@@ -559,10 +488,7 @@ mod tests {
             j.close().await.unwrap();
         });
         let segs = crate::recovery::list_segments(&path).unwrap();
-        assert!(
-            segs.len() >= 4,
-            "300 KB over 64 KiB segments must rotate: {segs:?}"
-        );
+        assert!(segs.len() >= 4, "300 KB over 64 KiB segments must rotate: {segs:?}");
         let rec = recover_shard(&path, 3, Mode::ReadOnly).unwrap();
         assert_eq!(rec.index.len(), 300);
         assert_eq!(rec.next_seq, 300);
@@ -571,20 +497,13 @@ mod tests {
         let p = path.clone();
         run(move || async move {
             let rec = recover_shard(&p, 3, Mode::Repair).unwrap();
-            let cfg = JournalConfig {
-                dir: p.clone(),
-                shard: 3,
-                segment_bytes: 64 * 1024,
-            };
+            let cfg = JournalConfig { dir: p.clone(), shard: 3, segment_bytes: 64 * 1024 };
             let j = Journal::open(cfg, &rec);
             glommio::spawn_local(j.clone().run_committer()).detach();
             let mut ix = rec.index;
             let seq = j.take_seq();
             assert_eq!(seq, 300);
-            let g = j
-                .append(&accepted(seq, b"after restart"), &mut ix)
-                .unwrap()
-                .generation;
+            let g = j.append(&accepted(seq, b"after restart"), &mut ix).unwrap().generation;
             j.wait_durable(g).await.unwrap();
             j.close().await.unwrap();
         });

@@ -98,9 +98,7 @@ pub fn encoded_len(record: &Record<'_>) -> usize {
 fn payload_len(record: &Record<'_>) -> usize {
     match record {
         Record::SegmentHeader(_) => 4 + 2 + 2 + 8 + 8,
-        Record::Accepted(a) => {
-            8 + 2 + a.client.len() + 2 + a.to.len() + 1 + 8 + 8 + 4 + a.body.len()
-        }
+        Record::Accepted(a) => 8 + 2 + a.client.len() + 2 + a.to.len() + 1 + 8 + 8 + 4 + a.body.len(),
         Record::Status(_) => 8 + 1 + 8,
     }
 }
@@ -112,10 +110,7 @@ fn payload_len(record: &Record<'_>) -> usize {
 /// [`PAYLOAD_BYTES_MAX`]), so a violation here is a bug, not bad input.
 pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
     let payload = payload_len(record);
-    assert!(
-        payload <= PAYLOAD_BYTES_MAX,
-        "record payload {payload} over limit"
-    );
+    assert!(payload <= PAYLOAD_BYTES_MAX, "record payload {payload} over limit");
     let start = out.len();
     out.extend_from_slice(&(payload as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]); // CRC, filled below
@@ -152,10 +147,7 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
 }
 
 fn put_str16(out: &mut Vec<u8>, s: &[u8]) {
-    assert!(
-        s.len() <= u16::MAX as usize,
-        "string field over 65535 bytes"
-    );
+    assert!(s.len() <= u16::MAX as usize, "string field over 65535 bytes");
     out.extend_from_slice(&(s.len() as u16).to_le_bytes());
     out.extend_from_slice(s);
 }
@@ -168,11 +160,7 @@ fn frame_crc(len_bytes: &[u8], kind_and_payload: &[u8]) -> u32 {
 /// Decodes the record at the start of `buf`.
 pub fn decode(buf: &[u8]) -> Decoded<'_> {
     if buf.len() < HEADER_BYTES {
-        return if buf.iter().all(|&b| b == 0) {
-            Decoded::End
-        } else {
-            Decoded::Invalid("truncated header")
-        };
+        return if buf.iter().all(|&b| b == 0) { Decoded::End } else { Decoded::Invalid("truncated header") };
     }
     if buf[..HEADER_BYTES].iter().all(|&b| b == 0) {
         return Decoded::End;
@@ -192,10 +180,7 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     let kind = buf[8];
     let payload = &buf[HEADER_BYTES..total];
     match decode_payload(kind, payload) {
-        Some(record) => Decoded::Record {
-            record,
-            bytes: total,
-        },
+        Some(record) => Decoded::Record { record, bytes: total },
         None => Decoded::Invalid("checksum valid but payload malformed"),
     }
 }
@@ -207,11 +192,7 @@ fn decode_payload(kind: u8, p: &[u8]) -> Option<Record<'_>> {
             if r.u32()? != SEGMENT_MAGIC || r.u16()? != FORMAT_VERSION {
                 return None;
             }
-            Record::SegmentHeader(SegmentHeader {
-                shard: r.u16()?,
-                segment: r.u64()?,
-                next_seq: r.u64()?,
-            })
+            Record::SegmentHeader(SegmentHeader { shard: r.u16()?, segment: r.u64()?, next_seq: r.u64()? })
         }
         KIND_ACCEPTED => {
             let seq = r.u64()?;
@@ -222,24 +203,12 @@ fn decode_payload(kind: u8, p: &[u8]) -> Option<Record<'_>> {
             let accepted_at_ms = r.u64()?;
             let body_len = r.u32()? as usize;
             let body = r.bytes(body_len)?;
-            Record::Accepted(Accepted {
-                seq,
-                client,
-                to,
-                priority,
-                expires_at_ms,
-                accepted_at_ms,
-                body,
-            })
+            Record::Accepted(Accepted { seq, client, to, priority, expires_at_ms, accepted_at_ms, body })
         }
         KIND_STATUS => {
             let seq = r.u64()?;
             let status = Status::from_u8(r.u8()?)?;
-            Record::Status(StatusChange {
-                seq,
-                status,
-                at_ms: r.u64()?,
-            })
+            Record::Status(StatusChange { seq, status, at_ms: r.u64()? })
         }
         _ => return None,
     };

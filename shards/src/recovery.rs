@@ -54,10 +54,7 @@ pub enum RecoveryError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RecoveryError + '_ {
-    move |source| RecoveryError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| RecoveryError::Io { path: path.to_owned(), source }
 }
 
 /// Where recovery leaves the last segment for the writer to continue.
@@ -131,11 +128,7 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>, RecoveryError> {
     for entry in entries {
         let name = entry.map_err(io_err(dir))?.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(no) = name
-            .strip_prefix("seg-")
-            .and_then(|s| s.strip_suffix(".log"))
-            .and_then(|s| s.parse().ok())
-        {
+        if let Some(no) = name.strip_prefix("seg-").and_then(|s| s.strip_suffix(".log")).and_then(|s| s.parse().ok()) {
             out.push(no);
         }
     }
@@ -215,10 +208,7 @@ fn recover_segment(
         records += 1;
     });
     if let Some(reason) = bad_header {
-        return Err(RecoveryError::BadSegment {
-            path: path.to_owned(),
-            reason,
-        });
+        return Err(RecoveryError::BadSegment { path: path.to_owned(), reason });
     }
     rec.records += records;
     if let Some(h) = header {
@@ -232,12 +222,7 @@ fn recover_segment(
         ScanEnd::TornTail { offset, reason } if last => {
             rec.bytes += offset as u64;
             let damaged = last_nonzero_end(data).saturating_sub(offset) as u64;
-            rec.torn = Some(TornTail {
-                path: path.to_owned(),
-                offset: offset as u64,
-                reason,
-                damaged_bytes: damaged,
-            });
+            rec.torn = Some(TornTail { path: path.to_owned(), offset: offset as u64, reason, damaged_bytes: damaged });
             Ok(offset as u64)
         }
         ScanEnd::TornTail { offset, reason } => Err(RecoveryError::Corrupt {
@@ -246,11 +231,7 @@ fn recover_segment(
             reason,
             next_valid: offset as u64,
         }),
-        ScanEnd::Corrupt {
-            offset,
-            reason,
-            next_valid,
-        } => Err(RecoveryError::Corrupt {
+        ScanEnd::Corrupt { offset, reason, next_valid } => Err(RecoveryError::Corrupt {
             path: path.to_owned(),
             offset: offset as u64,
             reason,
@@ -263,10 +244,7 @@ fn zero_range(path: &Path, from: u64, to: u64) -> Result<(), RecoveryError> {
     if to <= from {
         return Ok(());
     }
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(io_err(path))?;
+    let file = fs::OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
     let zeros = vec![0u8; 1 << 16];
     let mut pos = from;
     while pos < to {

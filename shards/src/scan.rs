@@ -76,11 +76,7 @@ pub fn scan<'a>(segment: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) -> 
 fn classify(segment: &[u8], offset: usize, reason: &'static str, zeros: bool) -> ScanEnd {
     let window_end = offset.saturating_add(COMMIT_WINDOW_BYTES);
     match last_valid_record_after(segment, offset + 1) {
-        Some(next) if next >= window_end => ScanEnd::Corrupt {
-            offset,
-            reason,
-            next_valid: next,
-        },
+        Some(next) if next >= window_end => ScanEnd::Corrupt { offset, reason, next_valid: next },
         None if zeros => ScanEnd::Clean { end: offset },
         _ => ScanEnd::TornTail { offset, reason },
     }
@@ -92,12 +88,7 @@ fn last_valid_record_after(segment: &[u8], from: usize) -> Option<usize> {
     let mut pos = from;
     while pos + HEADER_BYTES <= segment.len() {
         // Cheap pre-filter: a plausible length that fits in the segment.
-        let len = u32::from_le_bytes([
-            segment[pos],
-            segment[pos + 1],
-            segment[pos + 2],
-            segment[pos + 3],
-        ]) as usize;
+        let len = u32::from_le_bytes([segment[pos], segment[pos + 1], segment[pos + 2], segment[pos + 3]]) as usize;
         if len == 0 {
             // Skip a zero run fast: the next length can start at most 3
             // bytes before the next non-zero byte.
@@ -135,14 +126,7 @@ mod tests {
         let mut offsets = Vec::new();
         for seq in 0..n {
             offsets.push(buf.len());
-            encode(
-                &Record::Status(StatusChange {
-                    seq,
-                    status: Status::Delivered,
-                    at_ms: seq * 3,
-                }),
-                &mut buf,
-            );
+            encode(&Record::Status(StatusChange { seq, status: Status::Delivered, at_ms: seq * 3 }), &mut buf);
         }
         buf.resize(pad_to.max(buf.len()), 0);
         (buf, offsets)
@@ -159,12 +143,7 @@ mod tests {
         let (seg, offsets) = segment_with(100, 8192);
         let (n, end) = count(&seg);
         assert_eq!(n, 100);
-        assert_eq!(
-            end,
-            ScanEnd::Clean {
-                end: offsets[99] + 26
-            }
-        );
+        assert_eq!(end, ScanEnd::Clean { end: offsets[99] + 26 });
     }
 
     #[test]
@@ -175,10 +154,7 @@ mod tests {
         seg.resize(cut + 4096, 0);
         let (n, end) = count(&seg);
         assert_eq!(n, 99);
-        assert!(
-            matches!(end, ScanEnd::TornTail { offset, .. } if offset == offsets[99]),
-            "{end:?}"
-        );
+        assert!(matches!(end, ScanEnd::TornTail { offset, .. } if offset == offsets[99]), "{end:?}");
     }
 
     #[test]
@@ -188,10 +164,7 @@ mod tests {
         seg.extend((0..3000).map(|i| (i * 7 + 3) as u8));
         let (n, end) = count(&seg);
         assert_eq!(n, 10);
-        assert!(
-            matches!(end, ScanEnd::TornTail { offset, .. } if offset == end_valid),
-            "{end:?} {offsets:?}"
-        );
+        assert!(matches!(end, ScanEnd::TornTail { offset, .. } if offset == end_valid), "{end:?} {offsets:?}");
     }
 
     #[test]
@@ -201,10 +174,7 @@ mod tests {
         seg[offsets[10] + 12] ^= 0x10;
         let (n, end) = count(&seg);
         assert_eq!(n, 10);
-        assert!(
-            matches!(end, ScanEnd::Corrupt { offset, .. } if offset == offsets[10]),
-            "{end:?}"
-        );
+        assert!(matches!(end, ScanEnd::Corrupt { offset, .. } if offset == offsets[10]), "{end:?}");
     }
 
     #[test]
@@ -217,9 +187,6 @@ mod tests {
         }
         let (n, end) = count(&seg);
         assert_eq!(n, 200);
-        assert!(
-            matches!(end, ScanEnd::TornTail { offset, .. } if offset == hole),
-            "{end:?}"
-        );
+        assert!(matches!(end, ScanEnd::TornTail { offset, .. } if offset == hole), "{end:?}");
     }
 }

@@ -52,12 +52,7 @@ pub trait Handler {
 const READ_CHUNK_BYTES: usize = 4096;
 
 /// Serves `stream` until the peer closes, an error, a timeout, or shutdown.
-pub async fn serve<H: Handler>(
-    mut stream: TcpStream,
-    limits: Limits,
-    handler: &mut H,
-    shutdown: &Shutdown,
-) {
+pub async fn serve<H: Handler>(mut stream: TcpStream, limits: Limits, handler: &mut H, shutdown: &Shutdown) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(limits.request_timeout));
     let buf_max = HEAD_BYTES_MAX + limits.body_bytes_max;
@@ -85,16 +80,7 @@ pub async fn serve<H: Handler>(
             }
             let (head_bytes, body) = buf[start..start + total].split_at_mut(head.head_len);
             let keep_alive = head.keep_alive;
-            let keep = handler
-                .handle(
-                    Request {
-                        head: &head,
-                        head_bytes,
-                        body,
-                    },
-                    &mut out,
-                )
-                .await;
+            let keep = handler.handle(Request { head: &head, head_bytes, body }, &mut out).await;
             start += total;
             request_started = Instant::now();
             if !keep || !keep_alive || shutdown.is_set() {
@@ -130,10 +116,7 @@ pub async fn serve<H: Handler>(
         let timeout = if idle {
             limits.idle_timeout
         } else {
-            limits
-                .request_timeout
-                .saturating_sub(request_started.elapsed())
-                .max(Duration::from_millis(1))
+            limits.request_timeout.saturating_sub(request_started.elapsed()).max(Duration::from_millis(1))
         };
         let _ = stream.set_read_timeout(Some(timeout));
         let read = if idle {
@@ -155,14 +138,7 @@ pub async fn serve<H: Handler>(
                 end += n;
             }
             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut && !idle => {
-                write_error(
-                    &mut out,
-                    408,
-                    "request_timeout",
-                    "request not completed in time",
-                    "",
-                    false,
-                );
+                write_error(&mut out, 408, "request_timeout", "request not completed in time", "", false);
                 let _ = stream.write_all(&out).await;
                 return;
             }

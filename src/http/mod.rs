@@ -52,20 +52,10 @@ pub struct HttpError {
 
 impl HttpError {
     pub const fn new(status: u16, code: &'static str, message: &'static str) -> Self {
-        Self {
-            status,
-            code,
-            message,
-            close: false,
-        }
+        Self { status, code, message, close: false }
     }
     pub const fn closing(status: u16, code: &'static str, message: &'static str) -> Self {
-        Self {
-            status,
-            code,
-            message,
-            close: true,
-        }
+        Self { status, code, message, close: true }
     }
 }
 
@@ -88,36 +78,18 @@ pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if buf.len() >= HEAD_BYTES_MAX {
-                Framing::Error(HttpError::closing(
-                    431,
-                    "headers_too_large",
-                    "request head exceeds 8 KiB",
-                ))
+                Framing::Error(HttpError::closing(431, "headers_too_large", "request head exceeds 8 KiB"))
             } else {
                 Framing::Partial
             };
         }
         Err(httparse::Error::TooManyHeaders) => {
-            return Framing::Error(HttpError::closing(
-                431,
-                "headers_too_large",
-                "more than 64 header fields",
-            ))
+            return Framing::Error(HttpError::closing(431, "headers_too_large", "more than 64 header fields"))
         }
-        Err(_) => {
-            return Framing::Error(HttpError::closing(
-                400,
-                "bad_request",
-                "malformed HTTP request",
-            ))
-        }
+        Err(_) => return Framing::Error(HttpError::closing(400, "bad_request", "malformed HTTP request")),
     };
     if head_len > HEAD_BYTES_MAX {
-        return Framing::Error(HttpError::closing(
-            431,
-            "headers_too_large",
-            "request head exceeds 8 KiB",
-        ));
+        return Framing::Error(HttpError::closing(431, "headers_too_large", "request head exceeds 8 KiB"));
     }
     let offset = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
     let range = |s: &[u8]| offset(s)..offset(s) + s.len();
@@ -137,18 +109,10 @@ pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             let Some(n) = parse_decimal(h.value) else {
-                return Framing::Error(HttpError::closing(
-                    400,
-                    "bad_request",
-                    "invalid Content-Length",
-                ));
+                return Framing::Error(HttpError::closing(400, "bad_request", "invalid Content-Length"));
             };
             if content_length.is_some_and(|c| c != n) {
-                return Framing::Error(HttpError::closing(
-                    400,
-                    "bad_request",
-                    "conflicting Content-Length headers",
-                ));
+                return Framing::Error(HttpError::closing(400, "bad_request", "conflicting Content-Length headers"));
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -185,30 +149,14 @@ pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
     let content_length = match (content_length, method) {
         (Some(n), _) => n,
         (None, Method::Post) => {
-            return Framing::Error(HttpError::closing(
-                411,
-                "length_required",
-                "POST needs a Content-Length",
-            ))
+            return Framing::Error(HttpError::closing(411, "length_required", "POST needs a Content-Length"))
         }
         (None, _) => 0,
     };
     if content_length > body_bytes_max {
-        return Framing::Error(HttpError::closing(
-            413,
-            "payload_too_large",
-            "request body exceeds max_body_bytes",
-        ));
+        return Framing::Error(HttpError::closing(413, "payload_too_large", "request body exceeds max_body_bytes"));
     }
-    Framing::Head(RequestHead {
-        method,
-        path,
-        authorization,
-        content_type,
-        content_length,
-        keep_alive,
-        head_len,
-    })
+    Framing::Head(RequestHead { method, path, authorization, content_type, content_length, keep_alive, head_len })
 }
 
 fn parse_decimal(v: &[u8]) -> Option<usize> {
@@ -216,9 +164,7 @@ fn parse_decimal(v: &[u8]) -> Option<usize> {
     if v.is_empty() || v.len() > 12 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    v.iter().try_fold(0usize, |acc, &d| {
-        acc.checked_mul(10)?.checked_add((d - b'0') as usize)
-    })
+    v.iter().try_fold(0usize, |acc, &d| acc.checked_mul(10)?.checked_add((d - b'0') as usize))
 }
 
 /// Reason phrase of the statuses we send.
@@ -243,13 +189,7 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// Writes a complete response with a JSON body.
-pub fn write_response(
-    out: &mut Vec<u8>,
-    status: u16,
-    extra_headers: &str,
-    body: &[u8],
-    keep_alive: bool,
-) {
+pub fn write_response(out: &mut Vec<u8>, status: u16, extra_headers: &str, body: &[u8], keep_alive: bool) {
     let mut head = String::with_capacity(160);
     let _ = write!(
         head,
@@ -263,14 +203,7 @@ pub fn write_response(
 }
 
 /// Writes `{"error":{"code":..,"message":..}}` with the given status.
-pub fn write_error(
-    out: &mut Vec<u8>,
-    status: u16,
-    code: &str,
-    message: &str,
-    extra_headers: &str,
-    keep_alive: bool,
-) {
+pub fn write_error(out: &mut Vec<u8>, status: u16, code: &str, message: &str, extra_headers: &str, keep_alive: bool) {
     let mut body = Vec::with_capacity(64 + message.len());
     body.extend_from_slice(b"{\"error\":{\"code\":");
     json_string(&mut body, code);
@@ -325,9 +258,7 @@ mod tests {
     #[test]
     fn parses_a_post() {
         let raw = "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n";
-        let Framing::Head(h) = head(raw) else {
-            panic!()
-        };
+        let Framing::Head(h) = head(raw) else { panic!() };
         assert_eq!(h.method, Method::Post);
         assert_eq!(&raw[h.path.clone()], "/v1/messages");
         assert_eq!(&raw[h.authorization.clone().unwrap()], "Bearer k");
@@ -338,41 +269,17 @@ mod tests {
 
     #[test]
     fn partial_until_blank_line() {
-        assert!(matches!(
-            head("POST /v1/messages HTTP/1.1\r\nContent-Le"),
-            Framing::Partial
-        ));
+        assert!(matches!(head("POST /v1/messages HTTP/1.1\r\nContent-Le"), Framing::Partial));
     }
 
     #[test]
     fn refuses_smuggling_shapes() {
-        assert_eq!(
-            err_status(head(
-                "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
-            )),
-            400
-        );
-        assert_eq!(
-            err_status(head(
-                "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"
-            )),
-            400
-        );
-        assert_eq!(
-            err_status(head("POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n")),
-            400
-        );
-        assert_eq!(
-            err_status(head(
-                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-            )),
-            411
-        );
+        assert_eq!(err_status(head("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")), 400);
+        assert_eq!(err_status(head("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n")), 400);
+        assert_eq!(err_status(head("POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n")), 400);
+        assert_eq!(err_status(head("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")), 411);
         assert_eq!(err_status(head("POST / HTTP/1.1\r\n\r\n")), 411);
-        assert_eq!(
-            err_status(head("POST / HTTP/1.1\r\nContent-Length: 1001\r\n\r\n")),
-            413
-        );
+        assert_eq!(err_status(head("POST / HTTP/1.1\r\nContent-Length: 1001\r\n\r\n")), 413);
         assert_eq!(err_status(head("GARBAGE\r\n\r\n")), 400);
     }
 
@@ -381,21 +288,14 @@ mod tests {
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(HEAD_BYTES_MAX));
         assert_eq!(err_status(parse_head(big.as_bytes(), 10)), 431);
         let many: String = (0..70).map(|i| format!("X{i}: y\r\n")).collect();
-        assert_eq!(
-            err_status(head(&format!("GET / HTTP/1.1\r\n{many}\r\n"))),
-            431
-        );
+        assert_eq!(err_status(head(&format!("GET / HTTP/1.1\r\n{many}\r\n"))), 431);
     }
 
     #[test]
     fn connection_semantics() {
-        let Framing::Head(h) = head("GET / HTTP/1.0\r\n\r\n") else {
-            panic!()
-        };
+        let Framing::Head(h) = head("GET / HTTP/1.0\r\n\r\n") else { panic!() };
         assert!(!h.keep_alive);
-        let Framing::Head(h) = head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n") else {
-            panic!()
-        };
+        let Framing::Head(h) = head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n") else { panic!() };
         assert!(!h.keep_alive);
     }
 

@@ -207,10 +207,7 @@ impl Drop for Engine {
 }
 
 fn unsafe_kill(pid: u32, sig: i32) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
 }
 
 /// A parsed HTTP response.
@@ -223,24 +220,14 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn error_code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_owned()
     }
 }
 
@@ -253,14 +240,9 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         stream.set_nodelay(true).unwrap();
-        Client {
-            stream,
-            buf: Vec::new(),
-        }
+        Client { stream, buf: Vec::new() }
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
@@ -268,34 +250,20 @@ impl Client {
     }
 
     /// Builds a request with the given auth and JSON body.
-    pub fn request_bytes(
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        body: Option<&str>,
-    ) -> Vec<u8> {
+    pub fn request_bytes(method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> Vec<u8> {
         let mut r = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
         if let Some(k) = key {
             r += &format!("Authorization: Bearer {k}\r\n");
         }
         if let Some(b) = body {
-            r += &format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-                b.len()
-            );
+            r += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len());
         } else {
             r += "\r\n";
         }
         r.into_bytes()
     }
 
-    pub fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        body: Option<&str>,
-    ) -> Response {
+    pub fn request(&mut self, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> Response {
         let req = Self::request_bytes(method, path, key, body);
         self.send_raw(&req);
         self.read_response().expect("response")
@@ -338,12 +306,8 @@ impl Client {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or(format!("bad status line {status_line:?}"))?;
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| {
-                l.split_once(':')
-                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-            })
-            .collect();
+        let headers: Vec<(String, String)> =
+            lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))).collect();
         let len: usize = headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
@@ -355,11 +319,7 @@ impl Client {
         }
         let body = self.buf[head_end + 4..total].to_vec();
         self.buf.drain(..total);
-        Ok(Some(Response {
-            status,
-            headers,
-            body,
-        }))
+        Ok(Some(Response { status, headers, body }))
     }
 
     /// True if the server closed the connection (EOF) within `wait`.
@@ -370,18 +330,13 @@ impl Client {
             match self.stream.read(&mut b) {
                 Ok(0) => break true,
                 Ok(_) => continue,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
-                {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
                     break false
                 }
                 Err(_) => break true,
             }
         };
-        self.stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        self.stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         closed
     }
 }
