@@ -40,6 +40,10 @@ pub struct EngineConfig {
     /// Capacity of each shard-to-shard channel (messages).
     #[serde(default = "default_mesh_capacity")]
     pub mesh_channel_capacity: usize,
+    /// Bytes of recent message bodies each shard keeps in memory for fast
+    /// delivery; older bodies are read back from the journal.
+    #[serde(default = "default_body_cache_bytes")]
+    pub body_cache_bytes: usize,
     /// Most connections a shard serves at once (business + mobile); more are refused.
     #[serde(default = "default_connections_max")]
     pub connections_per_shard_max: usize,
@@ -70,6 +74,23 @@ pub struct BusinessConfig {
 pub struct MobileConfig {
     pub listen: String,
     pub token_secret: String,
+    /// Largest WebSocket message (and frame) a client may send.
+    #[serde(default = "default_ws_message_bytes")]
+    pub max_message_bytes: usize,
+    /// The server pings a connection that sent nothing for this long, and
+    /// closes it after twice this long without a frame.
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+    /// A connection that cannot take a write for this long is a slow reader: closed.
+    #[serde(default = "default_ws_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Most messages delivered to one connection and not yet acked; delivery
+    /// pauses there until acks arrive.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+    /// The upgrade request must be complete within this.
+    #[serde(default = "default_request_timeout_ms")]
+    pub handshake_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +126,21 @@ fn default_mesh_capacity() -> usize {
 }
 fn default_connections_max() -> usize {
     16_384
+}
+fn default_body_cache_bytes() -> usize {
+    16 << 20
+}
+fn default_ws_message_bytes() -> usize {
+    64 * 1024
+}
+fn default_ping_interval_ms() -> u64 {
+    30_000
+}
+fn default_ws_write_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_inflight() -> usize {
+    1000
 }
 fn default_max_body() -> usize {
     MAX_BODY_BYTES_DEFAULT
@@ -190,6 +226,18 @@ impl Config {
         }
         if self.business.default_ttl_seconds == 0 || self.business.default_ttl_seconds > self.business.max_ttl_seconds {
             return bad("business.default_ttl_seconds", "must be positive and at most max_ttl_seconds".into());
+        }
+        if !(128..=16 << 20).contains(&self.mobile.max_message_bytes) {
+            return bad("mobile.max_message_bytes", "must be between 128 and 16777216".into());
+        }
+        if self.mobile.ping_interval_ms < 100
+            || self.mobile.write_timeout_ms < 100
+            || self.mobile.handshake_timeout_ms < 100
+        {
+            return bad("mobile.ping_interval_ms", "mobile timeouts must be at least 100 ms".into());
+        }
+        if !(1..=100_000).contains(&self.mobile.max_inflight) {
+            return bad("mobile.max_inflight", "must be between 1 and 100000".into());
         }
         if self.mobile.token_secret.len() < 32 {
             return bad("mobile.token_secret", "must be at least 32 bytes".into());

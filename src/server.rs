@@ -49,6 +49,7 @@ struct Shared {
     clients: Arc<ClientTable>,
     shards: usize,
     business_addr: SocketAddr,
+    mobile_addr: SocketAddr,
     signal: Arc<AtomicBool>,
     ready: Arc<AtomicBool>,
     failed: AtomicBool,
@@ -154,12 +155,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let listeners = cfg.listeners();
     let (business_addr, placeholder) =
         reserve_port(listeners.business).with_context(|| format!("cannot bind {}", listeners.business))?;
+    let (mobile_addr, mobile_placeholder) =
+        reserve_port(listeners.mobile).with_context(|| format!("cannot bind {}", listeners.mobile))?;
     let signal = install_signal_flag().context("cannot install signal handlers")?;
     let shared = Arc::new(Shared {
         clients: Arc::new(ClientTable::from_config(&cfg)),
         cfg: Arc::new(cfg),
         shards,
         business_addr,
+        mobile_addr,
         signal,
         ready: Arc::new(AtomicBool::new(false)),
         failed: AtomicBool::new(false),
@@ -187,6 +191,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(2));
     }
     drop(placeholder);
+    drop(mobile_placeholder);
     for r in handles.join_all() {
         if let Err(e) = r {
             shared.fail(format!("shard executor failed: {e}"));
@@ -271,7 +276,10 @@ async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::cha
         replies: PendingReplies::default(),
         shutdown: Shutdown::default(),
         stats: ShardStats::default(),
+        sessions: crate::delivery::Sessions::default(),
+        bodies: std::cell::RefCell::new(crate::delivery::BodyCache::new(cfg.engine.body_cache_bytes)),
     });
+    glommio::spawn_local(shard.clone().run_maintenance()).detach();
     for (_peer, rx) in receivers.streams() {
         let shard = shard.clone();
         glommio::spawn_local(async move {
@@ -293,21 +301,36 @@ async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::cha
             None
         }
     };
+    let mobile = match TcpListener::bind(shared.mobile_addr) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            shared.fail(format!("shard {id}: cannot bind mobile listener {}: {e}", shared.mobile_addr));
+            None
+        }
+    };
     if !shared.barrier(&shared.bound, true).await {
         admin_shutdown.trigger();
         return;
     }
     let business = business.expect("bound when the barrier passed");
+    let mobile = mobile.expect("bound when the barrier passed");
     if id == 0 {
-        println!("esh3ar ready business={} shards={}", shared.business_addr, shared.shards);
+        println!(
+            "esh3ar ready business={} mobile={} shards={}",
+            shared.business_addr, shared.mobile_addr, shared.shards
+        );
         shared.ready.store(true, Ordering::Release);
+    }
+    {
+        let shard = shard.clone();
+        glommio::spawn_local(async move { mobile_accept_loop(mobile, shard).await }).detach();
     }
     let limits = Limits::business(&cfg);
     let conn_shard = shard.clone();
     accept_loop(business, &shard.shutdown, limits, Some(&shard), move |_| BusinessConn::new(conn_shard.clone())).await;
     // Drain: requests in flight finish; idle connections already closed.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while shard.stats.connections.get() > 0 && Instant::now() < deadline {
+    while (shard.stats.connections.get() > 0 || !shard.sessions.is_empty()) && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     shared.ready.store(false, Ordering::Release);
@@ -393,6 +416,33 @@ async fn accept_loop<H, F>(
             }
         };
         task.detach();
+    }
+}
+
+/// Accepts mobile connections until shutdown; each upgrade request is
+/// checked here and the session handed to the user's home shard.
+async fn mobile_accept_loop(listener: TcpListener, shard: Rc<Shard>) {
+    let max = shard.cfg.engine.connections_per_shard_max;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.shutdown.wait().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                if shard.sessions.len() >= max {
+                    drop(stream); // over the limit: refuse fast, the client retries elsewhere or later
+                    continue;
+                }
+                glommio::spawn_local(crate::mobile::serve_conn(shard.clone(), stream)).detach();
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "mobile accept failed");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 }
 

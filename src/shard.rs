@@ -23,6 +23,7 @@ use hashbrown::HashMap;
 
 use crate::clients::ClientTable;
 use crate::config::Config;
+use crate::delivery::{BodyCache, Sessions};
 use crate::shutdown::Shutdown;
 
 /// A validated message on its way to its home shard.
@@ -78,6 +79,10 @@ pub enum MeshMsg {
     Lookup { from: u16, req: u64, seq: u64, client: u32 },
     /// Answer to `Lookup`.
     Found { req: u64, view: Option<Box<StatusView>> },
+    /// A mobile connection whose upgrade request was accepted elsewhere:
+    /// the receiver (the user's home shard) owns the socket from now on,
+    /// answers `101` and serves the session.
+    Adopt(Box<crate::mobile::Adoption>),
 }
 
 /// Requests this shard sent and awaits answers for.
@@ -128,6 +133,8 @@ pub struct Shard {
     pub replies: PendingReplies,
     pub shutdown: Shutdown,
     pub stats: ShardStats,
+    pub sessions: Sessions,
+    pub bodies: RefCell<BodyCache>,
 }
 
 impl Shard {
@@ -154,6 +161,7 @@ impl Shard {
             let appended = self.journal.append(&record, &mut index).map_err(|e| AppendRefusal::from(&e))?;
             generation = appended.generation;
             seqs.push(seq);
+            self.bodies.borrow_mut().insert(seq, &m.body);
         }
         self.stats.accepted.set(self.stats.accepted.get() + items.len() as u64);
         Ok((seqs, generation))
@@ -163,6 +171,7 @@ impl Shard {
     pub async fn append_durable(&self, items: &[NewMessage]) -> Result<Vec<u64>, AppendRefusal> {
         let (seqs, generation) = self.append_local(items)?;
         self.journal.wait_durable(generation).await.map_err(|e| AppendRefusal::from(&e))?;
+        self.notify_recipients(items);
         Ok(seqs)
     }
 
@@ -201,7 +210,10 @@ impl Shard {
                 glommio::spawn_local(async move {
                     let result = match appended {
                         Ok((seqs, generation)) => match shard.journal.wait_durable(generation).await {
-                            Ok(()) => Ok(seqs),
+                            Ok(()) => {
+                                shard.notify_recipients(&items);
+                                Ok(seqs)
+                            }
                             Err(e) => Err(AppendRefusal::from(&e)),
                         },
                         Err(e) => Err(e),
@@ -219,6 +231,21 @@ impl Shard {
                 .detach();
             }
             MeshMsg::Appended { req, .. } | MeshMsg::Found { req, .. } => self.replies.complete(req, msg),
+            MeshMsg::Adopt(adoption) => crate::mobile::adopt(self.clone(), *adoption),
+        }
+    }
+
+    /// Wakes the live sessions of the recipients of durable messages.
+    fn notify_recipients(&self, items: &[NewMessage]) {
+        if self.sessions.is_empty() {
+            return;
+        }
+        let mut last: Option<&str> = None;
+        for m in items {
+            if last != Some(m.to.as_str()) {
+                self.sessions.notify(&m.to);
+                last = Some(&m.to);
+            }
         }
     }
 

@@ -5,12 +5,12 @@
 //! [`MessageIndex::apply`]ing every record in order, and the live path
 //! applies each record as it appends it, so the two can never disagree.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::record::Record;
+use crate::record::{encoded_len, Record};
 use crate::{Priority, Status};
 
 /// What the shard knows about one message (its body stays in the journal).
@@ -38,6 +38,10 @@ pub struct MessageMeta {
     pub segment: u64,
     /// Offset of the `Accepted` record in that segment.
     pub offset: u64,
+    /// Encoded length of the `Accepted` record.
+    pub record_bytes: u32,
+    /// Journal commit generation of the record (0: recovered, so durable).
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -57,6 +61,8 @@ pub struct MessageIndex {
     pending: HashMap<Rc<str>, VecDeque<u64>>,
     interned: HashSet<Rc<str>>,
     segments: BTreeMap<u64, SegmentLive>,
+    /// (expires_at_ms, seq) of every unsettled message with a TTL.
+    expiries: BTreeSet<(u64, u64)>,
     max_seq: Option<u64>,
 }
 
@@ -96,7 +102,12 @@ impl MessageIndex {
                     expires_at_ms: a.expires_at_ms,
                     segment,
                     offset,
+                    record_bytes: encoded_len(record) as u32,
+                    generation: 0,
                 };
+                if a.expires_at_ms > 0 {
+                    self.expiries.insert((a.expires_at_ms, a.seq));
+                }
                 let previous = self.messages.insert(a.seq, meta);
                 assert!(previous.is_none(), "sequence {} accepted twice", a.seq);
             }
@@ -124,7 +135,8 @@ impl MessageIndex {
                 if status == Status::Acked {
                     meta.acked_at_ms = at_ms;
                 }
-                let (to, segment) = (meta.to.clone(), meta.segment);
+                let (to, segment, expires) = (meta.to.clone(), meta.segment, meta.expires_at_ms);
+                self.expiries.remove(&(expires, seq));
                 self.settle(seq, &to, segment);
             }
         }
@@ -154,6 +166,31 @@ impl MessageIndex {
         let rc: Rc<str> = Rc::from(s);
         self.interned.insert(rc.clone());
         rc
+    }
+
+    /// Records the commit generation of a message appended live, so
+    /// delivery can wait until it is durable.
+    pub fn set_generation(&mut self, seq: u64, generation: u64) {
+        if let Some(m) = self.messages.get_mut(&seq) {
+            m.generation = generation;
+        }
+    }
+
+    /// Unsettled messages whose TTL passed at `now_ms`, oldest first, at most `max`.
+    pub fn expired(&self, now_ms: u64, max: usize) -> Vec<u64> {
+        self.expiries.iter().take_while(|(at, _)| *at <= now_ms).take(max).map(|&(_, seq)| seq).collect()
+    }
+
+    /// Unsettled messages of `user` after sequence `after` (all if None), in
+    /// acceptance order; the number of unsettled ones at or before `after`
+    /// comes first (the messages in flight on a connection).
+    pub fn pending_after(&self, user: &str, after: Option<u64>) -> (usize, impl Iterator<Item = u64> + '_) {
+        let queue = self.pending.get(user);
+        let skip = match (queue, after) {
+            (Some(q), Some(a)) => q.partition_point(|&s| s <= a),
+            _ => 0,
+        };
+        (skip, queue.into_iter().flat_map(move |q| q.iter().skip(skip).copied()))
     }
 
     /// The message with this sequence number, if the shard still holds it.

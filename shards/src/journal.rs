@@ -103,6 +103,8 @@ pub struct Journal {
     waiters: RefCell<Vec<Waker>>,
     committer: RefCell<Option<Waker>>,
     commits: Cell<u64>,
+    /// Read handles of segments, for delivering bodies not in memory.
+    readers: RefCell<HashMap<u64, Rc<DmaFile>>>,
 }
 
 impl Journal {
@@ -139,6 +141,7 @@ impl Journal {
             waiters: RefCell::new(Vec::new()),
             committer: RefCell::new(None),
             commits: Cell::new(0),
+            readers: RefCell::new(HashMap::new()),
         });
         if let Some(segment) = journal_needs_header {
             journal.start_segment(segment);
@@ -192,6 +195,9 @@ impl Journal {
         }
         let appended = self.push(record);
         index.apply(appended.segment, appended.offset, record);
+        if let Record::Accepted(a) = record {
+            index.set_generation(a.seq, appended.generation);
+        }
         Ok(appended)
     }
 
@@ -238,6 +244,44 @@ impl Journal {
         WaitDurable { journal: self, generation }
     }
 
+    /// Every record up to this generation is durable.
+    pub fn durable_generation(&self) -> u64 {
+        self.durable_gen.get()
+    }
+
+    /// Reads back the `Accepted` record at `offset` of `segment` (`bytes`
+    /// long, as the index recorded) and returns its body. Only durable
+    /// records may be read: the tail in memory is not on disk yet.
+    pub async fn read_body(&self, segment: u64, offset: u64, bytes: u32) -> Result<Vec<u8>, String> {
+        let path = segment_path(&self.cfg.dir, segment);
+        let file = match self.readers.borrow().get(&segment) {
+            Some(f) => Some(f.clone()),
+            None => None,
+        };
+        let file = match file {
+            Some(f) => f,
+            None => {
+                let f = Rc::new(
+                    OpenOptions::new()
+                        .read(true)
+                        .dma_open(&path)
+                        .await
+                        .map_err(|e| format!("open {} for reading failed: {e}", path.display()))?,
+                );
+                self.readers.borrow_mut().insert(segment, f.clone());
+                f
+            }
+        };
+        let data = file
+            .read_at(offset, bytes as usize)
+            .await
+            .map_err(|e| format!("read of {}:{offset} failed: {e}", path.display()))?;
+        match crate::record::decode(&data) {
+            crate::record::Decoded::Record { record: Record::Accepted(a), .. } => Ok(a.body.to_vec()),
+            _ => Err(format!("no valid message record at {}:{offset}", path.display())),
+        }
+    }
+
     /// The generation of the last appended record.
     pub fn appended_generation(&self) -> u64 {
         self.inner.borrow().appended_gen
@@ -267,6 +311,7 @@ impl Journal {
                 Err(e) => return Err(e),
             }
             index.forget_segment(segment);
+            self.readers.borrow_mut().remove(&segment);
             tracing::info!(shard = self.cfg.shard, segment, "deleted settled journal segment");
         }
         if !deletable.is_empty() {

@@ -21,6 +21,7 @@ pub struct Opts {
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
     pub extra_engine: String,
+    pub extra_mobile: String,
 }
 
 impl Default for Opts {
@@ -31,6 +32,7 @@ impl Default for Opts {
             max_body_bytes: 65536,
             request_timeout_ms: 10_000,
             extra_engine: String::new(),
+            extra_mobile: String::new(),
         }
     }
 }
@@ -52,6 +54,7 @@ request_timeout_ms = {rt}
 [mobile]
 listen = "127.0.0.1:0"
 token_secret = "{secret}"
+{extra_mobile}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -73,6 +76,7 @@ tier = "basic"
         data = data_dir.display(),
         seg = o.segment_bytes,
         extra = o.extra_engine,
+        extra_mobile = o.extra_mobile,
         body = o.max_body_bytes,
         rt = o.request_timeout_ms,
         secret = TOKEN_SECRET,
@@ -88,6 +92,7 @@ tier = "basic"
 pub struct Engine {
     pub child: Child,
     pub business: SocketAddr,
+    pub mobile: SocketAddr,
     pub admin: SocketAddr,
     pub config: PathBuf,
     pub stderr: mpsc::Receiver<String>,
@@ -137,15 +142,13 @@ impl Engine {
                         admin = Some(a.parse().unwrap());
                     }
                     if let Some(rest) = line.strip_prefix("esh3ar ready ") {
-                        let business = rest
-                            .split_whitespace()
-                            .find_map(|kv| kv.strip_prefix("business="))
-                            .unwrap()
-                            .parse()
-                            .unwrap();
+                        let field = |name: &str| -> SocketAddr {
+                            rest.split_whitespace().find_map(|kv| kv.strip_prefix(name)).unwrap().parse().unwrap()
+                        };
                         return Ok(Engine {
                             child,
-                            business,
+                            business: field("business="),
+                            mobile: field("mobile="),
                             admin: admin.expect("admin line before ready line"),
                             config: config.to_owned(),
                             stderr: err_rx,
@@ -369,5 +372,103 @@ impl Setup {
     }
     pub fn start(&self) -> Engine {
         Engine::start(&self.config)
+    }
+}
+
+/// A mobile token for `user`, minted by the real CLI.
+pub fn token(config: &Path, user: &str, ttl: u64) -> String {
+    let (code, out, err) =
+        run_cli(&["token", "--config", config.to_str().unwrap(), "--user", user, "--ttl", &ttl.to_string()]);
+    assert_eq!(code, 0, "token: {err}");
+    out.trim().to_owned()
+}
+
+pub type Ws = tungstenite::WebSocket<TcpStream>;
+
+/// A phone: a WebSocket client connected as one user.
+pub struct Phone {
+    pub ws: Ws,
+}
+
+/// Why a connect failed: the HTTP status and body the server answered.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Phone {
+    /// Connects with `Authorization: Bearer <token>`.
+    pub fn connect(addr: SocketAddr, token: &str) -> Result<Phone, Refused> {
+        Self::connect_to(addr, "/v1/connect", Some(token))
+    }
+
+    /// Connects to `path` (which may carry `?token=`), with an optional bearer token.
+    pub fn connect_to(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Result<Phone, Refused> {
+        use tungstenite::client::IntoClientRequest;
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+        if let Some(t) = bearer {
+            req.headers_mut().insert("Authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        match tungstenite::client::client(req, stream) {
+            Ok((ws, _)) => Ok(Phone { ws }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => Err(Refused {
+                status: resp.status().as_u16(),
+                body: String::from_utf8_lossy(resp.body().as_deref().unwrap_or(&[])).into_owned(),
+            }),
+            Err(e) => panic!("handshake failed: {e}"),
+        }
+    }
+
+    /// The next message frame within `wait` (pings answered, skipped).
+    pub fn recv(&mut self, wait: Duration) -> Option<serde_json::Value> {
+        self.ws.get_mut().set_read_timeout(Some(wait)).unwrap();
+        loop {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    return Some(serde_json::from_str(&t).expect("server frame is JSON"))
+                }
+                Ok(tungstenite::Message::Close(_)) => return None,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return None
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Receives `n` messages (each within `wait`), panicking if fewer come.
+    pub fn recv_n(&mut self, n: usize, wait: Duration) -> Vec<serde_json::Value> {
+        (0..n).map(|i| self.recv(wait).unwrap_or_else(|| panic!("only {i} of {n} messages arrived"))).collect()
+    }
+
+    pub fn ack(&mut self, id: &str) {
+        self.send_text(&serde_json::json!({"type": "ack", "id": id}).to_string());
+    }
+
+    pub fn ack_many(&mut self, ids: &[String]) {
+        self.send_text(&serde_json::json!({"type": "ack", "ids": ids}).to_string());
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(tungstenite::Message::Text(text.to_owned())).expect("ws send");
+    }
+
+    /// Reads until the server closes; returns its close code.
+    pub fn close_code(&mut self, wait: Duration) -> Option<u16> {
+        self.ws.get_mut().set_read_timeout(Some(wait)).unwrap();
+        loop {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
     }
 }

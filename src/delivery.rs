@@ -1,0 +1,302 @@
+//! Delivery state of one shard: which users are connected, the bodies of
+//! recent messages, and the status changes delivery makes (delivered,
+//! acked, expired), each journaled.
+//!
+//! A live session never receives message contents pushed at it. It is only
+//! *notified*; it then pulls from the index, in acceptance order, the
+//! durable messages after the last one it sent. Backlog and live messages
+//! therefore take one path and cannot overtake each other.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use esh3ar_shards::id::TrackingId;
+use esh3ar_shards::record::{Record, StatusChange};
+use esh3ar_shards::Status;
+use hashbrown::HashMap;
+
+use crate::business::now_ms;
+use crate::http::json_string;
+use crate::shard::Shard;
+
+/// Wakes one session when a message for its user became durable.
+#[derive(Default)]
+pub struct SessionSignal {
+    notified: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl SessionSignal {
+    fn notify(&self) {
+        self.notified.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once notified since the last wait.
+    pub fn wait(&self) -> WaitSignal<'_> {
+        WaitSignal { signal: self }
+    }
+}
+
+/// Future of [`SessionSignal::wait`].
+pub struct WaitSignal<'a> {
+    signal: &'a SessionSignal,
+}
+
+impl Future for WaitSignal<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.notified.replace(false) {
+            Poll::Ready(())
+        } else {
+            *self.signal.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+/// Live sessions of the users homed on this shard.
+#[derive(Default)]
+pub struct Sessions {
+    by_user: RefCell<HashMap<Rc<str>, Vec<Rc<SessionSignal>>>>,
+    count: Cell<usize>,
+}
+
+impl Sessions {
+    /// Registers a connection of `user`.
+    pub fn register(&self, user: &Rc<str>) -> Rc<SessionSignal> {
+        let signal = Rc::new(SessionSignal::default());
+        self.by_user.borrow_mut().entry(user.clone()).or_default().push(signal.clone());
+        self.count.set(self.count.get() + 1);
+        signal
+    }
+
+    /// Forgets a connection.
+    pub fn unregister(&self, user: &str, signal: &Rc<SessionSignal>) {
+        let mut by_user = self.by_user.borrow_mut();
+        if let Some(list) = by_user.get_mut(user) {
+            list.retain(|s| !Rc::ptr_eq(s, signal));
+            if list.is_empty() {
+                by_user.remove(user);
+            }
+        }
+        self.count.set(self.count.get() - 1);
+    }
+
+    /// Wakes every connection of `user`.
+    pub fn notify(&self, user: &str) {
+        if let Some(list) = self.by_user.borrow().get(user) {
+            for s in list {
+                s.notify();
+            }
+        }
+    }
+
+    /// Open sessions.
+    pub fn len(&self) -> usize {
+        self.count.get()
+    }
+
+    /// True when no session is open.
+    pub fn is_empty(&self) -> bool {
+        self.count.get() == 0
+    }
+}
+
+/// Bodies of recent messages, bounded in bytes; oldest evicted first.
+pub struct BodyCache {
+    map: HashMap<u64, Rc<[u8]>>,
+    order: VecDeque<u64>,
+    bytes: usize,
+    bytes_max: usize,
+}
+
+impl BodyCache {
+    pub fn new(bytes_max: usize) -> Self {
+        Self { map: HashMap::new(), order: VecDeque::new(), bytes: 0, bytes_max }
+    }
+
+    pub fn insert(&mut self, seq: u64, body: &[u8]) {
+        if body.len() > self.bytes_max {
+            return;
+        }
+        self.bytes += body.len();
+        self.map.insert(seq, Rc::from(body));
+        self.order.push_back(seq);
+        while self.bytes > self.bytes_max {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(b) = self.map.remove(&old) {
+                self.bytes -= b.len();
+            }
+        }
+        // Drop stale order entries (acked bodies) so `order` stays bounded.
+        if self.order.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.order.retain(|s| map.contains_key(s));
+        }
+    }
+
+    pub fn get(&self, seq: u64) -> Option<Rc<[u8]>> {
+        self.map.get(&seq).cloned()
+    }
+
+    pub fn remove(&mut self, seq: u64) {
+        if let Some(b) = self.map.remove(&seq) {
+            self.bytes -= b.len();
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// How many bodies a session reads ahead in one batch (bounds its memory).
+pub const DELIVERY_BATCH_MAX: usize = 64;
+
+impl Shard {
+    /// Durable, unexpired messages of `user` after `after`, at most `max`,
+    /// and never more than `inflight_max` unacked ones on the connection.
+    pub fn deliverable(&self, user: &str, after: Option<u64>, inflight_max: usize) -> Vec<u64> {
+        let index = self.index.borrow();
+        let durable = self.journal.durable_generation();
+        let now = now_ms();
+        let (inflight, rest) = index.pending_after(user, after);
+        let room = inflight_max.saturating_sub(inflight).min(DELIVERY_BATCH_MAX);
+        let mut out = Vec::new();
+        for seq in rest {
+            if out.len() >= room {
+                break;
+            }
+            let Some(m) = index.get(seq) else { continue };
+            if m.generation > durable {
+                break; // not on disk yet; later ones are not either
+            }
+            if m.expires_at_ms == 0 || m.expires_at_ms > now {
+                out.push(seq);
+            }
+        }
+        out
+    }
+
+    /// The delivery frame of message `seq`, or None if it is gone.
+    pub async fn message_frame(&self, seq: u64) -> Result<Option<Vec<u8>>, String> {
+        let (client, priority, accepted_at, segment, offset, bytes) = {
+            let index = self.index.borrow();
+            let Some(m) = index.get(seq) else { return Ok(None) };
+            if m.status.is_settled() {
+                return Ok(None);
+            }
+            (m.client.clone(), m.priority, m.accepted_at_ms, m.segment, m.offset, m.record_bytes)
+        };
+        let cached = self.bodies.borrow().get(seq);
+        let body: Rc<[u8]> = match cached {
+            Some(b) => b,
+            None => Rc::from(self.journal.read_body(segment, offset, bytes).await?),
+        };
+        let body = std::str::from_utf8(&body).map_err(|_| format!("message {seq} body is not UTF-8"))?;
+        let mut f = Vec::with_capacity(body.len() + client.len() + 120);
+        f.extend_from_slice(b"{\"type\":\"message\",\"id\":\"");
+        f.extend_from_slice(&self.tracking_id(seq).encode());
+        f.extend_from_slice(b"\",\"from\":");
+        json_string(&mut f, &client);
+        f.extend_from_slice(b",\"body\":");
+        json_string(&mut f, body);
+        f.extend_from_slice(b",\"priority\":\"");
+        f.extend_from_slice(priority.as_str().as_bytes());
+        f.extend_from_slice(b"\",\"accepted_at\":");
+        f.extend_from_slice(itoa::Buffer::new().format(accepted_at).as_bytes());
+        f.push(b'}');
+        Ok(Some(f))
+    }
+
+    /// Journals that `seqs` were written to a connection. Not awaited: a
+    /// lost `Delivered` record only undercounts attempts.
+    pub fn record_delivered(&self, seqs: &[u64]) {
+        self.record_status(seqs, Status::Delivered);
+    }
+
+    fn record_status(&self, seqs: &[u64], status: Status) {
+        let at_ms = now_ms();
+        let mut index = self.index.borrow_mut();
+        for &seq in seqs {
+            let record = Record::Status(StatusChange { seq, status, at_ms });
+            if self.journal.append(&record, &mut index).is_err() {
+                return; // journal failed or closing: the message stays pending
+            }
+        }
+    }
+
+    /// Acks from `user`'s connection. Ids of other users or shards, and
+    /// already settled messages, are ignored (acks are idempotent).
+    pub fn record_acks<'a>(&self, user: &str, ids: impl Iterator<Item = &'a str>) {
+        let mut acked = Vec::new();
+        {
+            let index = self.index.borrow();
+            for id in ids {
+                let Some(t) = TrackingId::decode(id.as_bytes()) else { continue };
+                if t.shard as usize != self.id {
+                    continue;
+                }
+                match index.get(t.seq) {
+                    Some(m) if &*m.to == user && !m.status.is_settled() => acked.push(t.seq),
+                    _ => {}
+                }
+            }
+        }
+        self.record_status(&acked, Status::Acked);
+        let mut bodies = self.bodies.borrow_mut();
+        for seq in acked {
+            bodies.remove(seq);
+        }
+    }
+
+    /// Once a second: expire messages whose TTL passed, delete journal
+    /// segments whose messages are all settled.
+    pub async fn run_maintenance(self: Rc<Self>) {
+        while !self.shutdown.is_set() {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            let expired = self.index.borrow().expired(now_ms(), 10_000);
+            if !expired.is_empty() {
+                self.record_status(&expired, Status::Expired);
+                let mut bodies = self.bodies.borrow_mut();
+                for &seq in &expired {
+                    bodies.remove(seq);
+                }
+                tracing::debug!(shard = self.id, count = expired.len(), "expired messages");
+            }
+            let deleted = self.journal.delete_settled_segments(&mut self.index.borrow_mut());
+            if let Err(e) = deleted {
+                tracing::warn!(shard = self.id, error = %e, "could not delete settled segments");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_cache_stays_within_its_bound() {
+        let mut c = BodyCache::new(1000);
+        for seq in 0..100 {
+            c.insert(seq, &[7u8; 30]);
+        }
+        assert!(c.bytes() <= 1000);
+        assert!(c.get(99).is_some());
+        assert!(c.get(0).is_none(), "oldest evicted first");
+        c.remove(99);
+        assert!(c.get(99).is_none());
+        c.insert(1000, &[0u8; 5000]); // larger than the cache: not kept
+        assert!(c.get(1000).is_none());
+    }
+}

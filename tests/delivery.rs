@@ -1,0 +1,243 @@
+//! Real-time delivery over WebSocket against the real binary: online and
+//! offline delivery, acks, redelivery, several connections, order, tokens,
+//! bad frames, TTL expiry and shutdown.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(600);
+
+fn send(engine: &Engine, to: &str, body: &str) -> String {
+    let r = engine.client().send(to, body);
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
+fn phone(engine: &Engine, user: &str) -> Phone {
+    Phone::connect(engine.mobile, &token(&engine.config, user, 600)).expect("connect")
+}
+
+/// Polls the status endpoint until `want` (status changes are asynchronous).
+fn wait_status(engine: &Engine, id: &str, want: &str) -> serde_json::Value {
+    let mut c = engine.client();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let j = c.get_status(id).json();
+        if j["status"] == want || Instant::now() > deadline {
+            assert_eq!(j["status"], want, "status of {id}: {j}");
+            return j;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn online_user_gets_the_message_and_acks_it() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let mut p = phone(&engine, "alice");
+    let id = send(&engine, "alice", "hello \"alice\"");
+    let m = p.recv(WAIT).expect("delivered in real time");
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["id"], id.as_str());
+    assert_eq!(m["from"], "acme");
+    assert_eq!(m["body"], "hello \"alice\"");
+    assert_eq!(m["priority"], "normal");
+    assert!(m["accepted_at"].as_u64().unwrap() > 1_700_000_000_000);
+    let j = wait_status(&engine, &id, "delivered");
+    assert_eq!(j["attempts"], 1);
+    assert!(j["delivered_at"].as_u64().is_some());
+    p.ack(&id);
+    let j = wait_status(&engine, &id, "acked");
+    assert!(j["acked_at"].as_u64().is_some());
+}
+
+#[test]
+fn offline_messages_wait_and_arrive_in_order_then_live_ones() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let ids: Vec<String> = (0..30).map(|i| send(&engine, "bob", &format!("m{i}"))).collect();
+    let mut p = phone(&engine, "bob");
+    let got = p.recv_n(30, WAIT);
+    let got_ids: Vec<&str> = got.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(got_ids, ids.iter().map(String::as_str).collect::<Vec<_>>(), "backlog in acceptance order");
+    let live = send(&engine, "bob", "live");
+    assert_eq!(p.recv(WAIT).unwrap()["id"], live.as_str());
+}
+
+#[test]
+fn unacked_messages_are_redelivered_on_reconnect_and_acked_ones_never_again() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let ids: Vec<String> = (0..3).map(|i| send(&engine, "carol", &format!("m{i}"))).collect();
+    let mut p = phone(&engine, "carol");
+    p.recv_n(3, WAIT);
+    drop(p); // no ack
+    let mut p = phone(&engine, "carol");
+    let again = p.recv_n(3, WAIT);
+    assert_eq!(again.iter().map(|m| m["id"].as_str().unwrap()).collect::<Vec<_>>(), ids);
+    assert_eq!(wait_status(&engine, &ids[0], "delivered")["attempts"], 2);
+    p.ack(&ids[0]);
+    p.ack_many(&ids[1..]);
+    for id in &ids {
+        wait_status(&engine, id, "acked");
+    }
+    drop(p);
+    let mut p = phone(&engine, "carol");
+    assert!(p.recv(QUIET).is_none(), "acked messages must never come again");
+    let new = send(&engine, "carol", "new");
+    assert_eq!(p.recv(WAIT).unwrap()["id"], new.as_str());
+}
+
+#[test]
+fn every_connection_of_a_user_gets_every_message() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let mut phones: Vec<Phone> = (0..3).map(|_| phone(&engine, "dave")).collect();
+    let id = send(&engine, "dave", "to all devices");
+    for p in &mut phones {
+        assert_eq!(p.recv(WAIT).unwrap()["id"], id.as_str());
+    }
+}
+
+#[test]
+fn order_of_one_sender_is_kept_across_its_connections() {
+    let setup = Setup::new(&Opts { shards: 2, ..Opts::default() });
+    let engine = setup.start();
+    let mut p = phone(&engine, "erin");
+    let mut clients: Vec<Client> = (0..4).map(|_| engine.client()).collect();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let r = clients[i % 4].send("erin", &format!("{i}"));
+        assert_eq!(r.status, 202);
+        ids.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    let got: Vec<String> = p.recv_n(40, WAIT).iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(got, ids);
+}
+
+#[test]
+fn users_on_every_shard_are_served_whichever_shard_accepts_them() {
+    // With 2 shards, the kernel spreads connections; half the users live on
+    // the other shard, so their sockets are handed over.
+    let setup = Setup::new(&Opts { shards: 2, ..Opts::default() });
+    let engine = setup.start();
+    let users: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    let mut phones: Vec<Phone> = users.iter().map(|u| phone(&engine, u)).collect();
+    for (u, p) in users.iter().zip(&mut phones) {
+        let id = send(&engine, u, u);
+        let m = p.recv(WAIT).unwrap_or_else(|| panic!("{u} got nothing"));
+        assert_eq!((m["id"].as_str().unwrap(), m["body"].as_str().unwrap()), (id.as_str(), u.as_str()));
+    }
+}
+
+#[test]
+fn bad_tokens_are_refused_with_401_and_no_upgrade() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let good = token(&engine.config, "frank", 600);
+    let check = |r: Result<Phone, Refused>, code: &str| {
+        let e = r.err().expect("must be refused");
+        assert_eq!(e.status, 401);
+        let j: serde_json::Value = serde_json::from_str(&e.body).expect("JSON error body");
+        assert_eq!(j["error"]["code"], code, "{j}");
+    };
+    check(Phone::connect_to(engine.mobile, "/v1/connect", None), "token_missing");
+    check(Phone::connect(engine.mobile, "not-a-jwt"), "token_invalid");
+    let mut forged = good.clone();
+    forged.pop();
+    forged.push(if good.ends_with('A') { 'B' } else { 'A' });
+    check(Phone::connect(engine.mobile, &forged), "token_invalid");
+    // Expired: mint with a TTL of 1 s and wait it out.
+    let short = token(&engine.config, "frank", 1);
+    std::thread::sleep(Duration::from_millis(2100));
+    check(Phone::connect(engine.mobile, &short), "token_expired");
+    // The query parameter works for browsers.
+    assert!(Phone::connect_to(engine.mobile, &format!("/v1/connect?token={good}"), None).is_ok());
+}
+
+#[test]
+fn bad_frames_close_only_the_offender_with_the_proper_code() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let mut bystander = phone(&engine, "grace");
+
+    let mut p = phone(&engine, "mallory");
+    p.ws.send(tungstenite::Message::Binary(vec![1, 2, 3])).unwrap();
+    assert_eq!(p.close_code(WAIT), Some(1003), "binary frame");
+
+    let mut p = phone(&engine, "mallory");
+    p.send_text("this is not json");
+    assert_eq!(p.close_code(WAIT), Some(1008), "garbage text");
+
+    let mut p = phone(&engine, "mallory");
+    p.send_text(&"x".repeat(70 * 1024));
+    assert_eq!(p.close_code(WAIT), Some(1009), "oversized message");
+
+    let mut p = phone(&engine, "mallory");
+    p.ws.get_mut().write_all(&[0x81, 0x02, b'h', b'i']).unwrap(); // unmasked text frame
+    assert_eq!(p.close_code(WAIT), Some(1002), "unmasked frame");
+
+    let id = send(&engine, "grace", "still here");
+    assert_eq!(bystander.recv(WAIT).unwrap()["id"], id.as_str());
+}
+
+#[test]
+fn expired_messages_are_not_delivered() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let mut c = engine.client();
+    let r = c.request(
+        "POST",
+        "/v1/messages",
+        Some(API_KEY),
+        Some(r#"{"to":"heidi","body":"short-lived","ttl_seconds":1}"#),
+    );
+    assert_eq!(r.status, 202);
+    let short = r.json()["id"].as_str().unwrap().to_owned();
+    let long = send(&engine, "heidi", "long-lived");
+    wait_status(&engine, &short, "expired");
+    let mut p = phone(&engine, "heidi");
+    assert_eq!(p.recv(WAIT).unwrap()["id"], long.as_str());
+    assert!(p.recv(QUIET).is_none(), "the expired message must not come");
+}
+
+#[test]
+fn sigterm_closes_sessions_with_1001_and_pending_messages_survive() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let mut p = phone(&engine, "ivan");
+    let id = send(&engine, "ivan", "before shutdown");
+    assert_eq!(p.recv(WAIT).unwrap()["id"], id.as_str());
+    let offline = send(&engine, "judy", "for later");
+    let pid = engine.child.id();
+    std::process::Command::new("kill").arg("-15").arg(pid.to_string()).status().unwrap();
+    assert_eq!(p.close_code(WAIT), Some(1001));
+    assert_eq!(engine.terminate(), Some(0));
+    let engine = setup.start();
+    let mut p = phone(&engine, "ivan");
+    assert_eq!(p.recv(WAIT).unwrap()["id"], id.as_str(), "unacked message redelivered after restart");
+    let mut j = phone(&engine, "judy");
+    assert_eq!(j.recv(WAIT).unwrap()["id"], offline.as_str());
+}
+
+#[test]
+fn idle_connections_are_pinged() {
+    let setup = Setup::new(&Opts { extra_mobile: "ping_interval_ms = 300\n".into(), ..Opts::default() });
+    let engine = setup.start();
+    let mut p = phone(&engine, "kim");
+    p.ws.get_mut().set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let got_ping = loop {
+        match p.ws.read() {
+            Ok(tungstenite::Message::Ping(_)) => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(got_ping, "the server must ping an idle connection");
+}
