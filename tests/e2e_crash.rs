@@ -1,0 +1,163 @@
+//! End-to-end durability: phones connect, receive, ack and disconnect
+//! while business clients send, and the engine is killed with SIGKILL
+//! several times. Afterwards every message that got a 202 must have reached
+//! its user (Jepsen's checker invariant: duplicates allowed, loss never).
+//! The duplicate count is reported.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const USERS: usize = 12;
+
+#[derive(Default)]
+struct Observed {
+    /// id -> recipient, for every 202.
+    acked: HashMap<String, String>,
+    /// (user, id) receipts, duplicates included.
+    received: Vec<(String, String)>,
+}
+
+fn user(i: usize) -> String {
+    format!("phone-{i}")
+}
+
+/// A phone that keeps reconnecting to whatever engine runs, receives,
+/// acks most messages, and disconnects at random.
+fn phone_loop(
+    i: usize,
+    token: String,
+    addr: Arc<Mutex<Option<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    obs: Arc<Mutex<Observed>>,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+    while !stop.load(Ordering::Relaxed) {
+        let Some(a) = *addr.lock().unwrap() else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let Ok(stream) = std::net::TcpStream::connect(a) else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        drop(stream);
+        let Ok(mut p) = std::panic::catch_unwind(|| Phone::connect(a, &token))
+            .unwrap_or(Err(Refused { status: 0, body: String::new() }))
+        else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let session_end = Instant::now() + Duration::from_millis(rng.gen_range(100..600));
+        while Instant::now() < session_end && !stop.load(Ordering::Relaxed) {
+            let Some(m) = p.recv(Duration::from_millis(50)) else { continue };
+            let id = m["id"].as_str().unwrap().to_owned();
+            obs.lock().unwrap().received.push((user(i), id.clone()));
+            if rng.gen_bool(0.8) {
+                let _ = p.ws.send(tungstenite::Message::Text(serde_json::json!({"type":"ack","id":id}).to_string()));
+            }
+        }
+    }
+}
+
+fn sender_loop(t: usize, addr: SocketAddr, stop: Arc<AtomicBool>, obs: Arc<Mutex<Observed>>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + t as u64);
+    let Ok(s) = std::net::TcpStream::connect(addr) else { return };
+    drop(s);
+    let mut c = Client::connect(addr);
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let to = user(rng.gen_range(0..USERS));
+        let json = serde_json::json!({"to": to, "body": format!("t{t}-{n}")}).to_string();
+        c.send_raw(&Client::request_bytes("POST", "/v1/messages", Some(API_KEY), Some(&json)));
+        match c.read_response() {
+            Ok(r) if r.status == 202 => {
+                obs.lock().unwrap().acked.insert(r.json()["id"].as_str().unwrap().to_owned(), to);
+            }
+            Ok(r) => panic!("unexpected {}", r.status),
+            Err(_) => return,
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..3)));
+    }
+}
+
+#[test]
+fn every_acknowledged_message_reaches_its_user_across_kill_minus_nine() {
+    let setup = Setup::new(&Opts { shards: 2, segment_bytes: 256 * 1024, ..Opts::default() });
+    let obs = Arc::new(Mutex::new(Observed::default()));
+    let mobile_addr: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+    let stop_phones = Arc::new(AtomicBool::new(false));
+    let tokens: Vec<String> = (0..USERS).map(|i| token(&setup.config, &user(i), 3600)).collect();
+    let phones: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, tok)| {
+            let (a, s, o) = (mobile_addr.clone(), stop_phones.clone(), obs.clone());
+            std::thread::spawn(move || phone_loop(i, tok, a, s, o))
+        })
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _round in 0..4 {
+        let engine = setup.start();
+        *mobile_addr.lock().unwrap() = Some(engine.mobile);
+        let stop = Arc::new(AtomicBool::new(false));
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let (s, o, a) = (stop.clone(), obs.clone(), engine.business);
+                std::thread::spawn(move || sender_loop(t, a, s, o))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(500..1500)));
+        *mobile_addr.lock().unwrap() = None;
+        engine.kill9();
+        stop.store(true, Ordering::Relaxed);
+        for s in senders {
+            s.join().unwrap();
+        }
+    }
+    // Final run: phones drain everything still pending.
+    let engine = setup.start();
+    *mobile_addr.lock().unwrap() = Some(engine.mobile);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let missing: Vec<(String, String)> = {
+            let o = obs.lock().unwrap();
+            let got: HashSet<(&str, &str)> = o.received.iter().map(|(u, id)| (u.as_str(), id.as_str())).collect();
+            o.acked
+                .iter()
+                .filter(|(id, to)| !got.contains(&(to.as_str(), id.as_str())))
+                .map(|(a, b)| (a.clone(), b.clone()))
+                .collect()
+        };
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    stop_phones.store(true, Ordering::Relaxed);
+    for p in phones {
+        p.join().unwrap();
+    }
+    let o = obs.lock().unwrap();
+    let unique: HashSet<&(String, String)> = o.received.iter().collect();
+    eprintln!(
+        "{} messages acknowledged (202), {} receipts, {} unique, {} duplicates, {} missing",
+        o.acked.len(),
+        o.received.len(),
+        unique.len(),
+        o.received.len() - unique.len(),
+        missing.len()
+    );
+    assert!(o.acked.len() > 500, "too little traffic to mean anything: {}", o.acked.len());
+    assert!(missing.is_empty(), "acknowledged messages never delivered: {:?}", &missing[..missing.len().min(10)]);
+    let foreign = o.received.iter().filter(|(u, id)| o.acked.get(id).is_some_and(|to| to != u)).count();
+    assert_eq!(foreign, 0, "a message reached the wrong user");
+}
