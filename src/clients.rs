@@ -17,6 +17,9 @@ pub struct Client {
     pub api_key: Vec<u8>,
     pub tier: String,
     pub messages_per_minute: u64,
+    /// Moves the shedding thresholds of this client's low and normal
+    /// messages up (its tier is shed later).
+    pub shed_offset_percent: u8,
 }
 
 /// All clients, indexed by position (the index travels between shards).
@@ -39,6 +42,7 @@ impl ClientTable {
                 api_key: c.api_key.as_bytes().to_vec(),
                 tier: c.tier.clone(),
                 messages_per_minute: limit,
+                shed_offset_percent: cfg.tiers[&c.tier].shed_offset_percent,
             });
         }
         Self { clients, by_key_digest }

@@ -40,6 +40,11 @@ pub struct EngineConfig {
     /// Capacity of each shard-to-shard channel (messages).
     #[serde(default = "default_mesh_capacity")]
     pub mesh_channel_capacity: usize,
+    /// Memory the engine may use for work in flight (split over shards):
+    /// half of each share is the shedding budget, a quarter at most the
+    /// body cache.
+    #[serde(default = "default_memory_limit_bytes")]
+    pub memory_limit_bytes: usize,
     /// Bytes of recent message bodies each shard keeps in memory for fast
     /// delivery; older bodies are read back from the journal.
     #[serde(default = "default_body_cache_bytes")]
@@ -103,6 +108,10 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 pub struct TierConfig {
     pub messages_per_minute: u64,
+    /// Under memory pressure, this tier's low and normal messages are shed
+    /// this many percent later (0 to 10).
+    #[serde(default)]
+    pub shed_offset_percent: u8,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +135,9 @@ fn default_mesh_capacity() -> usize {
 }
 fn default_connections_max() -> usize {
     16_384
+}
+fn default_memory_limit_bytes() -> usize {
+    1 << 30
 }
 fn default_body_cache_bytes() -> usize {
     16 << 20
@@ -206,6 +218,9 @@ impl Config {
         if !(16..=1 << 20).contains(&self.engine.mesh_channel_capacity) {
             return bad("engine.mesh_channel_capacity", "must be between 16 and 1048576".into());
         }
+        if self.engine.memory_limit_bytes < (64 << 20) {
+            return bad("engine.memory_limit_bytes", "must be at least 67108864 (64 MiB)".into());
+        }
         if self.engine.connections_per_shard_max == 0 {
             return bad("engine.connections_per_shard_max", "must be positive".into());
         }
@@ -243,8 +258,11 @@ impl Config {
             return bad("mobile.token_secret", "must be at least 32 bytes".into());
         }
         for (name, tier) in &self.tiers {
-            if tier.messages_per_minute == 0 {
-                return bad(&format!("tiers.{name}.messages_per_minute"), "must be positive".into());
+            if tier.messages_per_minute == 0 || tier.messages_per_minute > u32::MAX as u64 {
+                return bad(&format!("tiers.{name}.messages_per_minute"), "must be between 1 and 4294967295".into());
+            }
+            if tier.shed_offset_percent > 10 {
+                return bad(&format!("tiers.{name}.shed_offset_percent"), "must be between 0 and 10".into());
             }
         }
         let mut ids = std::collections::HashSet::new();

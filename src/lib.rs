@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod http;
 pub mod journal_cli;
 pub mod mobile;
+pub mod pressure;
 pub mod server;
 pub mod shard;
 pub mod shutdown;

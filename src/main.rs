@@ -84,7 +84,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.command {
         Command::Serve { config } => {
-            let cfg = load(&config)?;
+            // Exit 1 whenever the engine cannot start, a bad config included.
+            let cfg = load(&config).map_err(|_| ExitCode::from(1))?;
             init_logging();
             if let Err(e) = esh3ar::server::run(cfg) {
                 eprintln!("error: {e:#}");

@@ -263,6 +263,9 @@ async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::cha
         "journal recovered"
     );
     let journal_cfg = JournalConfig { dir, shard: id as u16, segment_bytes: cfg.engine.segment_bytes };
+    if let Err(e) = esh3ar_shards::journal::probe_device(&journal_cfg.dir).await {
+        tracing::warn!(shard = id, error = %e, "could not probe the journal device for polled I/O");
+    }
     let journal = Journal::open(journal_cfg, &recovered);
     glommio::spawn_local(journal.clone().run_committer()).detach();
     let shard = Rc::new(Shard {
@@ -277,8 +280,13 @@ async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::cha
         shutdown: Shutdown::default(),
         stats: ShardStats::default(),
         sessions: crate::delivery::Sessions::default(),
-        bodies: std::cell::RefCell::new(crate::delivery::BodyCache::new(cfg.engine.body_cache_bytes)),
+        bodies: std::cell::RefCell::new(crate::delivery::BodyCache::new(
+            cfg.engine.body_cache_bytes.min(crate::pressure::shard_share_bytes(&cfg, shared.shards) / 4),
+        )),
+        limiter: std::cell::RefCell::new(esh3ar_shards::limiter::RateLimiter::new()),
+        pressure: crate::pressure::Pressure::new(crate::pressure::shard_share_bytes(&cfg, shared.shards) / 2),
     });
+    glommio::spawn_local(shard.clone().run_pressure_watch()).detach();
     glommio::spawn_local(shard.clone().run_maintenance()).detach();
     for (_peer, rx) in receivers.streams() {
         let shard = shard.clone();
@@ -403,14 +411,14 @@ async fn accept_loop<H, F>(
             Some(s) => {
                 shutdown_ptr = s.clone();
                 glommio::spawn_local(async move {
-                    serve(stream, limits, &mut handler, &shutdown_ptr.shutdown).await;
+                    serve(stream, limits, &mut handler, &shutdown_ptr.shutdown, Some(&shutdown_ptr.pressure)).await;
                     drop(guard);
                 })
             }
             None => {
                 let never = Rc::new(Shutdown::default());
                 glommio::spawn_local(async move {
-                    serve(stream, limits, &mut handler, &never).await;
+                    serve(stream, limits, &mut handler, &never, None).await;
                     drop(guard);
                 })
             }

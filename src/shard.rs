@@ -24,7 +24,9 @@ use hashbrown::HashMap;
 use crate::clients::ClientTable;
 use crate::config::Config;
 use crate::delivery::{BodyCache, Sessions};
+use crate::pressure::{threshold_percent, Pressure};
 use crate::shutdown::Shutdown;
+use esh3ar_shards::limiter::{Decision, RateLimiter};
 
 /// A validated message on its way to its home shard.
 #[derive(Debug)]
@@ -73,8 +75,16 @@ pub struct StatusView {
 pub enum MeshMsg {
     /// Append these messages (all homed on the receiver) and answer once durable.
     Append { from: u16, req: u64, items: Vec<NewMessage> },
-    /// Answer to `Append`: one sequence number per item, in order.
-    Appended { req: u64, result: Result<Vec<u64>, AppendRefusal> },
+    /// Answer to `Append`: per item, in order, its sequence number or None
+    /// if the home shard shed it (memory pressure).
+    Appended { req: u64, result: Result<Vec<Option<u64>>, AppendRefusal> },
+    /// Count `n` messages of `client` against its rate limit (the receiver
+    /// is the client's home shard); `n = 0` asks for the state only.
+    RateTake { from: u16, req: u64, client: u32, n: u32 },
+    /// Answer to `RateTake`.
+    RateTaken { req: u64, decision: Decision },
+    /// Give back `n` messages counted at `at_sec` that were not accepted.
+    RateRefund { client: u32, n: u32, at_sec: u64 },
     /// Look up a message for a client.
     Lookup { from: u16, req: u64, seq: u64, client: u32 },
     /// Answer to `Lookup`.
@@ -135,17 +145,23 @@ pub struct Shard {
     pub stats: ShardStats,
     pub sessions: Sessions,
     pub bodies: RefCell<BodyCache>,
+    pub limiter: RefCell<RateLimiter>,
+    pub pressure: Pressure,
 }
 
 impl Shard {
     /// Appends messages homed on this shard; returns their sequence numbers
     /// and the generation to wait for. Synchronous: no other task runs
     /// between the appends, so the messages of one call stay adjacent.
-    pub fn append_local(&self, items: &[NewMessage]) -> Result<(Vec<u64>, u64), AppendRefusal> {
-        let mut index = self.index.borrow_mut();
+    pub fn append_local(&self, items: &[NewMessage]) -> Result<(Vec<Option<u64>>, u64), AppendRefusal> {
         let mut seqs = Vec::with_capacity(items.len());
         let mut generation = 0;
         for m in items {
+            if !self.admits(m.priority, self.clients.get(m.client).shed_offset_percent) {
+                seqs.push(None);
+                continue;
+            }
+            let mut index = self.index.borrow_mut();
             debug_assert_eq!(crate::route(&m.to, self.count), self.id, "message appended on a foreign shard");
             let seq = self.journal.take_seq();
             let client = self.clients.id(m.client);
@@ -160,15 +176,48 @@ impl Shard {
             });
             let appended = self.journal.append(&record, &mut index).map_err(|e| AppendRefusal::from(&e))?;
             generation = appended.generation;
-            seqs.push(seq);
+            seqs.push(Some(seq));
             self.bodies.borrow_mut().insert(seq, &m.body);
+            self.stats.accepted.set(self.stats.accepted.get() + 1);
         }
-        self.stats.accepted.set(self.stats.accepted.get() + items.len() as u64);
         Ok((seqs, generation))
     }
 
+    /// Fill level of this shard's memory budget, in percent.
+    pub fn pressure_percent(&self) -> u64 {
+        self.pressure.percent(self.journal.unflushed_bytes(), self.index.borrow().len())
+    }
+
+    /// True if a message of `priority` (from a tier with `offset`) may be
+    /// taken into memory now.
+    pub fn admits(&self, priority: esh3ar_shards::Priority, offset: u8) -> bool {
+        self.pressure_percent() < threshold_percent(priority, offset)
+    }
+
+    /// True when the budget is used up: connections stop reading.
+    pub fn is_full(&self) -> bool {
+        self.pressure_percent() >= 100
+    }
+
+    /// While connections wait for room, wakes them when there is some.
+    pub async fn run_pressure_watch(self: Rc<Self>) {
+        while !self.shutdown.is_set() {
+            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+            if self.pressure.has_waiters() && !self.is_full() {
+                self.pressure.wake();
+            }
+        }
+        self.pressure.wake();
+    }
+
+    /// Counts `n` messages of `client` (homed here) against its limit.
+    pub fn rate_take_local(&self, client: u32, n: u32) -> Decision {
+        let limit = self.clients.get(client).messages_per_minute;
+        self.limiter.borrow_mut().take(client, limit, n as u64, crate::business::now_ms() / 1000)
+    }
+
     /// Appends and waits for durability.
-    pub async fn append_durable(&self, items: &[NewMessage]) -> Result<Vec<u64>, AppendRefusal> {
+    pub async fn append_durable(&self, items: &[NewMessage]) -> Result<Vec<Option<u64>>, AppendRefusal> {
         let (seqs, generation) = self.append_local(items)?;
         self.journal.wait_durable(generation).await.map_err(|e| AppendRefusal::from(&e))?;
         self.notify_recipients(items);
@@ -230,7 +279,20 @@ impl Shard {
                 })
                 .detach();
             }
-            MeshMsg::Appended { req, .. } | MeshMsg::Found { req, .. } => self.replies.complete(req, msg),
+            MeshMsg::RateTake { from, req, client, n } => {
+                let decision = self.rate_take_local(client, n);
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = shard.mesh.send_to(from as usize, MeshMsg::RateTaken { req, decision }).await;
+                })
+                .detach();
+            }
+            MeshMsg::RateRefund { client, n, at_sec } => {
+                self.limiter.borrow_mut().refund(client, n as u64, at_sec, crate::business::now_ms() / 1000);
+            }
+            MeshMsg::Appended { req, .. } | MeshMsg::Found { req, .. } | MeshMsg::RateTaken { req, .. } => {
+                self.replies.complete(req, msg)
+            }
             MeshMsg::Adopt(adoption) => crate::mobile::adopt(self.clone(), *adoption),
         }
     }

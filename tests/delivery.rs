@@ -241,3 +241,17 @@ fn idle_connections_are_pinged() {
     };
     assert!(got_ping, "the server must ping an idle connection");
 }
+
+#[test]
+fn bodies_evicted_from_memory_are_read_back_from_the_journal() {
+    // A body cache smaller than one message: every delivery reads the journal.
+    let setup = Setup::new(&Opts { extra_engine: "body_cache_bytes = 100\n".into(), ..Opts::default() });
+    let engine = setup.start();
+    let bodies: Vec<String> = (0..20).map(|i| format!("{i}-{}", "y".repeat(3000 + i))).collect();
+    let ids: Vec<String> = bodies.iter().map(|b| send(&engine, "zed", b)).collect();
+    let mut p = phone(&engine, "zed");
+    for (id, body) in ids.iter().zip(&bodies) {
+        let m = p.recv(WAIT).expect("delivered from the journal");
+        assert_eq!((m["id"].as_str().unwrap(), m["body"].as_str().unwrap()), (id.as_str(), body.as_str()));
+    }
+}

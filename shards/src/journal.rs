@@ -107,6 +107,27 @@ pub struct Journal {
     readers: RefCell<HashMap<u64, Rc<DmaFile>>>,
 }
 
+/// Teaches glommio whether the journal's device supports polled I/O.
+///
+/// glommio probes that on the first O_DIRECT file it opens on a device (per
+/// thread) by reading its first block. On an empty or freshly allocated
+/// file that read never reaches the device, so the probe wrongly reports
+/// support and later reads fail with EOPNOTSUPP. Opening first a file whose
+/// block is really on disk makes the probe exercise the device. Call once
+/// per shard before [`Journal::open`].
+pub async fn probe_device(dir: &Path) -> std::io::Result<()> {
+    let path = dir.join("io-probe");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(&[0x5a; BLOCK_BYTES as usize])?;
+        f.sync_all()?;
+    }
+    let file = OpenOptions::new().read(true).write(true).dma_open(&path).await?;
+    file.close().await?;
+    std::fs::remove_file(&path)
+}
+
 impl Journal {
     /// Opens the journal where recovery left it. Spawn [`Journal::run_committer`]
     /// next to it; nothing becomes durable without it.
@@ -244,6 +265,11 @@ impl Journal {
         WaitDurable { journal: self, generation }
     }
 
+    /// Bytes appended and not yet durable (held in memory).
+    pub fn unflushed_bytes(&self) -> usize {
+        self.inner.borrow().tails.iter().map(|t| t.bytes.len() - t.flushed).sum()
+    }
+
     /// Every record up to this generation is durable.
     pub fn durable_generation(&self) -> u64 {
         self.durable_gen.get()
@@ -262,8 +288,11 @@ impl Journal {
             Some(f) => f,
             None => {
                 let f = Rc::new(
+                    // Read-write, like the writer's handle: glommio's I/O-poll
+                    // probe misjudges read-only O_DIRECT files (EOPNOTSUPP).
                     OpenOptions::new()
                         .read(true)
+                        .write(true)
                         .dma_open(&path)
                         .await
                         .map_err(|e| format!("open {} for reading failed: {e}", path.display()))?,

@@ -9,6 +9,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::{parse_head, write_error, Framing, RequestHead, HEAD_BYTES_MAX};
+use crate::pressure::Pressure;
 use crate::shutdown::Shutdown;
 
 /// Limits of one listener.
@@ -47,16 +48,31 @@ pub trait Handler {
     /// after it.
     #[allow(async_fn_in_trait)]
     async fn handle(&mut self, req: Request<'_>, out: &mut Vec<u8>) -> bool;
+
+    /// Awaited before reading the next request from the socket: a handler
+    /// may hold the connection here (backpressure) while its shard has no room.
+    #[allow(async_fn_in_trait)]
+    async fn before_read(&mut self) {}
 }
 
 const READ_CHUNK_BYTES: usize = 4096;
 
 /// Serves `stream` until the peer closes, an error, a timeout, or shutdown.
-pub async fn serve<H: Handler>(mut stream: TcpStream, limits: Limits, handler: &mut H, shutdown: &Shutdown) {
+///
+/// With `pressure`, the connection's buffer counts against the shard's
+/// memory budget for as long as it exists.
+pub async fn serve<H: Handler>(
+    mut stream: TcpStream,
+    limits: Limits,
+    handler: &mut H,
+    shutdown: &Shutdown,
+    pressure: Option<&Pressure>,
+) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(limits.request_timeout));
     let buf_max = HEAD_BYTES_MAX + limits.body_bytes_max;
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    let mut held = pressure.map(|p| p.hold(buf.len()));
     let (mut start, mut end) = (0usize, 0usize);
     let mut out: Vec<u8> = Vec::with_capacity(512);
     let mut request_started = Instant::now();
@@ -92,6 +108,7 @@ pub async fn serve<H: Handler>(mut stream: TcpStream, limits: Limits, handler: &
             (start, end) = (0, 0);
             if buf.len() > 4 * READ_CHUNK_BYTES {
                 buf = vec![0u8; READ_CHUNK_BYTES]; // give back a large body's buffer
+                held = pressure.map(|p| p.hold(buf.len()));
             }
         }
         if !out.is_empty() {
@@ -107,9 +124,17 @@ pub async fn serve<H: Handler>(mut stream: TcpStream, limits: Limits, handler: &
             (start, end) = (0, end - start);
             if buf.len() < want {
                 buf.resize(want, 0);
+                drop(held.take());
+                held = pressure.map(|p| p.hold(buf.len()));
             }
         }
         let idle = start == end;
+        if idle {
+            // Only between requests: a request already started is read to
+            // its end (its buffer is allocated and counted), so the gate can
+            // never stall every connection mid-request.
+            handler.before_read().await;
+        }
         if idle && shutdown.is_set() {
             return;
         }

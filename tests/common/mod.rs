@@ -22,6 +22,8 @@ pub struct Opts {
     pub request_timeout_ms: u64,
     pub extra_engine: String,
     pub extra_mobile: String,
+    /// Appended to the config (extra `[tiers.*]`, `[[clients]]`).
+    pub extra_toml: String,
 }
 
 impl Default for Opts {
@@ -33,6 +35,7 @@ impl Default for Opts {
             request_timeout_ms: 10_000,
             extra_engine: String::new(),
             extra_mobile: String::new(),
+            extra_toml: String::new(),
         }
     }
 }
@@ -71,12 +74,14 @@ tier = "basic"
 id = "other"
 api_key = "{other}"
 tier = "basic"
+{extra_toml}
 "#,
         shards = o.shards,
         data = data_dir.display(),
         seg = o.segment_bytes,
         extra = o.extra_engine,
         extra_mobile = o.extra_mobile,
+        extra_toml = o.extra_toml,
         body = o.max_body_bytes,
         rt = o.request_timeout_ms,
         secret = TOKEN_SECRET,
@@ -471,4 +476,12 @@ impl Phone {
             }
         }
     }
+}
+
+/// Resident set size of a process, in bytes (from /proc).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -1,0 +1,219 @@
+//! JSON of the business API: request validation and response bodies.
+
+use esh3ar_shards::id::TrackingId;
+use esh3ar_shards::Priority;
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+use super::{ApiError, USER_ID_BYTES_MAX};
+use crate::config::BusinessConfig;
+use crate::http::conn::Request;
+use crate::http::json_string;
+use crate::shard::{NewMessage, StatusView};
+
+/// Validates one message object of client `client`, accepted at `now_ms`.
+pub fn new_message(
+    value: &BorrowedValue<'_>,
+    client: u32,
+    business: &BusinessConfig,
+    now_ms: u64,
+) -> Result<NewMessage, ApiError> {
+    let obj = value.as_object().ok_or_else(|| ApiError::invalid("a message must be a JSON object"))?;
+    let mut to = None;
+    let mut body = None;
+    let mut priority = Priority::Normal;
+    let mut ttl_seconds = business.default_ttl_seconds;
+    for (key, v) in obj.iter() {
+        match key.as_ref() {
+            "to" => to = Some(v.as_str().ok_or_else(|| ApiError::invalid("`to` must be a string"))?),
+            "body" => body = Some(v.as_str().ok_or_else(|| ApiError::invalid("`body` must be a string"))?),
+            "priority" => {
+                priority = v
+                    .as_str()
+                    .and_then(Priority::parse)
+                    .ok_or_else(|| ApiError::invalid("`priority` must be \"high\", \"normal\" or \"low\""))?
+            }
+            "ttl_seconds" => {
+                ttl_seconds = v.as_u64().filter(|&t| t >= 1 && t <= business.max_ttl_seconds).ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "`ttl_seconds` must be an integer from 1 to {}",
+                        business.max_ttl_seconds
+                    ))
+                })?
+            }
+            other => return Err(ApiError::invalid(format!("unknown field `{other}`"))),
+        }
+    }
+    let to = to.ok_or_else(|| ApiError::invalid("`to` is required"))?;
+    if to.is_empty() || to.len() > USER_ID_BYTES_MAX || to.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "`to` must be 1 to {USER_ID_BYTES_MAX} bytes without control characters"
+        )));
+    }
+    let body = body.ok_or_else(|| ApiError::invalid("`body` is required"))?;
+    if body.is_empty() {
+        return Err(ApiError::invalid("`body` must not be empty"));
+    }
+    Ok(NewMessage {
+        client,
+        to: to.to_owned(),
+        body: body.as_bytes().to_vec(),
+        priority,
+        expires_at_ms: now_ms + ttl_seconds * 1000,
+        accepted_at_ms: now_ms,
+    })
+}
+
+/// The `messages` array of a batch request.
+pub fn batch_items<'v, 'a>(value: &'v BorrowedValue<'a>) -> Result<&'v [BorrowedValue<'a>], ApiError> {
+    let obj = value.as_object().ok_or_else(|| ApiError::invalid("body must be a JSON object"))?;
+    if let Some(k) = obj.keys().find(|k| k.as_ref() != "messages") {
+        return Err(ApiError::invalid(format!("unknown field `{k}`")));
+    }
+    let items = obj
+        .get("messages")
+        .and_then(|m| m.as_array())
+        .ok_or_else(|| ApiError::invalid("`messages` must be an array"))?;
+    if items.is_empty() || items.len() > super::BATCH_ITEMS_MAX {
+        return Err(ApiError::invalid(format!("`messages` must hold 1 to {} items", super::BATCH_ITEMS_MAX)));
+    }
+    Ok(items)
+}
+
+pub fn check_json_content_type(req: &Request<'_>) -> Result<(), ApiError> {
+    let ok = req.header(&req.head.content_type).is_some_and(|ct| {
+        let mime = ct.split(|&b| b == b';').next().unwrap_or(ct).trim_ascii();
+        mime.eq_ignore_ascii_case(b"application/json")
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(415, "unsupported_media_type", "Content-Type must be application/json"))
+    }
+}
+
+/// Deepest nesting of arrays and objects a request may have. Ours need 3;
+/// the limit keeps a recursive parser's stack use small whatever the input.
+pub const JSON_DEPTH_MAX: usize = 16;
+
+/// True if `body` nests arrays/objects deeper than `max` (strings skipped).
+fn nests_deeper_than(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+pub fn parse_json(body: &mut [u8]) -> Result<BorrowedValue<'_>, ApiError> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(ApiError::new(400, "invalid_utf8", "request body is not valid UTF-8"));
+    }
+    if nests_deeper_than(body, JSON_DEPTH_MAX) {
+        return Err(ApiError::new(400, "malformed_json", "request body nests deeper than 16 levels"));
+    }
+    simd_json::to_borrowed_value(body)
+        .map_err(|_| ApiError::new(400, "malformed_json", "request body is not valid JSON"))
+}
+
+/// `{"id":"...","status":"accepted"}`.
+pub fn accepted_json(id: TrackingId) -> Vec<u8> {
+    let mut body = Vec::with_capacity(48);
+    body.extend_from_slice(b"{\"id\":\"");
+    body.extend_from_slice(&id.encode());
+    body.extend_from_slice(b"\",\"status\":\"accepted\"}");
+    body
+}
+
+/// `{"results":[...]}` of a batch.
+pub fn batch_json(results: &[Result<TrackingId, ApiError>]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(16 + results.len() * 48);
+    body.extend_from_slice(b"{\"results\":[");
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        match r {
+            Ok(id) => {
+                body.extend_from_slice(b"{\"id\":\"");
+                body.extend_from_slice(&id.encode());
+                body.extend_from_slice(b"\",\"status\":\"accepted\"}");
+            }
+            Err(e) => {
+                body.extend_from_slice(b"{\"error\":{\"code\":");
+                json_string(&mut body, e.code);
+                body.extend_from_slice(b",\"message\":");
+                json_string(&mut body, &e.message);
+                body.extend_from_slice(b"}}");
+            }
+        }
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+/// The body of `GET /v1/messages/{id}`.
+pub fn status_json(id: TrackingId, v: &StatusView) -> Vec<u8> {
+    let mut b = Vec::with_capacity(200 + v.to.len());
+    let ms = |b: &mut Vec<u8>, v: u64| {
+        if v == 0 {
+            b.extend_from_slice(b"null");
+        } else {
+            b.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        }
+    };
+    b.extend_from_slice(b"{\"id\":\"");
+    b.extend_from_slice(&id.encode());
+    b.extend_from_slice(b"\",\"to\":");
+    json_string(&mut b, &v.to);
+    b.extend_from_slice(b",\"status\":\"");
+    b.extend_from_slice(v.status.as_str().as_bytes());
+    b.extend_from_slice(b"\",\"priority\":\"");
+    b.extend_from_slice(v.priority.as_str().as_bytes());
+    b.extend_from_slice(b"\",\"attempts\":");
+    b.extend_from_slice(itoa::Buffer::new().format(v.attempts).as_bytes());
+    b.extend_from_slice(b",\"accepted_at\":");
+    ms(&mut b, v.accepted_at_ms);
+    b.extend_from_slice(b",\"delivered_at\":");
+    ms(&mut b, v.delivered_at_ms);
+    b.extend_from_slice(b",\"acked_at\":");
+    ms(&mut b, v.acked_at_ms);
+    b.push(b'}');
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_depth_is_bounded_and_strings_do_not_count() {
+        assert!(!nests_deeper_than(br#"{"messages":[{"to":"a","body":"[[[[[[[[[[[[[[[[[[[[[[[["}]}"#, 16));
+        assert!(nests_deeper_than(&[b'['; 17], 16));
+        assert!(!nests_deeper_than(&[b'['; 16], 16));
+        assert!(!nests_deeper_than(br#"{"a":"\"[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#, 4));
+        let mut deep = br#"{"to":"x","body":"y","z":"#.to_vec();
+        deep.extend(std::iter::repeat(b'[').take(100_000));
+        assert!(nests_deeper_than(&deep, 16));
+        assert!(parse_json(&mut deep).is_err());
+    }
+}

@@ -1,0 +1,447 @@
+//! The business API: `POST /v1/messages`, `POST /v1/messages/batch`,
+//! `GET /v1/messages/{id}` (docs/API.md is the contract).
+//!
+//! The accepting shard authenticates, validates, sheds under memory
+//! pressure, counts the messages against the client's rate limit (kept on
+//! the client's home shard), and routes each message to the home shard of
+//! its recipient, which journals it. A `202` is written only after the home
+//! shard's group commit holding the message has been fdatasynced.
+
+pub mod json;
+
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use esh3ar_shards::id::TrackingId;
+use esh3ar_shards::limiter::Decision;
+use subtle::ConstantTimeEq;
+
+use self::json::{
+    accepted_json, batch_items, batch_json, check_json_content_type, new_message, parse_json, status_json,
+};
+use crate::http::conn::{Handler, Request};
+use crate::http::{write_error, write_response, Method};
+use crate::shard::{AppendRefusal, MeshMsg, NewMessage, Shard};
+
+/// Longest user id, in bytes.
+pub const USER_ID_BYTES_MAX: usize = 256;
+/// Most messages in one batch.
+pub const BATCH_ITEMS_MAX: usize = 1000;
+
+/// An authenticated client on this connection.
+#[derive(Clone, Copy)]
+struct Authed {
+    client: u32,
+    /// Home shard of the client: where its rate-limit window lives.
+    home: usize,
+}
+
+/// Per-connection state of the business listener.
+pub struct BusinessConn {
+    shard: Rc<Shard>,
+    /// The last `Authorization` value that authenticated: a keep-alive
+    /// connection pays for the key lookup once.
+    auth_cache: Option<(Vec<u8>, Authed)>,
+    /// The rate-limit state the current request saw (for the headers), and
+    /// the second its messages were counted in.
+    decision: Option<(Decision, u64)>,
+}
+
+impl BusinessConn {
+    pub fn new(shard: Rc<Shard>) -> Self {
+        Self { shard, auth_cache: None, decision: None }
+    }
+
+    fn authenticate(&mut self, header: Option<&[u8]>) -> Option<Authed> {
+        let header = header?;
+        if let Some((cached, authed)) = &self.auth_cache {
+            if cached.len() == header.len() && bool::from(cached.as_slice().ct_eq(header)) {
+                return Some(*authed);
+            }
+        }
+        let key = strip_bearer(header)?;
+        let client = self.shard.clients.authenticate(key)?;
+        let home = crate::route(self.shard.clients.id(client), self.shard.count);
+        let authed = Authed { client, home };
+        self.auth_cache = Some((header.to_vec(), authed));
+        Some(authed)
+    }
+}
+
+fn strip_bearer(header: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = header.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then(|| rest.trim_ascii())
+}
+
+enum Route<'a> {
+    Send,
+    Batch,
+    Get(&'a [u8]),
+    NotFound,
+    MethodNotAllowed(&'static str),
+}
+
+fn route(path: &[u8], method: Method) -> Route<'_> {
+    match (path, method) {
+        (b"/v1/messages", Method::Post) => Route::Send,
+        (b"/v1/messages", _) => Route::MethodNotAllowed("POST"),
+        (b"/v1/messages/batch", Method::Post) => Route::Batch,
+        (b"/v1/messages/batch", _) => Route::MethodNotAllowed("POST"),
+        (p, m) => match p.strip_prefix(b"/v1/messages/") {
+            Some(id) if !id.is_empty() && !id.contains(&b'/') => {
+                if m == Method::Get {
+                    Route::Get(id)
+                } else {
+                    Route::MethodNotAllowed("GET")
+                }
+            }
+            _ => Route::NotFound,
+        },
+    }
+}
+
+/// A client-visible refusal of a request or of one batch item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: u16, code: &'static str, message: &str) -> Self {
+        Self { status, code, message: message.to_owned() }
+    }
+    fn invalid(message: impl Into<String>) -> Self {
+        Self { status: 400, code: "invalid_field", message: message.into() }
+    }
+    fn refusal(r: Refusal) -> Self {
+        match r {
+            Refusal::Overloaded => Self::new(503, "overloaded", "the engine is at capacity; retry later"),
+            Refusal::Shed => Self::new(503, "overloaded", "the engine is shedding load at this priority; retry later"),
+            Refusal::Home(AppendRefusal::StorageFailed) => {
+                Self::new(503, "storage_unavailable", "the journal cannot write; retry later")
+            }
+            Refusal::Home(AppendRefusal::ShuttingDown) => {
+                Self::new(503, "shutting_down", "the engine is shutting down; retry later")
+            }
+        }
+    }
+    fn rate_limited() -> Self {
+        Self::new(429, "rate_limited", "rate limit of this client exceeded; see Retry-After")
+    }
+}
+
+/// Why messages were not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The mesh channel to the home shard was full.
+    Overloaded,
+    /// Memory pressure: this priority is being shed.
+    Shed,
+    Home(AppendRefusal),
+}
+
+/// A successful answer.
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Handler for BusinessConn {
+    async fn handle(&mut self, req: Request<'_>, out: &mut Vec<u8>) -> bool {
+        let keep = req.head.keep_alive;
+        let route = route(req.path(), req.head.method);
+        match route {
+            Route::NotFound => {
+                write_error(out, 404, "not_found", "no such endpoint", "", keep);
+                return true;
+            }
+            Route::MethodNotAllowed(allow) => {
+                let extra = format!("allow: {allow}\r\n");
+                write_error(out, 405, "method_not_allowed", "method not allowed on this endpoint", &extra, keep);
+                return true;
+            }
+            _ => {}
+        }
+        let Some(authed) = self.authenticate(req.header(&req.head.authorization)) else {
+            write_error(out, 401, "unauthorized", "missing or invalid API key", "www-authenticate: Bearer\r\n", keep);
+            return true;
+        };
+        self.decision = None;
+        let result = match route {
+            Route::Send => self.send_one(req, authed).await,
+            Route::Batch => self.send_batch(req, authed).await,
+            Route::Get(id) => {
+                let id = id.to_vec();
+                self.get_status(&id, authed).await
+            }
+            Route::NotFound | Route::MethodNotAllowed(_) => unreachable!("answered above"),
+        };
+        // Every answer to a known client carries its rate-limit state.
+        if self.decision.is_none() {
+            let _ = self.rate(authed, 0).await;
+        }
+        let mut headers = String::new();
+        if let Some((d, _)) = &self.decision {
+            let _ = write!(
+                headers,
+                "ratelimit-limit: {}\r\nratelimit-remaining: {}\r\nratelimit-reset: {}\r\n",
+                d.limit, d.remaining, d.reset_secs
+            );
+        }
+        match result {
+            Ok(reply) => write_response(out, reply.status, &headers, &reply.body, keep),
+            Err(e) => {
+                match (e.status, &self.decision) {
+                    (429, Some((d, _))) => {
+                        let _ = write!(headers, "retry-after: {}\r\n", d.retry_after_secs);
+                    }
+                    (503, _) => headers.push_str("retry-after: 1\r\n"),
+                    _ => {}
+                }
+                write_error(out, e.status, e.code, &e.message, &headers, keep);
+            }
+        }
+        true
+    }
+
+    async fn before_read(&mut self) {
+        // When this shard's memory budget is used up, stop reading: the
+        // clients feel TCP backpressure instead of us buffering more.
+        while self.shard.is_full() && !self.shard.shutdown.is_set() {
+            self.shard.pressure.changed().await;
+        }
+    }
+}
+
+impl BusinessConn {
+    async fn send_one(&mut self, req: Request<'_>, authed: Authed) -> Result<Reply, ApiError> {
+        check_json_content_type(&req)?;
+        let value = parse_json(req.body)?;
+        let msg = new_message(&value, authed.client, &self.shard.cfg.business, now_ms())?;
+        let offset = self.shard.clients.get(authed.client).shed_offset_percent;
+        if !self.shard.admits(msg.priority, offset) {
+            return Err(ApiError::refusal(Refusal::Shed));
+        }
+        if !self.rate(authed, 1).await?.admitted {
+            return Err(ApiError::rate_limited());
+        }
+        let home = crate::route(&msg.to, self.shard.count);
+        let outcome = self.append_on(home, vec![msg]).await;
+        match outcome {
+            Ok(seqs) => match seqs[0] {
+                Some(seq) => Ok(Reply { status: 202, body: accepted_json(TrackingId { shard: home as u16, seq }) }),
+                None => {
+                    self.refund(authed, 1);
+                    Err(ApiError::refusal(Refusal::Shed))
+                }
+            },
+            Err(r) => {
+                self.refund(authed, 1);
+                Err(ApiError::refusal(r))
+            }
+        }
+    }
+
+    async fn send_batch(&mut self, req: Request<'_>, authed: Authed) -> Result<Reply, ApiError> {
+        check_json_content_type(&req)?;
+        let value = parse_json(req.body)?;
+        let items = batch_items(&value)?;
+        let now = now_ms();
+        let count = self.shard.count;
+        let offset = self.shard.clients.get(authed.client).shed_offset_percent;
+        // Validate and shed item by item; group the rest by home shard.
+        let mut results: Vec<Result<TrackingId, ApiError>> = Vec::with_capacity(items.len());
+        let mut groups: Vec<(Vec<usize>, Vec<NewMessage>)> = (0..count).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut wanted = 0u32;
+        for (i, item) in items.iter().enumerate() {
+            match new_message(item, authed.client, &self.shard.cfg.business, now) {
+                Ok(m) if !self.shard.admits(m.priority, offset) => results.push(Err(ApiError::refusal(Refusal::Shed))),
+                Ok(m) => {
+                    let home = crate::route(&m.to, count);
+                    groups[home].0.push(i);
+                    groups[home].1.push(m);
+                    results.push(Err(ApiError::invalid("pending")));
+                    wanted += 1;
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if wanted > 0 && !self.rate(authed, wanted).await?.admitted {
+            return Err(ApiError::rate_limited()); // the whole batch, as documented
+        }
+        // Send every remote group first, then append the local one, then
+        // collect: the shards commit in parallel.
+        let mut waits = Vec::new();
+        let mut local: Option<(Vec<usize>, Vec<NewMessage>)> = None;
+        for (home, (positions, msgs)) in groups.into_iter().enumerate() {
+            if msgs.is_empty() {
+                continue;
+            }
+            if home == self.shard.id {
+                local = Some((positions, msgs));
+                continue;
+            }
+            let (req_id, rx) = self.shard.replies.register();
+            let msg = MeshMsg::Append { from: self.shard.id as u16, req: req_id, items: msgs };
+            if self.shard.try_send(home, msg).is_ok() {
+                waits.push((home, positions, Some(rx)));
+            } else {
+                self.shard.replies.cancel(req_id);
+                waits.push((home, positions, None));
+            }
+        }
+        let mut tally = Tally::default();
+        if let Some((positions, msgs)) = local {
+            let outcome = self.shard.append_durable(&msgs).await.map_err(Refusal::Home);
+            tally.record(&mut results, &positions, self.shard.id, outcome);
+        }
+        for (home, positions, rx) in waits {
+            let outcome = match rx {
+                Some(rx) => await_appended(rx).await,
+                None => Err(Refusal::Overloaded),
+            };
+            tally.record(&mut results, &positions, home, outcome);
+        }
+        if tally.refused > 0 {
+            self.refund(authed, tally.refused);
+        }
+        if tally.accepted == 0 {
+            if let Some(r) = tally.refusal {
+                return Err(ApiError::refusal(r));
+            }
+        }
+        Ok(Reply { status: 202, body: batch_json(&results) })
+    }
+
+    async fn get_status(&mut self, id: &[u8], authed: Authed) -> Result<Reply, ApiError> {
+        let not_found = || ApiError::new(404, "not_found", "no such message");
+        let id = TrackingId::decode(id).filter(|t| (t.shard as usize) < self.shard.count).ok_or_else(not_found)?;
+        let home = id.shard as usize;
+        let view = if home == self.shard.id {
+            self.shard.lookup_local(id.seq, authed.client)
+        } else {
+            let (req, rx) = self.shard.replies.register();
+            let msg = MeshMsg::Lookup { from: self.shard.id as u16, req, seq: id.seq, client: authed.client };
+            if self.shard.try_send(home, msg).is_err() {
+                self.shard.replies.cancel(req);
+                return Err(ApiError::refusal(Refusal::Overloaded));
+            }
+            match rx.await {
+                Ok(MeshMsg::Found { view, .. }) => view,
+                _ => return Err(ApiError::refusal(Refusal::Home(AppendRefusal::ShuttingDown))),
+            }
+        };
+        let view = view.ok_or_else(not_found)?;
+        Ok(Reply { status: 200, body: status_json(id, &view) })
+    }
+
+    /// Counts `n` messages against the client's limit on its home shard
+    /// (`n = 0` reads the state) and remembers the decision for the headers.
+    async fn rate(&mut self, authed: Authed, n: u32) -> Result<Decision, ApiError> {
+        let at_sec = now_ms() / 1000;
+        let decision = if authed.home == self.shard.id {
+            self.shard.rate_take_local(authed.client, n)
+        } else {
+            let (req, rx) = self.shard.replies.register();
+            let msg = MeshMsg::RateTake { from: self.shard.id as u16, req, client: authed.client, n };
+            if self.shard.try_send(authed.home, msg).is_err() {
+                self.shard.replies.cancel(req);
+                return Err(ApiError::refusal(Refusal::Overloaded));
+            }
+            match rx.await {
+                Ok(MeshMsg::RateTaken { decision, .. }) => decision,
+                _ => return Err(ApiError::refusal(Refusal::Home(AppendRefusal::ShuttingDown))),
+            }
+        };
+        self.decision = Some((decision, at_sec));
+        Ok(decision)
+    }
+
+    /// Gives back `n` counted messages that were not accepted after all.
+    fn refund(&mut self, authed: Authed, n: u32) {
+        let Some((d, at_sec)) = self.decision.as_mut() else { return };
+        d.remaining = (d.remaining + n as u64).min(d.limit);
+        let at_sec = *at_sec;
+        if authed.home == self.shard.id {
+            let now = now_ms() / 1000;
+            self.shard.limiter.borrow_mut().refund(authed.client, n as u64, at_sec, now);
+        } else {
+            // Best effort: a refund lost to a full channel only undercounts.
+            let _ = self.shard.try_send(authed.home, MeshMsg::RateRefund { client: authed.client, n, at_sec });
+        }
+    }
+
+    async fn append_on(&self, home: usize, items: Vec<NewMessage>) -> Result<Vec<Option<u64>>, Refusal> {
+        if home == self.shard.id {
+            return self.shard.append_durable(&items).await.map_err(Refusal::Home);
+        }
+        let (req, rx) = self.shard.replies.register();
+        let msg = MeshMsg::Append { from: self.shard.id as u16, req, items };
+        if self.shard.try_send(home, msg).is_err() {
+            self.shard.replies.cancel(req);
+            return Err(Refusal::Overloaded);
+        }
+        await_appended(rx).await
+    }
+}
+
+/// Outcomes of a batch's groups.
+#[derive(Default)]
+struct Tally {
+    accepted: usize,
+    /// Messages counted against the rate limit but not accepted.
+    refused: u32,
+    refusal: Option<Refusal>,
+}
+
+impl Tally {
+    fn record(
+        &mut self,
+        results: &mut [Result<TrackingId, ApiError>],
+        positions: &[usize],
+        home: usize,
+        outcome: Result<Vec<Option<u64>>, Refusal>,
+    ) {
+        match outcome {
+            Ok(seqs) => {
+                assert_eq!(seqs.len(), positions.len(), "home shard answered for another number of items");
+                for (&pos, seq) in positions.iter().zip(seqs) {
+                    results[pos] = match seq {
+                        Some(seq) => {
+                            self.accepted += 1;
+                            Ok(TrackingId { shard: home as u16, seq })
+                        }
+                        None => {
+                            self.refused += 1;
+                            self.refusal = Some(Refusal::Shed);
+                            Err(ApiError::refusal(Refusal::Shed))
+                        }
+                    };
+                }
+            }
+            Err(r) => {
+                for &pos in positions {
+                    results[pos] = Err(ApiError::refusal(r));
+                }
+                self.refused += positions.len() as u32;
+                self.refusal = Some(r);
+            }
+        }
+    }
+}
+
+async fn await_appended(rx: futures_channel::oneshot::Receiver<MeshMsg>) -> Result<Vec<Option<u64>>, Refusal> {
+    match rx.await {
+        Ok(MeshMsg::Appended { result, .. }) => result.map_err(Refusal::Home),
+        // The home shard dropped the request: it is going away.
+        _ => Err(Refusal::Home(AppendRefusal::ShuttingDown)),
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
