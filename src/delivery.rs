@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::record::{Record, StatusChange};
-use esh3ar_shards::Status;
+use esh3ar_shards::{Priority, Status};
 use hashbrown::HashMap;
 
 use crate::business::now_ms;
@@ -159,29 +159,47 @@ impl BodyCache {
     }
 }
 
+/// Where a connection is in each of its user's priority queues: the last
+/// sequence number sent, per priority.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cursor {
+    pub after: [Option<u64>; 3],
+}
+
 /// How many bodies a session reads ahead in one batch (bounds its memory).
 pub const DELIVERY_BATCH_MAX: usize = 64;
 
 impl Shard {
-    /// Durable, unexpired messages of `user` after `after`, at most `max`,
-    /// and never more than `inflight_max` unacked ones on the connection.
-    pub fn deliverable(&self, user: &str, after: Option<u64>, inflight_max: usize) -> Vec<u64> {
+    /// The next messages to write to a connection of `user`: durable,
+    /// unexpired, after the connection's cursor; `high` first, then
+    /// `normal`, then `low` (a high message overtakes pending lower ones;
+    /// within a priority, acceptance order). At most a batch, and never more
+    /// than `inflight_max` unacked on the connection.
+    pub fn deliverable(&self, user: &str, cursor: &Cursor, inflight_max: usize) -> Vec<(Priority, u64)> {
         let index = self.index.borrow();
         let durable = self.journal.durable_generation();
         let now = now_ms();
-        let (inflight, rest) = index.pending_after(user, after);
+        let mut queues = Vec::with_capacity(3);
+        let mut inflight = 0;
+        for p in [Priority::High, Priority::Normal, Priority::Low] {
+            let (sent, rest) = index.pending_after(user, p, cursor.after[p as usize]);
+            inflight += sent;
+            queues.push((p, rest));
+        }
         let room = inflight_max.saturating_sub(inflight).min(DELIVERY_BATCH_MAX);
         let mut out = Vec::new();
-        for seq in rest {
-            if out.len() >= room {
-                break;
-            }
-            let Some(m) = index.get(seq) else { continue };
-            if m.generation > durable {
-                break; // not on disk yet; later ones are not either
-            }
-            if m.expires_at_ms == 0 || m.expires_at_ms > now {
-                out.push(seq);
+        for (p, rest) in queues {
+            for seq in rest {
+                if out.len() >= room {
+                    return out;
+                }
+                let Some(m) = index.get(seq) else { continue };
+                if m.generation > durable {
+                    break; // not on disk yet; later ones of this priority are not either
+                }
+                if m.expires_at_ms == 0 || m.expires_at_ms > now {
+                    out.push((p, seq));
+                }
             }
         }
         out

@@ -255,3 +255,28 @@ fn bodies_evicted_from_memory_are_read_back_from_the_journal() {
         assert_eq!((m["id"].as_str().unwrap(), m["body"].as_str().unwrap()), (id.as_str(), body.as_str()));
     }
 }
+
+#[test]
+fn high_priority_overtakes_pending_lower_ones_and_order_holds_within_a_priority() {
+    let setup = Setup::new(&Opts::default());
+    let engine = setup.start();
+    let mut c = engine.client();
+    let mut sent: Vec<(String, &str)> = Vec::new();
+    for (i, p) in ["low", "normal", "low", "high", "normal", "high", "low"].iter().enumerate() {
+        let r = c.request(
+            "POST",
+            "/v1/messages",
+            Some(API_KEY),
+            Some(&format!(r#"{{"to":"olga","body":"{i}","priority":"{p}"}}"#)),
+        );
+        assert_eq!(r.status, 202);
+        sent.push((r.json()["id"].as_str().unwrap().to_owned(), p));
+    }
+    let want: Vec<String> = ["high", "normal", "low"]
+        .iter()
+        .flat_map(|p| sent.iter().filter(move |(_, q)| q == p).map(|(id, _)| id.clone()))
+        .collect();
+    let mut phone = phone(&engine, "olga");
+    let got: Vec<String> = phone.recv_n(7, WAIT).iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(got, want, "high first, then normal, then low; acceptance order within each");
+}

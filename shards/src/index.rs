@@ -54,11 +54,16 @@ struct SegmentLive {
     any: bool,
 }
 
+/// Pending queues of one user, indexed by `Priority as usize`.
+type PendingQueues = [VecDeque<u64>; 3];
+
 /// Index of one shard's messages.
 #[derive(Debug, Default)]
 pub struct MessageIndex {
     messages: HashMap<u64, MessageMeta>,
-    pending: HashMap<Rc<str>, VecDeque<u64>>,
+    /// Per user, one queue per priority (high, normal, low), each in
+    /// acceptance order.
+    pending: HashMap<Rc<str>, PendingQueues>,
     interned: HashSet<Rc<str>>,
     segments: BTreeMap<u64, SegmentLive>,
     /// (expires_at_ms, seq) of every unsettled message with a TTL.
@@ -89,7 +94,7 @@ impl MessageIndex {
                 }
                 live.last_seq = live.last_seq.max(a.seq);
                 live.unsettled += 1;
-                self.pending.entry(to.clone()).or_default().push_back(a.seq);
+                self.pending.entry(to.clone()).or_default()[a.priority as usize].push_back(a.seq);
                 let meta = MessageMeta {
                     client,
                     to,
@@ -135,21 +140,23 @@ impl MessageIndex {
                 if status == Status::Acked {
                     meta.acked_at_ms = at_ms;
                 }
-                let (to, segment, expires) = (meta.to.clone(), meta.segment, meta.expires_at_ms);
+                let (to, segment, expires, priority) =
+                    (meta.to.clone(), meta.segment, meta.expires_at_ms, meta.priority);
                 self.expiries.remove(&(expires, seq));
-                self.settle(seq, &to, segment);
+                self.settle(seq, &to, segment, priority);
             }
         }
     }
 
-    fn settle(&mut self, seq: u64, to: &Rc<str>, segment: u64) {
-        if let Some(queue) = self.pending.get_mut(to) {
+    fn settle(&mut self, seq: u64, to: &Rc<str>, segment: u64, priority: Priority) {
+        if let Some(queues) = self.pending.get_mut(to) {
+            let queue = &mut queues[priority as usize];
             if queue.front() == Some(&seq) {
                 queue.pop_front();
-            } else if let Some(i) = queue.iter().position(|&s| s == seq) {
+            } else if let Ok(i) = queue.binary_search(&seq) {
                 queue.remove(i);
             }
-            if queue.is_empty() {
+            if queues.iter().all(VecDeque::is_empty) {
                 self.pending.remove(to);
             }
         }
@@ -181,11 +188,16 @@ impl MessageIndex {
         self.expiries.iter().take_while(|(at, _)| *at <= now_ms).take(max).map(|&(_, seq)| seq).collect()
     }
 
-    /// Unsettled messages of `user` after sequence `after` (all if None), in
-    /// acceptance order; the number of unsettled ones at or before `after`
-    /// comes first (the messages in flight on a connection).
-    pub fn pending_after(&self, user: &str, after: Option<u64>) -> (usize, impl Iterator<Item = u64> + '_) {
-        let queue = self.pending.get(user);
+    /// Unsettled messages of `user` at `priority` after sequence `after`
+    /// (all if None), in acceptance order; the number of unsettled ones at
+    /// or before `after` comes first (those in flight on a connection).
+    pub fn pending_after(
+        &self,
+        user: &str,
+        priority: Priority,
+        after: Option<u64>,
+    ) -> (usize, impl Iterator<Item = u64> + '_) {
+        let queue = self.pending.get(user).map(|q| &q[priority as usize]);
         let skip = match (queue, after) {
             (Some(q), Some(a)) => q.partition_point(|&s| s <= a),
             _ => 0,
@@ -198,9 +210,10 @@ impl MessageIndex {
         self.messages.get(&seq)
     }
 
-    /// Unsettled messages of `user`, in acceptance order.
+    /// Unsettled messages of `user` in delivery order: high, then normal,
+    /// then low, each in acceptance order.
     pub fn pending_for(&self, user: &str) -> impl Iterator<Item = u64> + '_ {
-        self.pending.get(user).into_iter().flat_map(|q| q.iter().copied())
+        self.pending.get(user).into_iter().flat_map(|q| q.iter().flat_map(|p| p.iter().copied()))
     }
 
     /// Number of messages indexed.
@@ -289,6 +302,31 @@ mod tests {
         status(&mut ix, 2, Status::Delivered);
         assert_eq!(ix.get(2).unwrap().status, Status::Acked);
         assert_eq!(ix.unsettled(), 4);
+    }
+
+    #[test]
+    fn pending_is_delivered_by_priority_then_acceptance_order() {
+        let mut ix = MessageIndex::new();
+        for (seq, p) in [(0, Priority::Low), (1, Priority::High), (2, Priority::Normal), (3, Priority::High)] {
+            ix.apply(
+                1,
+                seq * 10,
+                &Record::Accepted(Accepted {
+                    seq,
+                    client: "c",
+                    to: "u",
+                    priority: p,
+                    expires_at_ms: 0,
+                    accepted_at_ms: 0,
+                    body: b"x",
+                }),
+            );
+        }
+        assert_eq!(ix.pending_for("u").collect::<Vec<_>>(), vec![1, 3, 2, 0]);
+        let (sent, rest) = ix.pending_after("u", Priority::High, Some(1));
+        assert_eq!((sent, rest.collect::<Vec<_>>()), (1, vec![3]));
+        status(&mut ix, 3, Status::Acked);
+        assert_eq!(ix.pending_for("u").collect::<Vec<_>>(), vec![1, 2, 0]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::Message;
 
-use crate::delivery::SessionSignal;
+use crate::delivery::{Cursor, SessionSignal};
 use crate::shard::Shard;
 
 /// Most ids in one `{"type":"ack","ids":[...]}`.
@@ -96,7 +96,7 @@ pub async fn start(shard: Rc<Shard>, mut stream: TcpStream, user: String, accept
 async fn serve(shard: &Rc<Shard>, ws: &mut WebSocketStream<TcpStream>, user: &Rc<str>, signal: &SessionSignal) -> End {
     let cfg = &shard.cfg.mobile;
     let ping_interval = Duration::from_millis(cfg.ping_interval_ms);
-    let mut last_sent: Option<u64> = None;
+    let mut cursor = Cursor::default();
     let mut last_heard = Instant::now();
     let mut pinged = false;
     loop {
@@ -104,10 +104,10 @@ async fn serve(shard: &Rc<Shard>, ws: &mut WebSocketStream<TcpStream>, user: &Rc
             return End::Close(CloseCode::Away, "server shutting down");
         }
         // Deliver what is ready: pending first, live after, one order.
-        let batch = shard.deliverable(user, last_sent, cfg.max_inflight);
+        let batch = shard.deliverable(user, &cursor, cfg.max_inflight);
         if !batch.is_empty() {
             let mut sent = Vec::with_capacity(batch.len());
-            for &seq in &batch {
+            for &(priority, seq) in &batch {
                 match shard.message_frame(seq).await {
                     Ok(Some(frame)) => {
                         let Ok(text) = String::from_utf8(frame) else { continue };
@@ -122,7 +122,7 @@ async fn serve(shard: &Rc<Shard>, ws: &mut WebSocketStream<TcpStream>, user: &Rc
                         return End::Close(CloseCode::Error, "internal error");
                     }
                 }
-                last_sent = Some(seq);
+                cursor.after[priority as usize] = Some(seq);
             }
             if ws.flush().await.is_err() {
                 return End::Drop;
