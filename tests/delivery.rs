@@ -280,3 +280,39 @@ fn high_priority_overtakes_pending_lower_ones_and_order_holds_within_a_priority(
     let got: Vec<String> = phone.recv_n(7, WAIT).iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(got, want, "high first, then normal, then low; acceptance order within each");
 }
+
+#[test]
+fn journal_segments_are_deleted_once_every_message_in_them_is_settled() {
+    let setup = Setup::new(&Opts { shards: 1, segment_bytes: 64 * 1024, ..Opts::default() });
+    let engine = setup.start();
+    let shard_dir = setup.data_dir().join("shard-0");
+    let segments = || {
+        std::fs::read_dir(&shard_dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
+            .count()
+    };
+    let ids: Vec<String> = (0..200).map(|i| send(&engine, "pat", &format!("{i}-{}", "z".repeat(1000)))).collect();
+    let before = segments();
+    assert!(before >= 3, "200 KB over 64 KiB segments must rotate: {before}");
+    let mut p = phone(&engine, "pat");
+    let got = p.recv_n(200, WAIT);
+    let got_ids: Vec<String> = got.iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(got_ids, ids);
+    for chunk in got_ids.chunks(100) {
+        p.ack_many(chunk);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while segments() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(segments(), 1, "settled segments must be deleted, the active one kept (had {before})");
+    // After a restart nothing comes back, and new messages still flow.
+    drop(p);
+    assert_eq!(engine.terminate(), Some(0));
+    let engine = setup.start();
+    let mut p = phone(&engine, "pat");
+    assert!(p.recv(QUIET).is_none(), "acked messages must not return after segment deletion and restart");
+    let id = send(&engine, "pat", "fresh");
+    assert_eq!(p.recv(WAIT).unwrap()["id"], id.as_str());
+}

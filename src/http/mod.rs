@@ -306,3 +306,32 @@ mod tests {
         assert_eq!(String::from_utf8(v).unwrap(), r#""a\"b\\c\n\u0001""#);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes: no panic, and a framed head never claims more than it has.
+        #[test]
+        fn parse_head_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Framing::Head(h) = parse_head(&bytes, 4096) {
+                prop_assert!(h.head_len <= bytes.len());
+                prop_assert!(h.path.end <= h.head_len);
+                prop_assert!(h.content_length <= 4096);
+            }
+        }
+
+        /// Splitting a valid request anywhere gives Partial, then the same head.
+        #[test]
+        fn partial_prefixes_then_complete(cut in 0usize..80) {
+            let raw = b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Type: application/json\r\n\r\n";
+            let cut = cut.min(raw.len() - 1);
+            prop_assert!(matches!(parse_head(&raw[..cut], 100), Framing::Partial));
+            let Framing::Head(h) = parse_head(raw, 100) else { panic!("complete head") };
+            prop_assert_eq!(h.head_len, raw.len());
+            prop_assert_eq!(h.content_length, 5);
+        }
+    }
+}
