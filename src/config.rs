@@ -212,7 +212,7 @@ impl Config {
         if self.engine.segment_bytes < (64 << 10) || self.engine.segment_bytes > (1 << 40) {
             return bad("engine.segment_bytes", "must be between 65536 and 2^40".into());
         }
-        if self.engine.segment_bytes % 4096 != 0 {
+        if !self.engine.segment_bytes.is_multiple_of(4096) {
             return bad("engine.segment_bytes", "must be a multiple of 4096".into());
         }
         if !(16..=1 << 20).contains(&self.engine.mesh_channel_capacity) {

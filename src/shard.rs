@@ -95,6 +95,10 @@ pub enum MeshMsg {
     Adopt(Box<crate::mobile::Adoption>),
 }
 
+/// The mesh channel to a shard had no room (the message was dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelFull;
+
 /// Requests this shard sent and awaits answers for.
 #[derive(Default)]
 pub struct PendingReplies {
@@ -245,8 +249,8 @@ impl Shard {
     /// Sends a request to another shard without waiting for channel space:
     /// a full channel means the peer is overloaded, and the caller answers
     /// 503 instead of queueing without bound.
-    pub fn try_send(&self, to: usize, msg: MeshMsg) -> Result<(), ()> {
-        self.mesh.try_send_to(to, msg).map_err(|_| ())
+    pub fn try_send(&self, to: usize, msg: MeshMsg) -> Result<(), ChannelFull> {
+        self.mesh.try_send_to(to, msg).map_err(|_| ChannelFull)
     }
 
     /// Handles a message from shard `peer`. Never awaits: answers that need

@@ -280,10 +280,7 @@ impl Journal {
     /// records may be read: the tail in memory is not on disk yet.
     pub async fn read_body(&self, segment: u64, offset: u64, bytes: u32) -> Result<Vec<u8>, String> {
         let path = segment_path(&self.cfg.dir, segment);
-        let file = match self.readers.borrow().get(&segment) {
-            Some(f) => Some(f.clone()),
-            None => None,
-        };
+        let file = self.readers.borrow().get(&segment).cloned();
         let file = match file {
             Some(f) => f,
             None => {
@@ -537,7 +534,7 @@ mod tests {
     }
 
     fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
-        glommio::LocalExecutorBuilder::default().spawn(move || f()).unwrap().join().unwrap();
+        glommio::LocalExecutorBuilder::default().spawn(f).unwrap().join().unwrap();
     }
 
     #[test]

@@ -212,7 +212,7 @@ mod tests {
         assert!(!nests_deeper_than(&[b'['; 16], 16));
         assert!(!nests_deeper_than(br#"{"a":"\"[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#, 4));
         let mut deep = br#"{"to":"x","body":"y","z":"#.to_vec();
-        deep.extend(std::iter::repeat(b'[').take(100_000));
+        deep.extend(std::iter::repeat_n(b'[', 100_000));
         assert!(nests_deeper_than(&deep, 16));
         assert!(parse_json(&mut deep).is_err());
     }

@@ -69,12 +69,14 @@ pub async fn start(shard: Rc<Shard>, mut stream: TcpStream, user: String, accept
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
-    let mut ws_cfg = WebSocketConfig::default();
-    ws_cfg.max_message_size = Some(cfg.max_message_bytes);
-    ws_cfg.max_frame_size = Some(cfg.max_message_bytes);
-    ws_cfg.write_buffer_size = 16 * 1024;
-    ws_cfg.max_write_buffer_size = 1 << 20;
-    ws_cfg.accept_unmasked_frames = false;
+    let ws_cfg = WebSocketConfig {
+        max_message_size: Some(cfg.max_message_bytes),
+        max_frame_size: Some(cfg.max_message_bytes),
+        write_buffer_size: 16 * 1024,
+        max_write_buffer_size: 1 << 20,
+        accept_unmasked_frames: false,
+        ..Default::default()
+    };
     let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_cfg)).await;
     let user: Rc<str> = Rc::from(user);
     let signal = shard.sessions.register(&user);
