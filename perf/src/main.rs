@@ -1,4 +1,5 @@
+//! `esh3ar-perf`: see `esh3ar-perf --help` and docs/PERFORMANCE.md.
+
 fn main() {
-    eprintln!("esh3ar-perf: under construction");
-    std::process::exit(2);
+    std::process::exit(esh3ar_perf::cli::main());
 }

@@ -1,0 +1,404 @@
+//! The command line of `esh3ar-perf`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::clock::parse_duration;
+use crate::engine::{self, cpu_list_string, parse_cpu_list, Spawned, Target};
+use crate::report::{self, Machine, Report};
+use crate::scenario::{self, Model, Plan, Scenario};
+use crate::stats::Latency;
+
+#[derive(Debug, Parser)]
+#[command(name = "esh3ar-perf", version, about = "Load generator and benchmark harness for esh3ar")]
+pub struct Cli {
+    /// Print the ratio table (B / A) between two JSON reports.
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
+    pub compare: Option<Vec<PathBuf>>,
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run one scenario against one system.
+    Run(Box<RunArgs>),
+    /// Serve the ceiling: a bare HTTP server answering a fixed 202.
+    Ceiling {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Executors (ignored when --cpus is given).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Pin one executor per listed CPU (e.g. `1` or `0-1`).
+        #[arg(long)]
+        cpus: Option<String>,
+    },
+    /// The ratio table between two JSON reports (B / A).
+    Compare { a: PathBuf, b: PathBuf },
+    /// A PNG of latency percentiles of several reports.
+    Plot {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "esh3ar-perf: latency percentiles")]
+        title: String,
+        reports: Vec<PathBuf>,
+    },
+    /// A markdown table of several reports.
+    Table {
+        /// Throughput ratios are against the first report of this system.
+        #[arg(long, default_value = "ceiling")]
+        base: String,
+        reports: Vec<PathBuf>,
+    },
+    /// Measure the disk's fdatasync latency (4 KiB writes).
+    Disk {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        /// Also write the result as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum System {
+    Esh3ar,
+    Ceiling,
+    Redis,
+    Nats,
+    Rabbitmq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadModel {
+    /// Each connection sends when its previous answer came.
+    Closed,
+    /// A fixed arrival rate (--rate); latency from the intended send time.
+    Open,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[arg(long, value_enum, default_value_t = System::Esh3ar)]
+    pub system: System,
+    #[arg(long, value_enum, default_value_t = Scenario::Ingest)]
+    pub scenario: Scenario,
+    #[arg(long, value_enum, default_value_t = LoadModel::Closed)]
+    pub model: LoadModel,
+    /// Open loop: messages per second over all connections.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Sender connections (each has one request in flight).
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Receivers (WebSocket users or queue consumers); default 1000 for
+    /// e2e and offline-drain, 10000 for idle-connections.
+    #[arg(long)]
+    pub receivers: Option<usize>,
+    /// Distinct recipients of ingest and batch messages.
+    #[arg(long, default_value_t = 10_000)]
+    pub users: usize,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Generator threads (one glommio executor each).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Generator CPUs: `auto` (the CPUs the server does not use, if any),
+    /// `none` (unpinned), or a list such as `0` or `2-3`.
+    #[arg(long, default_value = "auto")]
+    pub cpus: String,
+    /// Message body bytes (at least 46).
+    #[arg(long, default_value_t = 64)]
+    pub body_bytes: usize,
+    /// Messages per batch request.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Messages offline-drain queues.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    /// Use this many 127.0.0.x source addresses (default: as many as needed).
+    #[arg(long)]
+    pub source_addrs: Option<usize>,
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Address of a running server (peers; or esh3ar's business listener,
+    /// or a ceiling). Without it esh3ar and the ceiling are started here.
+    #[arg(long)]
+    pub addr: Option<SocketAddr>,
+    /// Mobile listener of a running esh3ar.
+    #[arg(long)]
+    pub mobile: Option<SocketAddr>,
+    #[arg(long, default_value = engine::BENCH_API_KEY)]
+    pub api_key: String,
+    #[arg(long, default_value = engine::BENCH_TOKEN_SECRET)]
+    pub token_secret: String,
+    /// The esh3ar binary to start (default: next to esh3ar-perf).
+    #[arg(long)]
+    pub engine_bin: Option<PathBuf>,
+    /// Shards of a started engine (or executors of a started ceiling).
+    #[arg(long, default_value_t = 1)]
+    pub server_threads: usize,
+    /// Where a started engine's data dir goes (default: the temp dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// CPUs of a started ceiling; for other servers only reported.
+    #[arg(long)]
+    pub server_cpus: Option<String>,
+    /// PID of a running server, for its memory (idle-connections).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    #[arg(long, default_value = "guest")]
+    pub rabbitmq_user: String,
+    #[arg(long, default_value = "guest")]
+    pub rabbitmq_password: String,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A label for tables and plots (default: the system).
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
+/// Entry point of the binary; returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("esh3ar-perf: {e:#}");
+            1
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    if let Some(files) = &cli.compare {
+        let (a, b) = (Report::load(&files[0])?, Report::load(&files[1])?);
+        print!("{}", report::compare(&a, &b));
+        return Ok(());
+    }
+    match cli.command {
+        None => bail!("nothing to do: see --help"),
+        Some(Cmd::Run(args)) => {
+            let r = run(&args)?;
+            print!("{}", r.human());
+            Ok(())
+        }
+        Some(Cmd::Ceiling { listen, threads, cpus }) => {
+            let cpus = cpus.as_deref().map(parse_cpu_list).transpose().map_err(anyhow::Error::msg)?.unwrap_or_default();
+            crate::ceiling::serve(listen, threads, &cpus, |addr| {
+                println!("esh3ar-perf ceiling ready addr={addr}");
+            })
+        }
+        Some(Cmd::Compare { a, b }) => {
+            print!("{}", report::compare(&Report::load(&a)?, &Report::load(&b)?));
+            Ok(())
+        }
+        Some(Cmd::Plot { out, title, reports }) => {
+            let rs = reports.iter().map(|p| Report::load(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            crate::plot::plot(&rs, &title, &out)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Some(Cmd::Table { base, reports }) => {
+            let rs = reports.iter().map(|p| Report::load(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            print!("{}", report::markdown_table(&rs, &base));
+            Ok(())
+        }
+        Some(Cmd::Disk { dir, count, out }) => {
+            let l = crate::disk::fdatasync_latency(&dir, count)?;
+            println!(
+                "fdatasync after a 4 KiB write, {} samples in {}: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                l.count,
+                dir.display(),
+                l.p50_ms,
+                l.p90_ms,
+                l.p99_ms,
+                l.max_ms
+            );
+            if let Some(out) = out {
+                std::fs::write(&out, serde_json::to_string_pretty(&l)?)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Starts the ceiling server as a child process of this binary.
+fn spawn_ceiling(threads: usize, cpus: Option<&str>) -> anyhow::Result<(Spawned, Target)> {
+    let exe = std::env::current_exe().context("cannot find esh3ar-perf's own path")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["ceiling", "--threads", &threads.to_string()]);
+    if let Some(c) = cpus {
+        cmd.args(["--cpus", c]);
+    }
+    let s = engine::spawn_until_ready(cmd, "esh3ar-perf ceiling ready ")?;
+    let addr =
+        engine::ready_field(&s.ready_line, "addr").and_then(|a| a.parse().ok()).context("bad ceiling ready line")?;
+    Ok((s, Target::Ceiling { addr }))
+}
+
+/// Runs one scenario as `args` say and returns its report (also saved to
+/// `--out`). Used by the binary and by the smoke tests.
+pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
+    let mut spawned: Option<Spawned> = None;
+    let target = match (args.system, args.addr) {
+        (System::Esh3ar, None) => {
+            let bin = args.engine_bin.clone().unwrap_or_else(engine::default_engine_bin);
+            let (s, t) = engine::spawn_engine(&bin, args.server_threads, args.data_dir.as_deref())?;
+            spawned = Some(s);
+            t
+        }
+        (System::Esh3ar, Some(business)) => Target::Esh3ar {
+            business,
+            mobile: args.mobile.context("--mobile is needed with --addr for esh3ar")?,
+            api_key: args.api_key.clone(),
+            token_secret: args.token_secret.clone(),
+        },
+        (System::Ceiling, None) => {
+            let (s, t) = spawn_ceiling(args.server_threads, args.server_cpus.as_deref())?;
+            spawned = Some(s);
+            t
+        }
+        (System::Ceiling, Some(addr)) => Target::Ceiling { addr },
+        (System::Redis, Some(addr)) => Target::Redis { addr },
+        (System::Nats, Some(addr)) => Target::Nats { addr },
+        (System::Rabbitmq, Some(addr)) => {
+            Target::Rabbitmq { addr, user: args.rabbitmq_user.clone(), password: args.rabbitmq_password.clone() }
+        }
+        (peer, None) => bail!("--addr is needed for {peer:?} (scripts/bench.sh starts one)"),
+    };
+    let server_pid = spawned.as_ref().map(Spawned::pid).or(args.server_pid);
+    let server_cpus: Vec<usize> = match (&spawned, args.system) {
+        (Some(s), System::Esh3ar) => engine::thread_cpus(s.pid(), "shard"),
+        (Some(s), _) => engine::thread_cpus(s.pid(), "ceiling"),
+        (None, _) => {
+            args.server_cpus.as_deref().map(parse_cpu_list).transpose().map_err(anyhow::Error::msg)?.unwrap_or_default()
+        }
+    };
+    let cpus = generator_cpus(&args.cpus, &server_cpus, args.threads)?;
+    let plan = plan(args, cpus.clone());
+    let result = scenario::run(&plan, &target, server_pid);
+    if let Some(mut s) = spawned {
+        s.stop();
+    }
+    let outcome = result?;
+    let mut stats = outcome.stats;
+    let (lost, duplicates) = if matches!(plan.scenario, Scenario::E2e | Scenario::OfflineDrain) {
+        stats.lost_and_duplicates()
+    } else {
+        (0, 0)
+    };
+    let has_delivery = matches!(plan.scenario, Scenario::E2e | Scenario::OfflineDrain);
+    let secs = outcome.duration_s.max(1e-9);
+    let report = Report {
+        system: target.system().to_owned(),
+        scenario: plan.scenario.name().to_owned(),
+        model: match plan.model {
+            Model::Closed => "closed".into(),
+            Model::Open { .. } => "open".into(),
+        },
+        label: args.label.clone().unwrap_or_default(),
+        connections: if plan.scenario == Scenario::IdleConnections { 0 } else { plan.connections },
+        receivers: plan.receivers,
+        rate_per_s: match plan.model {
+            Model::Open { rate } => Some(rate),
+            Model::Closed => None,
+        },
+        duration_s: outcome.duration_s,
+        generator_threads: if cpus.is_empty() { plan.threads } else { cpus.len() },
+        generator_cpus: cpu_list_string(&cpus),
+        server_cpus: cpu_list_string(&server_cpus),
+        throughput_per_s: if plan.scenario == Scenario::OfflineDrain {
+            stats.delivered as f64 / secs
+        } else {
+            stats.accepted as f64 / secs
+        },
+        // offline-drain: the queueing rate (the throughput is the drain's).
+        requests_per_s: match stats.extra.get("queue_s") {
+            Some(q) if plan.scenario == Scenario::OfflineDrain => stats.requests as f64 / q.max(1e-9),
+            _ => stats.requests as f64 / secs,
+        },
+        accepted: stats.accepted,
+        requests: stats.requests,
+        acceptance: Latency::from_histogram(&stats.acceptance),
+        delivery: has_delivery.then(|| Latency::from_histogram(&stats.delivery)),
+        errors: stats.errors.clone(),
+        lost,
+        duplicates,
+        extra: stats.extra.clone(),
+        machine: Machine::probe(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        unix_time_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    if let Some(out) = &args.out {
+        report.save(out)?;
+    }
+    Ok(report)
+}
+
+/// The CPUs the generator pins its threads to.
+fn generator_cpus(spec: &str, server: &[usize], threads: usize) -> anyhow::Result<Vec<usize>> {
+    match spec {
+        "none" => Ok(Vec::new()),
+        "auto" => {
+            let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let free: Vec<usize> = (0..online).filter(|c| !server.contains(c)).collect();
+            if server.is_empty() || free.is_empty() {
+                Ok(Vec::new())
+            } else {
+                Ok(free.into_iter().cycle().take(threads.max(1)).collect())
+            }
+        }
+        list => parse_cpu_list(list).map_err(anyhow::Error::msg),
+    }
+}
+
+fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
+    let receivers = args.receivers.unwrap_or(match args.scenario {
+        Scenario::E2e | Scenario::OfflineDrain => 1000,
+        Scenario::IdleConnections => 10_000,
+        Scenario::Ingest | Scenario::Batch => 0,
+    });
+    Plan {
+        scenario: args.scenario,
+        model: match args.model {
+            LoadModel::Closed => Model::Closed,
+            LoadModel::Open => Model::Open { rate: args.rate.unwrap_or(0.0) },
+        },
+        connections: args.connections,
+        receivers,
+        users: args.users,
+        duration: args.duration,
+        warmup: args.warmup,
+        threads: args.threads,
+        cpus,
+        body_bytes: args.body_bytes.max(crate::payload::STAMP_BYTES),
+        batch_size: args.batch_size,
+        messages: args.messages,
+        source_addrs: args.source_addrs,
+        drain_timeout: args.drain_timeout,
+        connects_in_flight: 64,
+    }
+}
+
+/// Parses a `run` command line (without the program name) into arguments,
+/// for tests: `run_args(&["--scenario", "e2e"])`.
+pub fn run_args(args: &[&str]) -> anyhow::Result<RunArgs> {
+    let cli = Cli::try_parse_from(["esh3ar-perf", "run"].iter().chain(args.iter()))?;
+    match cli.command {
+        Some(Cmd::Run(a)) => Ok(*a),
+        _ => bail!("not a run command"),
+    }
+}

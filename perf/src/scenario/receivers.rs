@@ -1,0 +1,183 @@
+//! Receivers: esh3ar WebSocket users, or consumers of a peer's queue. Each
+//! records the end-to-end latency of every message it gets (from the send
+//! stamp in the body, or from the drain start in offline-drain) and acks
+//! it.
+
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use glommio::task::JoinHandle;
+
+use super::{Scenario, ThreadCtx};
+use crate::clock::now_ns;
+use crate::engine::{mint_token, Target};
+use crate::peers::{amqp, is_timeout, nats, redis};
+use crate::stats::{record_ns, Progress};
+use crate::ws::{self, WsConn};
+
+/// Most ids in one ack frame (docs/API.md).
+const ACK_IDS_MAX: usize = 1000;
+
+/// How often an idle receiver looks at the stop flag.
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+enum Receiver {
+    Ws(Box<WsConn>),
+    Redis(redis::Consumer),
+    Nats(nats::Consumer),
+    Rabbit(amqp::Consumer),
+}
+
+async fn connect(ctx: &ThreadCtx, index: usize) -> Result<Receiver, String> {
+    let src = crate::net::source_for(&ctx.shared.receiver_sources, index);
+    let io_cause = |e: io::Error| format!("receiver connect: {}", e.kind());
+    Ok(match &ctx.shared.target {
+        Target::Esh3ar { mobile, token_secret, .. } => {
+            let token = mint_token(token_secret, &format!("u{index}"), 86_400);
+            let ws = WsConn::connect(*mobile, src, "/v1/connect", &token).await.map_err(|e| e.cause())?;
+            ws.set_read_timeout(Some(POLL)).map_err(io_cause)?;
+            Receiver::Ws(Box::new(ws))
+        }
+        Target::Redis { addr } => Receiver::Redis(redis::Consumer::connect(*addr, src, index).await.map_err(io_cause)?),
+        Target::Nats { addr } => Receiver::Nats(nats::Consumer::connect(*addr, src, index).await.map_err(io_cause)?),
+        Target::Rabbitmq { addr, user, password } => {
+            Receiver::Rabbit(amqp::Consumer::connect(*addr, src, index, user, password).await.map_err(io_cause)?)
+        }
+        Target::Ceiling { .. } => return Err("the ceiling has no receivers".into()),
+    })
+}
+
+/// Connects this thread's receivers and spawns their loops.
+pub async fn spawn_all(ctx: &Rc<ThreadCtx>) -> Vec<JoinHandle<()>> {
+    let shared = &ctx.shared;
+    let mine: Vec<usize> = (ctx.index..shared.plan.receivers).step_by(shared.threads).collect();
+    let mut connects = Vec::with_capacity(mine.len());
+    for &u in &mine {
+        let ctx = ctx.clone();
+        connects.push(glommio::spawn_local(async move {
+            let permit = ctx.connect_limit.acquire_permit(1).await.ok()?;
+            let r = connect(&ctx, u).await;
+            drop(permit);
+            match r {
+                Ok(r) => {
+                    Progress::add(&ctx.progress().connected, 1);
+                    Some(r)
+                }
+                Err(cause) => {
+                    ctx.stats.borrow_mut().error(&cause);
+                    Progress::add(&ctx.progress().errors, 1);
+                    None
+                }
+            }
+        }));
+    }
+    let mut tasks = Vec::with_capacity(mine.len());
+    for c in connects {
+        if let Some(r) = c.await {
+            tasks.push(glommio::spawn_local(run(ctx.clone(), r)).detach());
+        }
+    }
+    tasks
+}
+
+/// Records one received message.
+fn received(ctx: &ThreadCtx, body: &[u8]) {
+    let Some((stamp, key)) = crate::payload::find_stamp(body) else { return };
+    let now = now_ns();
+    let shared = &ctx.shared;
+    let mut st = ctx.stats.borrow_mut();
+    st.delivered_keys.push(key);
+    Progress::add(&ctx.progress().delivered, 1);
+    if shared.plan.scenario == Scenario::OfflineDrain {
+        let origin = shared.drain_start.load(Ordering::Acquire);
+        st.delivered += 1;
+        record_ns(&mut st.delivery, now.saturating_sub(origin));
+    } else if stamp >= shared.measure_start() && stamp < shared.measure_end() {
+        st.delivered += 1;
+        record_ns(&mut st.delivery, now.saturating_sub(stamp));
+    }
+}
+
+async fn run(ctx: Rc<ThreadCtx>, mut r: Receiver) {
+    let stopped = || ctx.shared.stop.load(Ordering::Acquire);
+    let mut on_body = |b: &[u8]| received(&ctx, b);
+    loop {
+        if stopped() {
+            break;
+        }
+        let result = match &mut r {
+            Receiver::Ws(ws) => ws_batch(ws, &mut on_body).await,
+            Receiver::Redis(c) => c.next_batch(&mut on_body).await,
+            Receiver::Nats(c) => c.next_batch(&mut on_body).await,
+            Receiver::Rabbit(c) => c.next_batch(&mut on_body).await,
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => {
+                if !stopped() {
+                    eprintln!("esh3ar-perf: a receiver failed: {e}");
+                    ctx.stats.borrow_mut().error(&format!("receiver: {}", e.kind()));
+                    Progress::add(&ctx.progress().errors, 1);
+                }
+                break;
+            }
+        }
+    }
+    match &mut r {
+        Receiver::Redis(c) => c.finish().await,
+        Receiver::Nats(c) => c.finish().await,
+        Receiver::Rabbit(c) => c.finish().await,
+        Receiver::Ws(_) => {}
+    }
+}
+
+/// Reads what arrived on a WebSocket, acks every message (one frame per
+/// 1000 ids) and answers pings.
+async fn ws_batch(ws: &mut WsConn, on_body: &mut dyn FnMut(&[u8])) -> io::Result<()> {
+    ws.fill().await?;
+    let mut ids: Vec<u8> = Vec::new();
+    let mut id_ends: Vec<usize> = Vec::new();
+    let mut pongs: Vec<Vec<u8>> = Vec::new();
+    let mut closed = false;
+    while let Some((op, range)) = ws.next_frame()? {
+        let payload = ws.payload(range);
+        match op {
+            ws::OP_TEXT => {
+                on_body(payload);
+                if let Some(id) = ws::message_id(payload) {
+                    ids.extend_from_slice(id);
+                    id_ends.push(ids.len());
+                }
+            }
+            ws::OP_PING => pongs.push(payload.to_vec()),
+            ws::OP_CLOSE => closed = true,
+            _ => {}
+        }
+    }
+    let mut start = 0;
+    for chunk in id_ends.chunks(ACK_IDS_MAX) {
+        let mut ack = Vec::with_capacity(32 + chunk.len() * 20);
+        ack.extend_from_slice(br#"{"type":"ack","ids":["#);
+        for (i, &end) in chunk.iter().enumerate() {
+            if i > 0 {
+                ack.push(b',');
+            }
+            ack.push(b'"');
+            ack.extend_from_slice(&ids[start..end]);
+            ack.push(b'"');
+            start = end;
+        }
+        ack.extend_from_slice(b"]}");
+        ws.push(ws::OP_TEXT, &ack);
+    }
+    for p in pongs {
+        ws.push(ws::OP_PONG, &p);
+    }
+    ws.flush().await?;
+    if closed {
+        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the server closed the WebSocket"));
+    }
+    Ok(())
+}
