@@ -112,6 +112,11 @@ impl WsConn {
         }
     }
 
+    /// Does the buffer hold a complete frame?
+    pub fn has_frame(&self) -> io::Result<bool> {
+        Ok(parse_frame(&self.buf[self.start..self.end])?.is_some())
+    }
+
     pub fn payload(&self, r: Range<usize>) -> &[u8] {
         &self.buf[r]
     }

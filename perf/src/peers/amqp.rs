@@ -293,7 +293,9 @@ impl Consumer {
 
     /// Waits for deliveries, calls `on_body` for each, acks up to the last.
     pub async fn next_batch(&mut self, on_body: &mut dyn FnMut(&[u8])) -> io::Result<()> {
-        self.conn.fill().await?;
+        if parse_frame(self.conn.data())?.is_none() {
+            self.conn.fill().await?;
+        }
         let mut last_tag = None;
         while let Some((kind, _, r, used)) = parse_frame(self.conn.data())? {
             let p = &self.conn.data()[r];

@@ -221,7 +221,9 @@ impl Consumer {
 
     /// Waits for deliveries, calls `on_body` for each and acks them all.
     pub async fn next_batch(&mut self, on_body: &mut dyn FnMut(&[u8])) -> io::Result<()> {
-        self.conn.fill().await?;
+        if parse(self.conn.data())?.is_none() {
+            self.conn.fill().await?;
+        }
         let mut acks = Vec::new();
         while let Some((op, used)) = parse(self.conn.data())? {
             match &op {

@@ -311,7 +311,9 @@ fn watch(shared: &Shared, engine_pid: Option<u32>) -> Option<(Option<u64>, u64)>
             let connected = total(&shared.progress, |p| &p.connected);
             let failed = total(&shared.progress, |p| &p.errors);
             if shared.ready.load(Ordering::Acquire) >= shared.threads {
-                std::thread::sleep(Duration::from_secs(2)); // let the server settle
+                // Let the server settle (more connections, longer).
+                let settle_ms = (200 + shared.plan.receivers as u64 / 5).min(2000);
+                std::thread::sleep(Duration::from_millis(settle_ms));
                 idle = Some((engine_pid.and_then(crate::engine::rss_bytes), connected));
                 eprintln!(
                     "idle-connections: {connected} open, {failed} failed; holding them {:.0} s",

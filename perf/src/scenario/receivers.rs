@@ -136,7 +136,11 @@ async fn run(ctx: Rc<ThreadCtx>, mut r: Receiver) {
 /// Reads what arrived on a WebSocket, acks every message (one frame per
 /// 1000 ids) and answers pings.
 async fn ws_batch(ws: &mut WsConn, on_body: &mut dyn FnMut(&[u8])) -> io::Result<()> {
-    ws.fill().await?;
+    // Frames may already wait in the buffer (e.g. a backlog that came with
+    // the 101): read only when none is complete.
+    if !ws.has_frame()? {
+        ws.fill().await?;
+    }
     let mut ids: Vec<u8> = Vec::new();
     let mut id_ends: Vec<usize> = Vec::new();
     let mut pongs: Vec<Vec<u8>> = Vec::new();

@@ -1,0 +1,67 @@
+//! Smoke runs of the bundled harness (`esh3ar-perf`, docs/PERFORMANCE.md)
+//! against the real engine binary: seconds of tiny load in each scenario,
+//! so the harness cannot rot. No figure is checked (benchmarks are never
+//! timed tests); what must hold is checked: messages flow, every accepted
+//! message is delivered, no duplicates, no errors, the reports round-trip.
+
+use esh3ar_perf::cli::{run, run_args};
+use esh3ar_perf::report::{compare, markdown_table, Report};
+
+fn perf(args: &[&str]) -> Report {
+    let mut all = vec!["--engine-bin", env!("CARGO_BIN_EXE_esh3ar"), "--cpus", "none", "--warmup", "200ms"];
+    all.extend_from_slice(args);
+    let args = run_args(&all).expect("valid esh3ar-perf arguments");
+    run(&args).unwrap_or_else(|e| panic!("esh3ar-perf {all:?} failed: {e:#}"))
+}
+
+fn assert_clean(r: &Report) {
+    assert!(r.errors.is_empty(), "errors: {:?}\n{}", r.errors, r.human());
+    assert_eq!(r.lost, 0, "accepted but never delivered\n{}", r.human());
+    assert_eq!(r.duplicates, 0, "{}", r.human());
+}
+
+#[test]
+fn e2e_closed_loop_delivers_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("e2e.json");
+    let r = perf(&[
+        "--scenario",
+        "e2e",
+        "--connections",
+        "4",
+        "--receivers",
+        "8",
+        "--duration",
+        "1s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean(&r);
+    assert!(r.accepted > 0, "{}", r.human());
+    let delivery = r.delivery.as_ref().expect("e2e reports delivery latency");
+    assert!(delivery.count > 0 && delivery.p50_ms > 0.0, "{}", r.human());
+    let back = Report::load(&out).unwrap();
+    assert_eq!(back.accepted, r.accepted);
+    assert!(compare(&back, &r).contains("throughput msg/s"));
+    assert!(markdown_table(&[back], "ceiling").contains("| esh3ar | e2e |"));
+}
+
+#[test]
+fn open_loop_batch_drain_and_idle_connections() {
+    let open = perf(&["--model", "open", "--rate", "200", "--connections", "4", "--duration", "1s"]);
+    assert_clean(&open);
+    assert!(open.accepted > 100, "{}", open.human());
+
+    let batch = perf(&["--scenario", "batch", "--batch-size", "10", "--connections", "2", "--duration", "1s"]);
+    assert_clean(&batch);
+    assert!(batch.accepted >= 10 * batch.requests.min(1), "{}", batch.human());
+
+    let drain = perf(&["--scenario", "offline-drain", "--messages", "200", "--receivers", "10", "--connections", "4"]);
+    assert_clean(&drain);
+    assert_eq!(drain.delivery.as_ref().map(|d| d.count), Some(200), "{}", drain.human());
+
+    let idle = perf(&["--scenario", "idle-connections", "--receivers", "20", "--duration", "0s"]);
+    assert!(idle.errors.is_empty(), "{}", idle.human());
+    assert_eq!(idle.extra.get("connections_open"), Some(&20.0), "{}", idle.human());
+    assert!(idle.extra.contains_key("server_rss_per_connection_bytes"), "{}", idle.human());
+}
