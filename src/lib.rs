@@ -11,6 +11,7 @@ pub mod config;
 pub mod delivery;
 pub mod http;
 pub mod journal_cli;
+pub mod mesh;
 pub mod mobile;
 pub mod pressure;
 pub mod server;

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use esh3ar_shards::journal::{Journal, JournalConfig};
 use esh3ar_shards::recovery::{ensure_dir, recover_shard, write_file_durably, Mode};
-use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
@@ -32,6 +31,12 @@ use crate::http::conn::{serve, Limits};
 use crate::http::write_error;
 use crate::shard::{MeshMsg, PendingReplies, Shard, ShardStats};
 use crate::shutdown::{install_signal_flag, Shutdown};
+
+/// How long the shard executors may take to come up.
+const EXECUTOR_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// io_uring buffer memory per executor (glommio's default is 10 MiB).
+const IO_MEMORY_BYTES: usize = 2 << 20;
 
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,6 +59,8 @@ struct Shared {
     ready: Arc<AtomicBool>,
     failed: AtomicBool,
     errors: Mutex<Vec<String>>,
+    /// Shards whose executor came up and began `shard_main`.
+    started: AtomicUsize,
     recovered: Barrier,
     bound: Barrier,
     drained: Barrier,
@@ -168,24 +175,59 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         ready: Arc::new(AtomicBool::new(false)),
         failed: AtomicBool::new(false),
         errors: Mutex::new(Vec::new()),
+        started: AtomicUsize::new(0),
         recovered: Barrier::default(),
         bound: Barrier::default(),
         drained: Barrier::default(),
     });
     tracing::info!(shards, data_dir = %shared.cfg.engine.data_dir.display(), "starting esh3ar");
-    let mesh: MeshBuilder<MeshMsg, _> = MeshBuilder::full(shards, shared.cfg.engine.mesh_channel_capacity);
+    let seeds = Arc::new(Mutex::new(crate::mesh::build::<MeshMsg>(shards, shared.cfg.engine.mesh_channel_capacity)));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let placement =
-        if shards <= cpus { PoolPlacement::MaxSpread(shards, None) } else { PoolPlacement::Unbound(shards) };
+    let placement = if shards <= cpus {
+        PoolPlacement::MaxSpread(shards, None)
+    } else {
+        // Known issue: with more shards than CPUs, an executor occasionally
+        // never runs its first task when several engines start at once; the
+        // start watchdog below turns that into a clear exit.
+        tracing::warn!(
+            shards,
+            cpus,
+            "more shards than CPUs: shards share cores (fine for a data dir moved to a smaller host, not for speed)"
+        );
+        PoolPlacement::Unbound(shards)
+    };
     let pool_shared = shared.clone();
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("shard")
+        // Registered io_uring buffers are pinned memory (RLIMIT_MEMLOCK);
+        // journal writes need little of it.
+        .io_memory(IO_MEMORY_BYTES)
         .on_all_shards(move || {
             let shared = pool_shared.clone();
-            let mesh = mesh.clone();
-            async move { shard_main(shared, mesh).await }
+            let seed = seeds.lock().expect("mesh seeds lock").pop();
+            async move {
+                match seed {
+                    Some(seed) => shard_main(shared, seed).await,
+                    None => shared.fail("more executors than mesh seeds".into()),
+                }
+            }
         })
         .map_err(|e| anyhow::anyhow!("cannot start the shard executors: {e}"))?;
+    // An executor that fails to come up (io_uring setup refused, say) leaves
+    // its peers waiting for it forever: detect that and stop with a reason.
+    let deadline = Instant::now() + EXECUTOR_START_TIMEOUT;
+    while shared.started.load(Ordering::Acquire) < shards {
+        if Instant::now() > deadline {
+            eprintln!(
+                "error: only {} of {shards} shard executors started within {}s; io_uring setup probably failed \
+                 (check `ulimit -l`, and that the kernel allows io_uring)",
+                shared.started.load(Ordering::Acquire),
+                EXECUTOR_START_TIMEOUT.as_secs()
+            );
+            std::process::exit(1);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
     // Shards bound their listeners (or failed) once `bound` is complete.
     while shared.bound.arrived.load(Ordering::Acquire) < shards && !shared.failed.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(2));
@@ -205,15 +247,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>) {
-    let (senders, mut receivers) = match mesh.join().await {
-        Ok(pair) => pair,
-        Err(e) => {
-            shared.fail(format!("cannot join the shard channel mesh: {e}"));
-            return;
-        }
-    };
+async fn shard_main(shared: Arc<Shared>, seed: crate::mesh::MeshSeed<MeshMsg>) {
+    shared.started.fetch_add(1, Ordering::AcqRel);
+    let seed_id = seed.id;
+    tracing::debug!(shard = seed_id, "connecting the mesh");
+    let (senders, receivers) = seed.connect().await;
     let id = senders.peer_id();
+    tracing::debug!(shard = id, "mesh connected");
     let cfg = shared.cfg.clone();
     let ready = shared.ready.clone();
     let admin_shutdown = Rc::new(Shutdown::default());
@@ -263,9 +303,11 @@ async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::cha
         "journal recovered"
     );
     let journal_cfg = JournalConfig { dir, shard: id as u16, segment_bytes: cfg.engine.segment_bytes };
+    tracing::debug!(shard = id, "probing the journal device");
     if let Err(e) = esh3ar_shards::journal::probe_device(&journal_cfg.dir).await {
         tracing::warn!(shard = id, error = %e, "could not probe the journal device for polled I/O");
     }
+    tracing::debug!(shard = id, "opening the journal");
     let journal = Journal::open(journal_cfg, &recovered);
     glommio::spawn_local(journal.clone().run_committer()).detach();
     let shard = Rc::new(Shard {
@@ -288,7 +330,7 @@ async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::cha
     });
     glommio::spawn_local(shard.clone().run_pressure_watch()).detach();
     glommio::spawn_local(shard.clone().run_maintenance()).detach();
-    for (_peer, rx) in receivers.streams() {
+    for (_peer, rx) in receivers {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
@@ -302,6 +344,7 @@ async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::cha
         let flag = shared.signal.clone();
         glommio::spawn_local(async move { shard.shutdown.watch(flag).await }).detach();
     }
+    tracing::debug!(shard = id, "binding listeners");
     let business = match TcpListener::bind(shared.business_addr) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -316,6 +359,7 @@ async fn shard_main(shared: Arc<Shared>, mesh: MeshBuilder<MeshMsg, glommio::cha
             None
         }
     };
+    tracing::debug!(shard = id, "listeners bound");
     if !shared.barrier(&shared.bound, true).await {
         admin_shutdown.trigger();
         return;

@@ -18,7 +18,6 @@ use esh3ar_shards::journal::{Journal, JournalError};
 use esh3ar_shards::record::{Accepted, Record};
 use esh3ar_shards::{Priority, Status};
 use futures_channel::oneshot;
-use glommio::channels::channel_mesh::Senders;
 use hashbrown::HashMap;
 
 use crate::clients::ClientTable;
@@ -143,7 +142,7 @@ pub struct Shard {
     pub clients: Arc<ClientTable>,
     pub journal: Rc<Journal>,
     pub index: RefCell<MessageIndex>,
-    pub mesh: Senders<MeshMsg>,
+    pub mesh: crate::mesh::Mesh<MeshMsg>,
     pub replies: PendingReplies,
     pub shutdown: Shutdown,
     pub stats: ShardStats,
