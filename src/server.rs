@@ -217,6 +217,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // its peers waiting for it forever: detect that and stop with a reason.
     let deadline = Instant::now() + EXECUTOR_START_TIMEOUT;
     while shared.started.load(Ordering::Acquire) < shards {
+        if shared.signal.load(Ordering::Relaxed) {
+            // The shards that run cannot shut down cleanly without the missing
+            // ones; nothing was accepted yet, so just stop.
+            eprintln!("error: interrupted while the shard executors were starting");
+            std::process::exit(1);
+        }
         if Instant::now() > deadline {
             eprintln!(
                 "error: only {} of {shards} shard executors started within {}s; io_uring setup probably failed \
