@@ -213,6 +213,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Cmd::Table { base, reports }) => {
             let rs = reports.iter().map(|p| Report::load(p)).collect::<anyhow::Result<Vec<_>>>()?;
             print!("{}", report::markdown_table(&rs, &base));
+            let idle = report::idle_table(&rs);
+            if !idle.is_empty() {
+                print!("\n{idle}");
+            }
             Ok(())
         }
         Some(Cmd::Disk { dir, count, out }) => {

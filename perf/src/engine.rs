@@ -152,6 +152,9 @@ pub fn write_engine_config(dir: &Path, shards: usize) -> anyhow::Result<PathBuf>
 shards = {shards}
 data_dir = "{data}"
 connections_per_shard_max = 30000
+# Ingest runs queue messages for users who never connect: room for a few
+# million pending messages before the engine sheds load.
+memory_limit_bytes = 4294967296
 
 [business]
 listen = "127.0.0.1:0"

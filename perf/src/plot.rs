@@ -86,6 +86,7 @@ where
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 20))
         .margin(15)
+        .margin_right(45)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(0f64..5f64, (0.01f64..y_top).log_scale())?;
@@ -116,7 +117,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 15))

@@ -226,19 +226,31 @@ pub fn compare(a: &Report, b: &Report) -> String {
 /// A markdown table of several runs (for docs/PERFORMANCE.md); ratios of
 /// throughput against the first report of system `base` in the list.
 pub fn markdown_table(reports: &[Report], base: &str) -> String {
-    let base_tp = reports.iter().find(|r| r.system == base).map(|r| r.throughput_per_s);
+    let base = reports.iter().find(|r| r.system == base);
+    // Ratios only between runs of the same scenario and load model.
+    let ratio_to_base = |r: &Report| -> Option<f64> {
+        let b = base?;
+        (b.scenario == r.scenario && b.model == r.model && r.rate_per_s.is_none() && b.throughput_per_s > 0.0)
+            .then(|| r.throughput_per_s / b.throughput_per_s)
+    };
+    let base = base.map_or("base", |b| b.system.as_str());
     let mut s = String::new();
     let _ = writeln!(
         s,
         "| system | scenario | load | msg/s | vs {base} | accept p50 | p90 | p99 | p99.9 | max | deliver p50 | p99 | p99.9 | max | errors | lost | dup |"
     );
     let _ = writeln!(s, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for r in reports {
-        let load = match r.rate_per_s {
+    for r in reports.iter().filter(|r| r.scenario != "idle-connections") {
+        let mut load = match r.rate_per_s {
             Some(rate) => format!("open {rate:.0}/s, {} conns", r.connections),
             None => format!("closed, {} conns", r.connections),
         };
-        let ratio = base_tp.filter(|b| *b > 0.0).map(|b| format!("{:.2}×", r.throughput_per_s / b)).unwrap_or_default();
+        if r.scenario == "offline-drain" {
+            load = format!("{} queued, then {} receivers drain", r.accepted, r.receivers);
+        } else if r.receivers > 0 {
+            load += &format!(", {} receivers", r.receivers);
+        }
+        let ratio = ratio_to_base(r).map(|x| format!("{x:.2}×")).unwrap_or_default();
         let (d50, d99, d999, dmax) = match &r.delivery {
             Some(d) => (fmt_ms(d.p50_ms), fmt_ms(d.p99_ms), fmt_ms(d.p999_ms), fmt_ms(d.max_ms)),
             None => ("–".into(), "–".into(), "–".into(), "–".into()),
@@ -262,6 +274,31 @@ pub fn markdown_table(reports: &[Report], base: &str) -> String {
             fmt_ms(a.max_ms),
             r.lost,
             r.duplicates
+        );
+    }
+    s
+}
+
+/// Server memory per idle WebSocket of idle-connections reports.
+pub fn idle_table(reports: &[Report]) -> String {
+    let mut s = String::new();
+    let idle: Vec<&Report> = reports.iter().filter(|r| r.scenario == "idle-connections").collect();
+    if idle.is_empty() {
+        return s;
+    }
+    let _ = writeln!(s, "| system | WebSockets open | server RSS before | after | per connection |");
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|");
+    for r in idle {
+        let get = |k: &str| r.extra.get(k).copied().unwrap_or(0.0);
+        let mib = |b: f64| format!("{:.1} MiB", b / (1024.0 * 1024.0));
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {} | {} | {:.1} KiB |",
+            r.name(),
+            get("connections_open"),
+            mib(get("server_rss_before_bytes")),
+            mib(get("server_rss_after_bytes")),
+            get("server_rss_per_connection_bytes") / 1024.0
         );
     }
     s

@@ -228,13 +228,23 @@ async fn lane(ctx: Rc<ThreadCtx>, j: usize, mut sender: Sender, gate: Rc<Semapho
         if (offline && first + per_request > quota(&ctx)) || (!offline && intended >= end) {
             break;
         }
+        if !offline && now_ns() >= end {
+            // Behind schedule when the run ends (open loop): what was never
+            // sent is counted, not silently dropped.
+            let unsent = ((end - intended) as f64 / period.max(1.0)).ceil() as u64;
+            let mut st = ctx.stats.borrow_mut();
+            *st.errors.entry("unsent_behind_schedule".into()).or_default() += unsent;
+            break;
+        }
         sleep_until(intended).await;
         Progress::add(&ctx.progress().sent, per_request);
         let result = sender.send(&ctx, intended, first, per_request).await;
         let done = now_ns();
         let broken = result.is_err() || sender.needs_reconnect();
         let measured = offline || intended >= start;
-        record(&ctx, result, Recorded { first, intended, done, measured, track_keys, warn: offline || done < end });
+        let in_window = offline || (done >= start && done < end);
+        let r = Recorded { first, intended, done, measured, in_window, track_keys, warn: offline || done < end };
+        record(&ctx, result, r);
         if broken {
             match reconnect(&ctx, j, if offline { u64::MAX } else { end }).await {
                 Some(s) => sender = s,
@@ -249,7 +259,10 @@ struct Recorded {
     first: u64,
     intended: u64,
     done: u64,
+    /// Sent in the measured window: its latency is recorded.
     measured: bool,
+    /// Completed in the measured window: it counts for throughput.
+    in_window: bool,
     track_keys: bool,
     warn: bool,
 }
@@ -262,7 +275,7 @@ fn record(ctx: &ThreadCtx, result: io::Result<Result<u64, String>>, r: Recorded)
             if r.track_keys {
                 st.accepted_keys.extend((r.first..r.first + accepted).map(|c| payload::key(ctx.index, c)));
             }
-            if r.measured {
+            if r.in_window {
                 st.accepted += accepted;
             }
         }
@@ -278,8 +291,10 @@ fn record(ctx: &ThreadCtx, result: io::Result<Result<u64, String>>, r: Recorded)
             }
         }
     }
-    if r.measured {
+    if r.in_window {
         st.requests += 1;
+    }
+    if r.measured {
         record_ns(&mut st.acceptance, r.done.saturating_sub(r.intended));
     }
 }

@@ -324,7 +324,7 @@ fn watch(shared: &Shared, engine_pid: Option<u32>) -> Option<(Option<u64>, u64)>
             }
         }
         if start.elapsed().as_secs_f64() >= next_line {
-            next_line += 1.0;
+            next_line = start.elapsed().as_secs_f64().floor() + 1.0;
             let accepted = shared.accepted_total();
             eprintln!(
                 "[{:>5.1}s] sent {:>9} accepted {:>9} ({:>7}/s) delivered {:>9} errors {:>6} connected {:>6}",
