@@ -28,7 +28,9 @@ PEERS=${PEERS-redis nats rabbitmq}
 SCENARIOS=${SCENARIOS:-ingest open-10k e2e batch offline-drain idle-connections}
 OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
 WORK=${WORK:-$ROOT/target/bench/work}
-PORT_BASE=${PORT_BASE:-47300}
+# Below the ephemeral range (32768-60999), which the generator's own
+# connections use.
+PORT_BASE=${PORT_BASE:-27300}
 NCPU=$(nproc)
 if [ "$NCPU" -ge 2 ]; then
   SERVER_CPUS=${SERVER_CPUS:-$((NCPU - 1))}
@@ -49,11 +51,11 @@ GEN_THREADS=$([ "$GEN_CPUS" = none ] && echo 1 || count_cpus "$GEN_CPUS")
 
 if [ "$QUICK" = 1 ]; then
   DURATION=${DURATION:-5s} WARMUP=${WARMUP:-1s}
-  CONNS=${CONNS:-128} OPEN_CONNS=${OPEN_CONNS:-2000} E2E_RATE=${E2E_RATE:-5000}
+  CONNS=${CONNS:-128} OPEN_CONNS=${OPEN_CONNS:-2000} E2E_RATE=${E2E_RATE:-5000} E2E_LOW=${E2E_LOW:-1000}
   RECEIVERS=${RECEIVERS:-200} MESSAGES=${MESSAGES:-20000} IDLE=${IDLE:-2000}
 else
   DURATION=${DURATION:-15s} WARMUP=${WARMUP:-3s}
-  CONNS=${CONNS:-256} OPEN_CONNS=${OPEN_CONNS:-10000} E2E_RATE=${E2E_RATE:-20000}
+  CONNS=${CONNS:-256} OPEN_CONNS=${OPEN_CONNS:-10000} E2E_RATE=${E2E_RATE:-20000} E2E_LOW=${E2E_LOW:-5000}
   RECEIVERS=${RECEIVERS:-1000} MESSAGES=${MESSAGES:-100000} IDLE=${IDLE:-10000}
 fi
 
@@ -226,6 +228,8 @@ fi
 if has e2e; then
   run e2e-esh3ar "${esh3ar_args[@]}" --scenario e2e --model open --rate "$E2E_RATE" \
     --connections "$CONNS" --receivers "$RECEIVERS" "${LOAD[@]}"
+  run e2elow-esh3ar "${esh3ar_args[@]}" --scenario e2e --model open --rate "$E2E_LOW" \
+    --connections "$CONNS" --receivers "$RECEIVERS" "${LOAD[@]}"
 fi
 if has batch; then
   run batch-esh3ar "${esh3ar_args[@]}" --scenario batch --batch-size 100 --connections 32 "${LOAD[@]}"
@@ -249,6 +253,8 @@ for p in $PEERS; do
   has ingest && run "ingest-$p" "${peer_args[@]}" --scenario ingest --connections "$CONNS" "${LOAD[@]}"
   has e2e && run "e2e-$p" "${peer_args[@]}" --scenario e2e --model open --rate "$E2E_RATE" \
     --connections "$CONNS" --receivers "$RECEIVERS" "${LOAD[@]}"
+  has e2e && run "e2elow-$p" "${peer_args[@]}" --scenario e2e --model open --rate "$E2E_LOW" \
+    --connections "$CONNS" --receivers "$RECEIVERS" "${LOAD[@]}"
   has offline-drain && run "drain-$p" "${peer_args[@]}" --scenario offline-drain --messages "$MESSAGES" \
     --receivers "$RECEIVERS" --connections "$CONNS"
   cleanup
@@ -258,18 +264,19 @@ done
 shopt -s nullglob
 reports() { local f; for f in "$@"; do [ -f "$f" ] && echo "$f"; done; }
 mapfile -t all < <(reports "$OUT"/ingest-{ceiling,esh3ar,redis,nats,rabbitmq}.json "$OUT"/open-{ceiling,esh3ar}.json \
-  "$OUT"/e2e-{esh3ar,redis,nats,rabbitmq}.json "$OUT"/batch-esh3ar.json "$OUT"/drain-{esh3ar,redis,nats,rabbitmq}.json \
+  "$OUT"/e2e-{esh3ar,redis,nats,rabbitmq}.json \
+  "$OUT"/e2elow-{esh3ar,redis,nats,rabbitmq}.json "$OUT"/batch-esh3ar.json "$OUT"/drain-{esh3ar,redis,nats,rabbitmq}.json \
   "$OUT"/idle-esh3ar.json)
 if [ ${#all[@]} -gt 0 ]; then
   "$PERF" table --base ceiling "${all[@]}" | tee "$OUT/table.md"
 fi
 mapfile -t ingest < <(reports "$OUT"/ingest-{ceiling,esh3ar,redis,nats,rabbitmq}.json)
-mapfile -t e2e < <(reports "$OUT"/e2e-{esh3ar,redis,nats,rabbitmq}.json)
+mapfile -t e2e < <(reports "$OUT"/e2elow-{esh3ar,redis,nats,rabbitmq}.json)
 if [ ${#ingest[@]} -gt 0 ]; then
   "$PERF" plot --out "$OUT/latency.png" --title "ingest, closed loop, $CONNS connections: acceptance latency" "${ingest[@]}"
 fi
 if [ ${#e2e[@]} -gt 0 ]; then
-  "$PERF" plot --out "$OUT/latency-e2e.png" --title "e2e, open loop $E2E_RATE msg/s: acceptance and delivery" "${e2e[@]}"
+  "$PERF" plot --out "$OUT/latency-e2e.png" --title "e2e, open loop $E2E_LOW msg/s: acceptance and delivery" "${e2e[@]}"
 fi
 if [ -f "$OUT/ingest-ceiling.json" ] && [ -f "$OUT/ingest-esh3ar.json" ]; then
   echo; echo "esh3ar / ceiling (ingest):"; "$PERF" --compare "$OUT/ingest-ceiling.json" "$OUT/ingest-esh3ar.json"

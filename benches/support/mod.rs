@@ -21,10 +21,20 @@ impl AsyncBench {
         B: FnMut() -> BF + 'static,
         BF: Future<Output = ()>,
     {
+        Self::start_with(glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).name(name), setup)
+    }
+
+    /// Like [`AsyncBench::start`] on an executor built by `builder`.
+    pub fn start_with<S, SF, B, BF>(builder: glommio::LocalExecutorBuilder, setup: S) -> AsyncBench
+    where
+        S: FnOnce() -> SF + Send + 'static,
+        SF: Future<Output = B> + 'static,
+        B: FnMut() -> BF + 'static,
+        BF: Future<Output = ()>,
+    {
         let (iters_tx, iters_rx) = mpsc::channel::<u64>();
         let (elapsed_tx, elapsed_rx) = mpsc::channel();
-        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .name(name)
+        builder
             .spawn(move || async move {
                 let mut body = setup().await;
                 while let Ok(n) = iters_rx.recv() {

@@ -39,15 +39,23 @@ pub fn placement(threads: usize, cpus: &[usize]) -> anyhow::Result<PoolPlacement
 }
 
 /// Starts a glommio pool running `f(shard_index)` on every executor.
-pub fn pool<G, F, T>(name: &str, placement: PoolPlacement, f: G) -> anyhow::Result<PoolThreadHandles<T>>
+pub fn pool<G, F, T>(
+    name: &str,
+    placement: PoolPlacement,
+    spin_before_park: Option<std::time::Duration>,
+    f: G,
+) -> anyhow::Result<PoolThreadHandles<T>>
 where
     G: Fn(usize) -> F + Clone + Send + 'static,
     F: Future<Output = T> + 'static,
     T: Send + 'static,
 {
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    LocalExecutorPoolBuilder::new(placement)
-        .name(name)
+    let mut builder = LocalExecutorPoolBuilder::new(placement).name(name);
+    if let Some(d) = spin_before_park {
+        builder = builder.spin_before_park(d);
+    }
+    builder
         .on_all_shards(move || {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             f(i)
@@ -70,12 +78,18 @@ fn reserve(addr: SocketAddr) -> anyhow::Result<(SocketAddr, Option<socket2::Sock
 
 /// Serves forever (until the process is killed). Calls `ready` with the
 /// bound address once every executor listens.
-pub fn serve(listen: SocketAddr, threads: usize, cpus: &[usize], ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+pub fn serve(
+    listen: SocketAddr,
+    threads: usize,
+    cpus: &[usize],
+    socket_timeouts: bool,
+    ready: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
     let (addr, placeholder) = reserve(listen).with_context(|| format!("cannot bind {listen}"))?;
     let n = if cpus.is_empty() { threads.max(1) } else { cpus.len() };
     let bound = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let b = bound.clone();
-    let handles = pool("ceiling", placement(threads, cpus)?, move |_| {
+    let handles = pool("ceiling", placement(threads, cpus)?, None, move |_| {
         let bound = b.clone();
         async move {
             let listener = match TcpListener::bind(addr) {
@@ -89,7 +103,7 @@ pub fn serve(listen: SocketAddr, threads: usize, cpus: &[usize], ready: impl FnO
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
-                        glommio::spawn_local(serve_conn(stream)).detach();
+                        glommio::spawn_local(serve_conn(stream, socket_timeouts)).detach();
                     }
                     Err(_) => glommio::timer::sleep(std::time::Duration::from_millis(1)).await,
                 }
@@ -112,7 +126,7 @@ pub fn spawn_background(threads: usize) -> anyhow::Result<SocketAddr> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-        if let Err(e) = serve(listen, threads, &[], |a| {
+        if let Err(e) = serve(listen, threads, &[], false, |a| {
             let _ = tx.send(a);
         }) {
             eprintln!("ceiling: {e:#}");
@@ -121,8 +135,13 @@ pub fn spawn_background(threads: usize) -> anyhow::Result<SocketAddr> {
     rx.recv_timeout(std::time::Duration::from_secs(30)).context("the ceiling did not start")
 }
 
-async fn serve_conn(mut stream: TcpStream) {
+/// With `socket_timeouts`, every read and write carries a timeout as the
+/// engine's connections do (a diagnostic: what timeouts cost the runtime).
+async fn serve_conn(mut stream: TcpStream, socket_timeouts: bool) {
     let _ = stream.set_nodelay(true);
+    if socket_timeouts {
+        let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(10)));
+    }
     let mut buf = vec![0u8; 8192];
     let (mut start, mut end) = (0usize, 0usize);
     let mut out = Vec::with_capacity(RESPONSE.len() * 4);
@@ -154,6 +173,9 @@ async fn serve_conn(mut stream: TcpStream) {
                 }
                 buf.resize(buf.len() * 2, 0);
             }
+        }
+        if socket_timeouts {
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(120)));
         }
         match stream.read(&mut buf[end..]).await {
             Ok(0) | Err(_) => return,

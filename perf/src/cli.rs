@@ -38,6 +38,10 @@ pub enum Cmd {
         /// Pin one executor per listed CPU (e.g. `1` or `0-1`).
         #[arg(long)]
         cpus: Option<String>,
+        /// Set read and write timeouts on every connection, as the engine
+        /// does (a diagnostic of what they cost).
+        #[arg(long)]
+        socket_timeouts: bool,
     },
     /// The ratio table between two JSON reports (B / A).
     Compare { a: PathBuf, b: PathBuf },
@@ -161,6 +165,9 @@ pub struct RunArgs {
     pub rabbitmq_user: String,
     #[arg(long, default_value = "guest")]
     pub rabbitmq_password: String,
+    /// Generator executors poll this many microseconds before sleeping.
+    #[arg(long, default_value_t = 0)]
+    pub spin_us: u64,
     /// Write the JSON report here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -194,9 +201,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", r.human());
             Ok(())
         }
-        Some(Cmd::Ceiling { listen, threads, cpus }) => {
+        Some(Cmd::Ceiling { listen, threads, cpus, socket_timeouts }) => {
             let cpus = cpus.as_deref().map(parse_cpu_list).transpose().map_err(anyhow::Error::msg)?.unwrap_or_default();
-            crate::ceiling::serve(listen, threads, &cpus, |addr| {
+            crate::ceiling::serve(listen, threads, &cpus, socket_timeouts, |addr| {
                 println!("esh3ar-perf ceiling ready addr={addr}");
             })
         }
@@ -394,6 +401,7 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
         source_addrs: args.source_addrs,
         drain_timeout: args.drain_timeout,
         connects_in_flight: 64,
+        spin_before_park: Duration::from_micros(args.spin_us),
     }
 }
 

@@ -92,6 +92,10 @@ pub struct Plan {
     pub drain_timeout: Duration,
     /// Connects in flight per generator thread.
     pub connects_in_flight: usize,
+    /// Generator executors poll this long before they sleep (0: sleep at
+    /// once). A sleeping generator makes every server reply pay a
+    /// cross-CPU wake-up, which on loopback is charged to the server.
+    pub spin_before_park: Duration,
 }
 
 impl Default for Plan {
@@ -112,6 +116,7 @@ impl Default for Plan {
             source_addrs: None,
             drain_timeout: Duration::from_secs(15),
             connects_in_flight: 64,
+            spin_before_park: Duration::ZERO,
         }
     }
 }
@@ -259,7 +264,9 @@ pub fn run(plan: &Plan, target: &Target, engine_pid: Option<u32>) -> anyhow::Res
     });
     let rss_before = engine_pid.and_then(crate::engine::rss_bytes);
     let s = shared.clone();
-    let handles = crate::ceiling::pool("perf", crate::ceiling::placement(plan.threads, &plan.cpus)?, move |i| {
+    let placement = crate::ceiling::placement(plan.threads, &plan.cpus)?;
+    let spin = (!plan.spin_before_park.is_zero()).then_some(plan.spin_before_park);
+    let handles = crate::ceiling::pool("perf", placement, spin, move |i| {
         let shared = s.clone();
         async move {
             let ctx = Rc::new(ThreadCtx {
