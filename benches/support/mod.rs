@@ -12,6 +12,7 @@ pub struct AsyncBench {
     elapsed: mpsc::Receiver<Duration>,
 }
 
+#[allow(dead_code)] // each bench target uses part of this module
 impl AsyncBench {
     /// `setup` runs once on the executor and returns the body to time.
     pub fn start<S, SF, B, BF>(name: &str, setup: S) -> AsyncBench

@@ -144,6 +144,12 @@ impl Report {
         if let Some(d) = &self.delivery {
             row("delivery", d);
         }
+        if self.acceptance.count == 0 && self.rate_per_s.is_some() {
+            let _ = writeln!(
+                s,
+                "  (no latency sample: the open loop fell so far behind that no send of the measured window went out)"
+            );
+        }
         let errors = if self.errors.is_empty() {
             "none".to_owned()
         } else {
@@ -251,8 +257,11 @@ pub fn markdown_table(reports: &[Report], base: &str) -> String {
             load += &format!(", {} receivers", r.receivers);
         }
         let ratio = ratio_to_base(r).map(|x| format!("{x:.2}×")).unwrap_or_default();
+        // No sample (an open loop so far behind that no send of the
+        // measured window went out): a dash, never a zero.
+        let ms = |l: &Latency, v: f64| if l.count == 0 { "–".to_owned() } else { fmt_ms(v) };
         let (d50, d99, d999, dmax) = match &r.delivery {
-            Some(d) => (fmt_ms(d.p50_ms), fmt_ms(d.p99_ms), fmt_ms(d.p999_ms), fmt_ms(d.max_ms)),
+            Some(d) => (ms(d, d.p50_ms), ms(d, d.p99_ms), ms(d, d.p999_ms), ms(d, d.max_ms)),
             None => ("–".into(), "–".into(), "–".into(), "–".into()),
         };
         let errors = if r.errors.is_empty() {
@@ -267,11 +276,11 @@ pub fn markdown_table(reports: &[Report], base: &str) -> String {
             r.name(),
             r.scenario,
             r.throughput_per_s,
-            fmt_ms(a.p50_ms),
-            fmt_ms(a.p90_ms),
-            fmt_ms(a.p99_ms),
-            fmt_ms(a.p999_ms),
-            fmt_ms(a.max_ms),
+            ms(a, a.p50_ms),
+            ms(a, a.p90_ms),
+            ms(a, a.p99_ms),
+            ms(a, a.p999_ms),
+            ms(a, a.max_ms),
             r.lost,
             r.duplicates
         );
