@@ -177,7 +177,7 @@ EOF
   env HOME="$d/home" RABBITMQ_NODENAME="esh3arbench@localhost" RABBITMQ_NODE_PORT="$AMQP_PORT" \
     RABBITMQ_DIST_PORT="$DIST_PORT" ERL_EPMD_PORT="$EPMD_PORT" RABBITMQ_MNESIA_BASE="$d/mnesia" \
     RABBITMQ_LOG_BASE="$d/log" RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" RABBITMQ_PID_FILE="$d/pid" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" RABBITMQ_PID_FILE="$d/pid" ERL_CRASH_DUMP="$d/erl_crash.dump" \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="+S $sched:$sched" \
     taskset -c "$SERVER_CPUS" "$bin" >"$d/console.log" 2>&1 &
   PIDS+=($!)
