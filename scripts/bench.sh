@@ -25,7 +25,7 @@ ROOT=$PWD
 
 QUICK=${QUICK:-0}
 PEERS=${PEERS-redis nats rabbitmq}
-SCENARIOS=${SCENARIOS:-ingest open-10k e2e batch offline-drain idle-connections}
+SCENARIOS=${SCENARIOS:-ingest open-10k e2e batch offline-drain idle-connections overload}
 OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
 WORK=${WORK:-$ROOT/target/bench/work}
 # Below the ephemeral range (32768-60999), which the generator's own
@@ -240,6 +240,12 @@ if has offline-drain; then
 fi
 if has idle-connections; then
   run idle-esh3ar "${esh3ar_args[@]}" --scenario idle-connections --receivers "$IDLE" --duration 3s
+fi
+if has overload; then
+  # Far above capacity under a 96 MiB memory limit: the shedding profile
+  # (answers by second, status and priority) and the engine's RSS.
+  run overload-esh3ar "${esh3ar_args[@]}" --scenario overload --connections 800 --body-bytes 16384 \
+    --memory-limit-bytes 100663296 --duration 10s --warmup 2s
 fi
 
 for p in $PEERS; do

@@ -65,3 +65,14 @@ fn open_loop_batch_drain_and_idle_connections() {
     assert_eq!(idle.extra.get("connections_open"), Some(&20.0), "{}", idle.human());
     assert!(idle.extra.contains_key("server_rss_per_connection_bytes"), "{}", idle.human());
 }
+
+#[test]
+fn overload_reports_a_shedding_profile() {
+    let r = perf(&["--scenario", "overload", "--connections", "30", "--duration", "1s"]);
+    let p = r.overload.as_ref().expect("overload reports its profile");
+    assert_eq!(p.memory_limit_bytes, 96 << 20, "{}", r.human());
+    assert_eq!(p.transport_errors, 0, "{}", r.human());
+    assert!(p.totals.get("202").is_some_and(|by| by.len() == 3), "{}", r.human());
+    assert!(p.rss_max_bytes > 0 && !p.rss_per_s.is_empty(), "{}", r.human());
+    assert!(r.errors.keys().all(|k| k == "503"), "{}", r.human());
+}

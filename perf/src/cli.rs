@@ -100,9 +100,10 @@ pub struct RunArgs {
     /// Open loop: messages per second over all connections.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Sender connections (each has one request in flight).
-    #[arg(long, default_value_t = 64)]
-    pub connections: usize,
+    /// Sender connections (each has one request in flight); default 64,
+    /// 800 for overload.
+    #[arg(long)]
+    pub connections: Option<usize>,
     /// Receivers (WebSocket users or queue consumers); default 1000 for
     /// e2e and offline-drain, 10000 for idle-connections.
     #[arg(long)]
@@ -121,9 +122,13 @@ pub struct RunArgs {
     /// `none` (unpinned), or a list such as `0` or `2-3`.
     #[arg(long, default_value = "auto")]
     pub cpus: String,
-    /// Message body bytes (at least 46).
-    #[arg(long, default_value_t = 64)]
-    pub body_bytes: usize,
+    /// Message body bytes (at least 46); default 64, 16384 for overload.
+    #[arg(long)]
+    pub body_bytes: Option<usize>,
+    /// `memory_limit_bytes` of a started engine (at least 67108864);
+    /// default 4 GiB, 96 MiB for overload.
+    #[arg(long)]
+    pub memory_limit_bytes: Option<u64>,
     /// Messages per batch request.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
@@ -267,7 +272,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let target = match (args.system, args.addr) {
         (System::Esh3ar, None) => {
             let bin = args.engine_bin.clone().unwrap_or_else(engine::default_engine_bin);
-            let (s, t) = engine::spawn_engine(&bin, args.server_threads, args.data_dir.as_deref())?;
+            let limit = memory_limit(args);
+            let (s, t) = engine::spawn_engine(&bin, args.server_threads, args.data_dir.as_deref(), limit)?;
             spawned = Some(s);
             t
         }
@@ -349,6 +355,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         lost,
         duplicates,
         extra: stats.extra.clone(),
+        overload: outcome.overload,
         machine: Machine::probe(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         unix_time_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -380,29 +387,40 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
     let receivers = args.receivers.unwrap_or(match args.scenario {
         Scenario::E2e | Scenario::OfflineDrain => 1000,
         Scenario::IdleConnections => 10_000,
-        Scenario::Ingest | Scenario::Batch => 0,
+        Scenario::Ingest | Scenario::Batch | Scenario::Overload => 0,
     });
+    let overload = args.scenario == Scenario::Overload;
     Plan {
         scenario: args.scenario,
         model: match args.model {
             LoadModel::Closed => Model::Closed,
             LoadModel::Open => Model::Open { rate: args.rate.unwrap_or(0.0) },
         },
-        connections: args.connections,
+        connections: args.connections.unwrap_or(if overload { 800 } else { 64 }),
         receivers,
         users: args.users,
         duration: args.duration,
         warmup: args.warmup,
         threads: args.threads,
         cpus,
-        body_bytes: args.body_bytes.max(crate::payload::STAMP_BYTES),
+        body_bytes: args.body_bytes.unwrap_or(if overload { 16 << 10 } else { 64 }).max(crate::payload::STAMP_BYTES),
         batch_size: args.batch_size,
         messages: args.messages,
         source_addrs: args.source_addrs,
         drain_timeout: args.drain_timeout,
         connects_in_flight: 64,
         spin_before_park: Duration::from_micros(args.spin_us),
+        memory_limit_bytes: if args.addr.is_none() { memory_limit(args) } else { 0 },
     }
+}
+
+/// The memory limit of an engine started here.
+fn memory_limit(args: &RunArgs) -> u64 {
+    args.memory_limit_bytes.unwrap_or(if args.scenario == Scenario::Overload {
+        scenario::overload::DEFAULT_MEMORY_LIMIT
+    } else {
+        engine::DEFAULT_MEMORY_LIMIT
+    })
 }
 
 /// Parses a `run` command line (without the program name) into arguments,

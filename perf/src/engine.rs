@@ -142,9 +142,14 @@ pub fn ready_field(line: &str, name: &str) -> Option<String> {
     line.split_whitespace().find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(str::to_owned)
 }
 
+/// `memory_limit_bytes` of a started engine unless told otherwise: ingest
+/// runs queue messages for users who never connect, so room for a few
+/// million pending messages before the engine sheds load.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 4 << 30;
+
 /// Writes a config for an engine on free loopback ports, one benchmark
-/// client without a practical rate limit.
-pub fn write_engine_config(dir: &Path, shards: usize) -> anyhow::Result<PathBuf> {
+/// client without a practical rate limit, and `memory_limit` bytes.
+pub fn write_engine_config(dir: &Path, shards: usize, memory_limit: u64) -> anyhow::Result<PathBuf> {
     let data = dir.join("data");
     let text = format!(
         r#"# Written by esh3ar-perf.
@@ -152,9 +157,7 @@ pub fn write_engine_config(dir: &Path, shards: usize) -> anyhow::Result<PathBuf>
 shards = {shards}
 data_dir = "{data}"
 connections_per_shard_max = 30000
-# Ingest runs queue messages for users who never connect: room for a few
-# million pending messages before the engine sheds load.
-memory_limit_bytes = 4294967296
+memory_limit_bytes = {memory_limit}
 
 [business]
 listen = "127.0.0.1:0"
@@ -185,13 +188,18 @@ tier = "bench"
 
 /// Starts `esh3ar serve` with a fresh data dir under `parent` (the system
 /// temp dir when None) and returns it with its target.
-pub fn spawn_engine(bin: &Path, shards: usize, parent: Option<&Path>) -> anyhow::Result<(Spawned, Target)> {
+pub fn spawn_engine(
+    bin: &Path,
+    shards: usize,
+    parent: Option<&Path>,
+    memory_limit: u64,
+) -> anyhow::Result<(Spawned, Target)> {
     let dir = match parent {
         Some(p) => tempfile::Builder::new().prefix("esh3ar-perf-").tempdir_in(p),
         None => tempfile::Builder::new().prefix("esh3ar-perf-").tempdir(),
     }
     .context("cannot create a data dir")?;
-    let config = write_engine_config(dir.path(), shards)?;
+    let config = write_engine_config(dir.path(), shards, memory_limit)?;
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--config"]).arg(&config).env("ESH3AR_LOG", "warn");
     let mut spawned = spawn_until_ready(cmd, "esh3ar ready ")

@@ -78,6 +78,9 @@ pub struct Report {
     pub duplicates: u64,
     /// Scenario-specific figures (drain_s, rss_per_connection_bytes, ...).
     pub extra: BTreeMap<String, f64>,
+    /// overload: answers by second, status and priority; the engine's RSS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overload: Option<crate::scenario::overload::Profile>,
     pub machine: Machine,
     pub command: String,
     pub unix_time_s: u64,
@@ -160,6 +163,9 @@ impl Report {
         let _ = writeln!(s, "  duplicates   {}", self.duplicates);
         for (k, v) in &self.extra {
             let _ = writeln!(s, "  {k:<28} {v:.3}");
+        }
+        if let Some(p) = &self.overload {
+            s.push_str(&p.table());
         }
         s
     }

@@ -44,6 +44,8 @@ pub struct ThreadStats {
     pub delivered_keys: Vec<u64>,
     /// Named figures of a scenario (connect times, drain times...).
     pub extra: BTreeMap<String, f64>,
+    /// overload: answers by (second, status or cause, priority).
+    pub answers: crate::scenario::overload::Answers,
 }
 
 impl Default for ThreadStats {
@@ -58,6 +60,7 @@ impl Default for ThreadStats {
             accepted_keys: Vec::new(),
             delivered_keys: Vec::new(),
             extra: BTreeMap::new(),
+            answers: BTreeMap::new(),
         }
     }
 }
@@ -79,6 +82,9 @@ impl ThreadStats {
         }
         self.accepted_keys.extend(other.accepted_keys);
         self.delivered_keys.extend(other.delivered_keys);
+        for (k, v) in other.answers {
+            *self.answers.entry(k).or_default() += v;
+        }
         for (k, v) in other.extra {
             let e = self.extra.entry(k).or_insert(f64::MIN);
             *e = e.max(v);

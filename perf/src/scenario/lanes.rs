@@ -42,12 +42,14 @@ pub struct HttpLane {
     body: Vec<u8>,
     auth: String,
     closed: bool,
+    /// overload: the priority this lane's messages carry.
+    priority: Option<&'static str>,
 }
 
 impl HttpLane {
     async fn connect(addr: std::net::SocketAddr, src: Option<std::net::Ipv4Addr>, key: &str) -> io::Result<Self> {
         let conn = HttpConn::new(crate::net::connect(addr, src).await?);
-        Ok(HttpLane { conn, req: Vec::new(), body: Vec::new(), auth: key.to_owned(), closed: false })
+        Ok(HttpLane { conn, req: Vec::new(), body: Vec::new(), auth: key.to_owned(), closed: false, priority: None })
     }
 }
 
@@ -63,7 +65,13 @@ impl Sender {
     async fn connect(ctx: &ThreadCtx, lane: usize) -> io::Result<Sender> {
         let src = crate::net::source_for(&ctx.shared.sources, lane);
         Ok(match &ctx.shared.target {
-            Target::Esh3ar { business, api_key, .. } => Sender::Http(HttpLane::connect(*business, src, api_key).await?),
+            Target::Esh3ar { business, api_key, .. } => {
+                let mut h = HttpLane::connect(*business, src, api_key).await?;
+                if ctx.shared.plan.scenario == Scenario::Overload {
+                    h.priority = Some(super::overload::priority(lane));
+                }
+                Sender::Http(h)
+            }
             Target::Ceiling { addr } => Sender::Http(HttpLane::connect(*addr, src, "none").await?),
             Target::Redis { addr } => Sender::Redis(redis::Publisher::connect(*addr, src).await?),
             Target::Nats { addr } => Sender::Nats(nats::Publisher::connect(*addr, src).await?),
@@ -71,6 +79,13 @@ impl Sender {
                 Sender::Rabbit(amqp::Publisher::connect(*addr, src, user, password).await?)
             }
         })
+    }
+
+    fn priority(&self) -> Option<&'static str> {
+        match self {
+            Sender::Http(h) => h.priority,
+            _ => None,
+        }
     }
 
     fn needs_reconnect(&self) -> bool {
@@ -93,9 +108,14 @@ impl Sender {
             Sender::Http(h) => {
                 h.body.clear();
                 let users = recipients(plan);
+                let priority = h.priority;
                 let item = |out: &mut Vec<u8>, c: u64| {
                     let user = (c as usize + thread * 7919) % users;
-                    out.extend_from_slice(format!(r#"{{"to":"u{user}","body":""#).as_bytes());
+                    out.extend_from_slice(format!(r#"{{"to":"u{user}","#).as_bytes());
+                    if let Some(p) = priority {
+                        out.extend_from_slice(format!(r#""priority":"{p}","#).as_bytes());
+                    }
+                    out.extend_from_slice(br#""body":""#);
                     payload::write_body(out, stamp_ns, payload::key(thread, c), plan.body_bytes);
                     out.extend_from_slice(b"\"}");
                 };
@@ -238,12 +258,33 @@ async fn lane(ctx: Rc<ThreadCtx>, j: usize, mut sender: Sender, gate: Rc<Semapho
         }
         sleep_until(intended).await;
         Progress::add(&ctx.progress().sent, per_request);
-        let result = sender.send(&ctx, intended, first, per_request).await;
+        let result = if plan.scenario == Scenario::Overload {
+            // Far above capacity: a request that never gets an answer is a
+            // `timeout`, not a hung lane.
+            futures_lite::future::or(sender.send(&ctx, intended, first, per_request), async {
+                glommio::timer::sleep(super::overload::REQUEST_TIMEOUT).await;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"))
+            })
+            .await
+        } else {
+            sender.send(&ctx, intended, first, per_request).await
+        };
         let done = now_ns();
+        if let Some(p) = sender.priority() {
+            let cause = match &result {
+                Ok(Ok(_)) => "202".to_owned(),
+                Ok(Err(code)) => code.clone(),
+                Err(e) => super::overload::io_cause(e).to_owned(),
+            };
+            let sec = (done.saturating_sub(t0) / 1_000_000_000) as u32;
+            *ctx.stats.borrow_mut().answers.entry((sec, cause, p)).or_default() += 1;
+        }
         let broken = result.is_err() || sender.needs_reconnect();
+        let overload = plan.scenario == Scenario::Overload;
         let measured = offline || intended >= start;
         let in_window = offline || (done >= start && done < end);
-        let r = Recorded { first, intended, done, measured, in_window, track_keys, warn: offline || done < end };
+        let r =
+            Recorded { first, intended, done, measured, in_window, track_keys, warn: offline || done < end, overload };
         record(&ctx, result, r);
         if broken {
             match reconnect(&ctx, j, if offline { u64::MAX } else { end }).await {
@@ -265,6 +306,8 @@ struct Recorded {
     in_window: bool,
     track_keys: bool,
     warn: bool,
+    /// overload: timeouts and resets are counted apart from other I/O errors.
+    overload: bool,
 }
 
 fn record(ctx: &ThreadCtx, result: io::Result<Result<u64, String>>, r: Recorded) {
@@ -284,7 +327,11 @@ fn record(ctx: &ThreadCtx, result: io::Result<Result<u64, String>>, r: Recorded)
             Progress::add(&ctx.progress().errors, 1);
         }
         Err(e) => {
-            st.error(if e.kind() == io::ErrorKind::InvalidData { "protocol" } else { "io" });
+            if r.overload {
+                st.error(super::overload::io_cause(&e));
+            } else {
+                st.error(if e.kind() == io::ErrorKind::InvalidData { "protocol" } else { "io" });
+            }
             Progress::add(&ctx.progress().errors, 1);
             if r.warn {
                 tracing_note(&e);

@@ -13,6 +13,7 @@
 //!   coordinated omission cannot hide it.
 
 mod lanes;
+pub mod overload;
 mod receivers;
 
 use std::net::Ipv4Addr;
@@ -42,6 +43,9 @@ pub enum Scenario {
     OfflineDrain,
     /// Open WebSockets and report the engine's memory per connection.
     IdleConnections,
+    /// Far above capacity with a small memory limit and mixed priorities:
+    /// the shedding profile and the engine's RSS over time (esh3ar only).
+    Overload,
 }
 
 impl Scenario {
@@ -52,6 +56,7 @@ impl Scenario {
             Scenario::Batch => "batch",
             Scenario::OfflineDrain => "offline-drain",
             Scenario::IdleConnections => "idle-connections",
+            Scenario::Overload => "overload",
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct Plan {
     /// once). A sleeping generator makes every server reply pay a
     /// cross-CPU wake-up, which on loopback is charged to the server.
     pub spin_before_park: Duration,
+    /// The memory limit of an engine started by the harness (0: unknown).
+    pub memory_limit_bytes: u64,
 }
 
 impl Default for Plan {
@@ -117,6 +124,7 @@ impl Default for Plan {
             drain_timeout: Duration::from_secs(15),
             connects_in_flight: 64,
             spin_before_park: Duration::ZERO,
+            memory_limit_bytes: 0,
         }
     }
 }
@@ -124,7 +132,7 @@ impl Default for Plan {
 impl Plan {
     pub fn check(&self, target: &Target) -> anyhow::Result<()> {
         let system = target.system();
-        let esh3ar_only = matches!(self.scenario, Scenario::Batch | Scenario::IdleConnections);
+        let esh3ar_only = matches!(self.scenario, Scenario::Batch | Scenario::IdleConnections | Scenario::Overload);
         if esh3ar_only && system != "esh3ar" {
             bail!("scenario {} runs against esh3ar only", self.scenario.name());
         }
@@ -237,6 +245,7 @@ impl ThreadCtx {
 pub struct Outcome {
     pub stats: ThreadStats,
     pub duration_s: f64,
+    pub overload: Option<overload::Profile>,
 }
 
 /// Runs `plan` against `target`; `engine_pid` lets idle-connections read
@@ -283,10 +292,25 @@ pub fn run(plan: &Plan, target: &Target, engine_pid: Option<u32>) -> anyhow::Res
                 .unwrap_or_else(|c| std::mem::take(&mut c.stats.borrow_mut()))
         }
     })?;
+    let stop_rss = Arc::new(AtomicBool::new(false));
+    let rss = match engine_pid {
+        Some(pid) if plan.scenario == Scenario::Overload => {
+            Some(overload::sample_rss(pid, shared.clone(), stop_rss.clone()))
+        }
+        _ => None,
+    };
     let idle = watch(&shared, engine_pid);
+    stop_rss.store(true, Ordering::Release);
+    let rss = rss.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
     let mut merged = ThreadStats::default();
     for r in handles.join_all() {
         merged.merge(r.map_err(|e| anyhow::anyhow!("generator thread failed: {e}"))?);
+    }
+    let profile = (plan.scenario == Scenario::Overload)
+        .then(|| overload::Profile::build(&merged.answers, &rss, plan.memory_limit_bytes));
+    if let Some(p) = &profile {
+        merged.extra.insert("server_rss_max_bytes".into(), p.rss_max_bytes as f64);
+        merged.extra.insert("transport_errors".into(), p.transport_errors as f64);
     }
     if let Some((after, connected)) = idle {
         merged.extra.insert("connections_open".into(), connected as f64);
@@ -302,7 +326,7 @@ pub fn run(plan: &Plan, target: &Target, engine_pid: Option<u32>) -> anyhow::Res
         Scenario::IdleConnections => 0.0,
         _ => plan.duration.as_secs_f64(),
     };
-    Ok(Outcome { stats: merged, duration_s })
+    Ok(Outcome { stats: merged, duration_s, overload: profile })
 }
 
 /// The main thread while a run goes: the progress line, and for
@@ -354,7 +378,7 @@ async fn thread_main(ctx: Rc<ThreadCtx>) {
     let plan = &shared.plan;
     let n = shared.threads;
     match plan.scenario {
-        Scenario::Ingest | Scenario::Batch | Scenario::E2e => {
+        Scenario::Ingest | Scenario::Batch | Scenario::E2e | Scenario::Overload => {
             let receivers = if plan.scenario == Scenario::E2e { receivers::spawn_all(&ctx).await } else { Vec::new() };
             let gate = Rc::new(glommio::sync::Semaphore::new(0));
             let (lanes, connected) = lanes::spawn_all(&ctx, gate.clone()).await;
