@@ -276,19 +276,11 @@ impl Shard {
             }
             MeshMsg::Lookup { from, req, seq, client } => {
                 let view = self.lookup_local(seq, client);
-                let shard = self.clone();
-                glommio::spawn_local(async move {
-                    let _ = shard.mesh.send_to(from as usize, MeshMsg::Found { req, view }).await;
-                })
-                .detach();
+                self.reply(from, MeshMsg::Found { req, view });
             }
             MeshMsg::RateTake { from, req, client, n } => {
                 let decision = self.rate_take_local(client, n);
-                let shard = self.clone();
-                glommio::spawn_local(async move {
-                    let _ = shard.mesh.send_to(from as usize, MeshMsg::RateTaken { req, decision }).await;
-                })
-                .detach();
+                self.reply(from, MeshMsg::RateTaken { req, decision });
             }
             MeshMsg::RateRefund { client, n, at_sec } => {
                 self.limiter.borrow_mut().refund(client, n as u64, at_sec, crate::business::now_ms() / 1000);
@@ -298,6 +290,16 @@ impl Shard {
             }
             MeshMsg::Adopt(adoption) => crate::mobile::adopt(self.clone(), *adoption),
         }
+    }
+
+    /// Sends an answer that is ready now from its own task, so the mesh
+    /// receiver never waits for channel space.
+    fn reply(self: &Rc<Self>, to: u16, msg: MeshMsg) {
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            let _ = shard.mesh.send_to(to as usize, msg).await;
+        })
+        .detach();
     }
 
     /// Wakes the live sessions of the recipients of durable messages.
