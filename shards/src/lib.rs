@@ -9,6 +9,7 @@
 pub mod id;
 pub mod index;
 pub mod journal;
+pub mod limits;
 pub mod limiter;
 pub mod record;
 pub mod recovery;
