@@ -23,7 +23,7 @@ fn start(records: usize) -> support::AsyncBench {
         std::fs::create_dir_all(&path).expect("shard dir");
         let recovered = recover_shard(&path, 0, Mode::Repair).expect("recover an empty shard");
         let cfg = JournalConfig { dir: path, shard: 0, segment_bytes: 256 << 20 };
-        let journal = Journal::open(cfg, &recovered);
+        let journal = Journal::open(cfg, &recovered).expect("open journal");
         glommio::spawn_local(journal.clone().run_committer()).detach();
         let index = Rc::new(RefCell::new(recovered.index));
         let body = vec![b'x'; 64];

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use esh3ar_shards::recovery::{recover_shard, Mode};
+use esh3ar_shards::recovery::{recover_shard, repair_shard, Mode};
 
 use crate::server::{read_meta_shards, shard_dir};
 
@@ -32,16 +32,19 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<VerifyReport> {
                 report.records += r.records;
                 report.messages += r.index.len() as u64;
                 report.unsettled += r.index.unsettled();
-                let state = match &r.torn {
-                    None => "clean".to_owned(),
-                    Some(t) => {
+                let state = match (&r.torn, &r.clean_shutdown) {
+                    (None, Some(_)) => "clean (stopped cleanly)".to_owned(),
+                    (None, None) => "clean (stopped by a crash or still running)".to_owned(),
+                    (Some(t), _) => {
                         report.torn_tails += 1;
                         format!(
-                            "torn tail at {}:{} ({}; {} bytes, cut on next start)",
+                            "torn last commit at {}:{} ({}; {} bytes holding {} unacknowledged records, moved to a \
+                             quarantine file and cut on next start)",
                             t.path.display(),
                             t.offset,
                             t.reason,
-                            t.damaged_bytes
+                            t.damaged_bytes,
+                            t.records_inside
                         )
                     }
                 };
@@ -61,6 +64,42 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<VerifyReport> {
         }
     }
     Ok(report)
+}
+
+/// `esh3ar journal repair --accept-loss`: moves every damaged range of
+/// every shard to a quarantine file beside its segment and replaces it
+/// with a hole (intact commits after it are kept), printing one line per
+/// range. Returns how many ranges were repaired.
+pub fn repair(data_dir: &Path) -> anyhow::Result<usize> {
+    let shards = meta_shards(data_dir)?;
+    let mut total = 0;
+    for id in 0..shards {
+        let dir = shard_dir(data_dir, id);
+        let repaired = repair_shard(&dir, id as u16).map_err(|e| anyhow::anyhow!("shard {id}: {e}"))?;
+        for r in &repaired {
+            println!(
+                "shard {id}: {}: bytes {}..{} ({}): about {} records lost{}",
+                r.path.display(),
+                r.from,
+                r.to,
+                r.reason,
+                r.records_inside,
+                r.quarantine.as_ref().map(|q| format!(", bytes kept in {}", q.display())).unwrap_or_default()
+            );
+        }
+        if repaired.is_empty() {
+            println!("shard {id}: nothing to repair");
+        }
+        total += repaired.len();
+    }
+    Ok(total)
+}
+
+fn meta_shards(data_dir: &Path) -> anyhow::Result<usize> {
+    let meta = data_dir.join("engine.meta");
+    let text = std::fs::read_to_string(&meta)
+        .map_err(|e| anyhow::anyhow!("{} is not an esh3ar data dir ({}: {e})", data_dir.display(), meta.display()))?;
+    read_meta_shards(&text).ok_or_else(|| anyhow::anyhow!("{} is damaged", meta.display()))
 }
 
 /// Prints every message still in the journal as one JSON line:

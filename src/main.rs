@@ -65,6 +65,15 @@ enum JournalCommand {
         #[arg(long, default_value = "engine.toml")]
         config: PathBuf,
     },
+    /// Move every damaged journal range to a quarantine file and go on
+    /// without it (the engine must be stopped). Needs --accept-loss.
+    Repair {
+        #[arg(long, default_value = "engine.toml")]
+        config: PathBuf,
+        /// Confirm that the records in damaged ranges may be lost.
+        #[arg(long)]
+        accept_loss: bool,
+    },
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -124,6 +133,31 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     Err(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Journal { command: JournalCommand::Repair { config, accept_loss } } => {
+            let cfg = load(&config)?;
+            if !accept_loss {
+                eprintln!(
+                    "error: repair drops the records in damaged journal ranges (their bytes are kept in quarantine \
+                     files); run `esh3ar journal verify` first, then repeat with --accept-loss to go on"
+                );
+                return Err(ExitCode::from(2));
+            }
+            // The data dir lock: never repair under a running engine.
+            let _lock = esh3ar::server::DataDir::open(&cfg.engine.data_dir, cfg.shard_count()).map_err(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            })?;
+            match esh3ar::journal_cli::repair(&cfg.engine.data_dir) {
+                Ok(n) => {
+                    println!("journal repaired: {n} damaged ranges quarantined");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    Err(ExitCode::from(1))
                 }
             }
         }

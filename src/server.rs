@@ -296,8 +296,11 @@ async fn shard_main(shared: Arc<Shared>, seed: crate::mesh::MeshSeed<MeshMsg>) {
     }
     let recovered = recovered.expect("recovery succeeded when the barrier passed");
     if let Some(t) = &recovered.torn {
+        let quarantine = t.quarantine.as_ref().map(|q| q.display().to_string()).unwrap_or_default();
         tracing::warn!(shard = id, file = %t.path.display(), offset = t.offset, reason = t.reason,
-            damaged_bytes = t.damaged_bytes, "cut a torn journal tail left by a crash (no acknowledged record lies there)");
+            damaged_bytes = t.damaged_bytes, records_inside = t.records_inside, quarantine,
+            "cut the torn last commit of a crash (its fdatasync never completed, so nothing in it was acknowledged); \
+             its bytes are kept in the quarantine file");
     }
     tracing::info!(
         shard = id,
@@ -314,7 +317,14 @@ async fn shard_main(shared: Arc<Shared>, seed: crate::mesh::MeshSeed<MeshMsg>) {
         tracing::warn!(shard = id, error = %e, "could not probe the journal device for polled I/O");
     }
     tracing::debug!(shard = id, "opening the journal");
-    let journal = Journal::open(journal_cfg, &recovered);
+    let journal = match Journal::open(journal_cfg, &recovered) {
+        Ok(j) => j,
+        Err(e) => {
+            shared.fail(format!("shard {id}: {e}"));
+            admin_shutdown.trigger();
+            return;
+        }
+    };
     glommio::spawn_local(journal.clone().run_committer()).detach();
     let shard = Rc::new(Shard {
         id,

@@ -2,19 +2,25 @@
 //!
 //! Each shard (one per CPU) owns a journal, the index of the messages whose
 //! recipients live on it, and the sequence numbers behind tracking ids. This
-//! crate holds that state and its on-disk format. Everything except
-//! [`journal`] (glommio DMA files) is sans-io and unit-tested without a
-//! runtime; this crate does no socket I/O.
+//! crate holds that state and its on-disk format. The format
+//! ([`record`], [`commit`], [`scan`]), the group-commit planner
+//! ([`group_commit`]), the index and the limiter are pure and unit-tested
+//! without a runtime; disk I/O goes through [`storage`] (the journal writer)
+//! or plain blocking reads ([`recovery`], before a shard serves). This crate
+//! does no socket I/O.
 
+pub mod commit;
+pub mod group_commit;
 pub mod id;
 pub mod index;
 pub mod journal;
-pub mod limits;
 pub mod limiter;
+pub mod limits;
 pub mod record;
 pub mod recovery;
 pub mod routing;
 pub mod scan;
+pub mod storage;
 
 /// Delivery priority of a message. The numeric value is the on-disk code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

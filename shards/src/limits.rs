@@ -106,7 +106,7 @@ const _: () = {
     assert!(CLIENT_ID_BYTES_MAX <= u16::MAX as usize);
     // The smallest segment holds its overhead and a message at the smallest body limit.
     assert!(segment_bytes_min_for_body(BODY_BYTES_MIN) <= SEGMENT_BYTES_MIN);
-    assert!(SEGMENT_BYTES_MIN % BLOCK_BYTES == 0);
+    assert!(SEGMENT_BYTES_MIN.is_multiple_of(BLOCK_BYTES));
     assert!(BODY_BYTES_MIN <= BODY_BYTES_MAX);
     assert!(MESH_CHANNEL_CAPACITY_MIN <= MESH_CHANNEL_CAPACITY_MAX);
 };

@@ -1,20 +1,40 @@
 //! Recovery: read a shard's segments back, check them, and rebuild its
 //! index before the shard opens its listeners.
 //!
-//! Runs with plain blocking file I/O: it happens once, before the shard
-//! serves anything, and `esh3ar journal verify` runs it offline.
+//! Runs with plain blocking file I/O (not through the storage seam): it
+//! happens once, before the shard serves anything, and `esh3ar journal
+//! verify` runs it offline.
+//!
+//! The verdicts, exact because every commit is checksummed as a whole
+//! ([`crate::scan`]):
+//! - intact commits up to zeros: clean;
+//! - damage with an intact commit after it (in any segment), or any damage
+//!   after a clean stop (the clean-shutdown marker is there), or a journal
+//!   that does not end where the marker says: **corruption**. The shard
+//!   refuses to start, naming the file, the offset and how many
+//!   acknowledged records lie beyond the damage;
+//! - damage in the last segment after a crash with no intact commit after
+//!   it: the **torn last commit**, never acknowledged. It is copied to a
+//!   quarantine file beside the segment, then zeroed, and the shard starts.
+//!
+//! Nothing is ever zeroed or cut before its bytes were copied aside.
+//! `esh3ar journal repair --accept-loss` ([`repair_shard`]) is the operator's
+//! way past corruption: it quarantines each damaged range and replaces it
+//! with a hole commit, so the intact commits after it are kept.
 
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::commit::hole_header;
 use crate::index::MessageIndex;
+use crate::limits::{BLOCK_BYTES, COMMIT_HEADER_BYTES};
 use crate::record::{Record, SegmentHeader};
-use crate::scan::{last_nonzero_end, scan, ScanEnd};
+use crate::scan::{scan, Damage, ScanEnd};
 
-/// Alignment of journal writes (O_DIRECT).
-pub const BLOCK_BYTES: u64 = 4096;
+/// Name of the clean-shutdown marker in a shard's journal directory.
+pub const CLEAN_MARKER: &str = "clean-shutdown";
 
 /// Errors that stop a shard from starting. Each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -29,19 +49,42 @@ pub enum RecoveryError {
     },
     /// Acknowledged data was damaged: refuse to guess.
     #[error(
-        "journal corruption in {path} at offset {offset}: {reason} (a valid record follows at offset {next_valid}); \
-         the engine will not start on a damaged journal. Run `esh3ar journal verify` for a report; restore the \
-         segment from a replica or backup"
+        "journal corruption in {path} at offset {offset}: {reason}; {records_beyond} acknowledged records lie \
+         beyond it{after}. The engine will not start on a damaged journal: run `esh3ar journal verify` for a \
+         report, restore the segment from a backup, or accept the loss of the damaged range with `esh3ar journal \
+         repair --accept-loss` (its bytes are kept in a quarantine file)",
+        after = next_valid.map(|n| format!(" (intact commits resume at offset {n})")).unwrap_or_default()
     )]
     Corrupt {
         /// The segment file.
         path: PathBuf,
-        /// Offset of the damaged record.
+        /// Offset of the first damaged byte.
         offset: u64,
         /// What was wrong.
         reason: &'static str,
-        /// Offset of the next valid record.
-        next_valid: u64,
+        /// Offset of the next intact commit, if any.
+        next_valid: Option<u64>,
+        /// End of the damaged range.
+        damaged_end: u64,
+        /// Records in intact commits after the damage, in this segment.
+        records_beyond: u64,
+    },
+    /// A clean stop left a marker that the journal does not match.
+    #[error(
+        "journal {path} ends at offset {found_end} but the clean shutdown recorded its end at offset \
+         {marker_end} of segment {marker_segment}: acknowledged data is missing or was changed after a clean \
+         stop. The engine will not start: restore the journal from a backup, or accept the loss with `esh3ar \
+         journal repair --accept-loss`"
+    )]
+    CleanEndMismatch {
+        /// The last segment file.
+        path: PathBuf,
+        /// Where the intact commits end.
+        found_end: u64,
+        /// Segment named by the marker.
+        marker_segment: u64,
+        /// End named by the marker.
+        marker_end: u64,
     },
     /// A segment header that does not belong here.
     #[error("journal segment {path} is invalid: {reason}")]
@@ -62,16 +105,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RecoveryError + '_ {
 pub struct RecoveredTail {
     /// Segment number.
     pub segment: u64,
-    /// Offset just past the last valid record.
+    /// Offset just past the last intact commit.
     pub end: u64,
     /// The bytes of the last partial block, `align_down(end)..end`, which
-    /// the writer rewrites (unchanged) together with its next records.
+    /// the writer rewrites (unchanged) together with its next commit.
     pub partial_block: Vec<u8>,
     /// True when the segment has no header yet (crash right after creation).
     pub needs_header: bool,
 }
 
-/// A torn tail found (and, in repair mode, cut off) during recovery.
+/// A torn last commit found (and, in repair mode, cut off) during recovery.
 #[derive(Debug, Clone)]
 pub struct TornTail {
     /// The segment file.
@@ -80,8 +123,24 @@ pub struct TornTail {
     pub offset: u64,
     /// What was wrong.
     pub reason: &'static str,
-    /// How many damaged bytes followed (zeroed in repair mode).
+    /// How many bytes the damaged range spans (zeroed in repair mode).
     pub damaged_bytes: u64,
+    /// Records with a valid record checksum inside it (never acknowledged:
+    /// their commit's fdatasync had not completed).
+    pub records_inside: u64,
+    /// Where the range was copied before it was zeroed (repair mode).
+    pub quarantine: Option<PathBuf>,
+}
+
+/// Where a clean stop left the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanShutdown {
+    /// The last segment.
+    pub segment: u64,
+    /// Offset just past its last commit.
+    pub end: u64,
+    /// Sequence number of the last commit.
+    pub commit_seq: u64,
 }
 
 /// A recovered shard.
@@ -91,22 +150,29 @@ pub struct Recovered {
     pub index: MessageIndex,
     /// The next sequence number to assign.
     pub next_seq: u64,
+    /// The next commit sequence number.
+    pub next_commit_seq: u64,
     /// Segment numbers present, oldest first.
     pub segments: Vec<u64>,
     /// Where to continue writing (None: no segment yet).
     pub tail: Option<RecoveredTail>,
-    /// A torn tail, if the last crash left one.
+    /// A torn last commit, if the last crash left one.
     pub torn: Option<TornTail>,
+    /// The marker of the clean stop this journal was left by, if any.
+    pub clean_shutdown: Option<CleanShutdown>,
     /// Records read.
     pub records: u64,
-    /// Bytes of valid records read.
+    /// Intact commits read.
+    pub commits: u64,
+    /// Bytes of intact commits read.
     pub bytes: u64,
 }
 
 /// Whether recovery may change files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Cut a torn tail off (zero it) so new records follow the valid ones.
+    /// Cut a torn last commit off (quarantined, then zeroed) so new commits
+    /// follow the intact ones.
     Repair,
     /// Only report (`journal verify`).
     ReadOnly,
@@ -139,24 +205,33 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>, RecoveryError> {
 /// Reads every segment of shard `shard` in `dir` and rebuilds its index.
 pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, RecoveryError> {
     let segments = list_segments(dir)?;
+    let clean = read_clean_marker(dir)?;
     let mut rec = Recovered {
         index: MessageIndex::new(),
         next_seq: 0,
+        next_commit_seq: 1,
         segments: segments.clone(),
         tail: None,
         torn: None,
+        clean_shutdown: clean,
         records: 0,
+        commits: 0,
         bytes: 0,
     };
     for (i, &no) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
         let path = segment_path(dir, no);
         let data = fs::read(&path).map_err(io_err(&path))?;
-        let end = recover_segment(&path, &data, shard, no, last, &mut rec)?;
+        let end = recover_segment(&path, &data, shard, no, last, mode, &mut rec)?;
         if last {
-            if let Some(torn) = &rec.torn {
-                if mode == Mode::Repair {
-                    zero_range(&path, torn.offset, torn.offset + torn.damaged_bytes)?;
+            if let Some(m) = clean {
+                if m.segment != no || m.end != end || m.commit_seq + 1 != rec.next_commit_seq {
+                    return Err(RecoveryError::CleanEndMismatch {
+                        path,
+                        found_end: end,
+                        marker_segment: m.segment,
+                        marker_end: m.end,
+                    });
                 }
             }
             let block_start = end - end % BLOCK_BYTES;
@@ -168,19 +243,30 @@ pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, Re
             });
         }
     }
+    if segments.is_empty() {
+        if let Some(m) = clean {
+            return Err(RecoveryError::CleanEndMismatch {
+                path: dir.to_owned(),
+                found_end: 0,
+                marker_segment: m.segment,
+                marker_end: m.end,
+            });
+        }
+    }
     if let Some(max) = rec.index.max_seq() {
         rec.next_seq = rec.next_seq.max(max + 1);
     }
     Ok(rec)
 }
 
-/// Scans one segment into `rec`; returns the offset just past its records.
+/// Scans one segment into `rec`; returns the offset just past its intact commits.
 fn recover_segment(
     path: &Path,
     data: &[u8],
     shard: u16,
     no: u64,
     last: bool,
+    mode: Mode,
     rec: &mut Recovered,
 ) -> Result<u64, RecoveryError> {
     let mut header: Option<SegmentHeader> = None;
@@ -188,7 +274,7 @@ fn recover_segment(
     let mut bad_header: Option<String> = None;
     let index = &mut rec.index;
     let mut records = 0u64;
-    let end = scan(data, |offset, record| {
+    let scanned = scan(data, |offset, record| {
         if first {
             first = false;
             match record {
@@ -210,34 +296,77 @@ fn recover_segment(
     if let Some(reason) = bad_header {
         return Err(RecoveryError::BadSegment { path: path.to_owned(), reason });
     }
+    if let (Some(first), true) = (scanned.first_commit_seq, rec.next_commit_seq > 1) {
+        if first < rec.next_commit_seq {
+            return Err(corrupt(path, &damage_whole(data), "commit sequence goes back across segments"));
+        }
+    }
     rec.records += records;
+    rec.commits += scanned.commits;
+    if let Some(seq) = scanned.last_commit_seq {
+        rec.next_commit_seq = seq + 1;
+    }
     if let Some(h) = header {
         rec.next_seq = rec.next_seq.max(h.next_seq);
     }
-    match end {
-        ScanEnd::Clean { end } => {
-            rec.bytes += end as u64;
-            Ok(end as u64)
-        }
-        ScanEnd::TornTail { offset, reason } if last => {
-            rec.bytes += offset as u64;
-            let damaged = last_nonzero_end(data).saturating_sub(offset) as u64;
-            rec.torn = Some(TornTail { path: path.to_owned(), offset: offset as u64, reason, damaged_bytes: damaged });
-            Ok(offset as u64)
-        }
-        ScanEnd::TornTail { offset, reason } => Err(RecoveryError::Corrupt {
-            path: path.to_owned(),
-            offset: offset as u64,
-            reason,
-            next_valid: offset as u64,
-        }),
-        ScanEnd::Corrupt { offset, reason, next_valid } => Err(RecoveryError::Corrupt {
-            path: path.to_owned(),
-            offset: offset as u64,
-            reason,
-            next_valid: next_valid as u64,
-        }),
+    let end = scanned.end.valid_end() as u64;
+    rec.bytes += end;
+    let ScanEnd::Damaged(d) = scanned.end else { return Ok(end) };
+    let torn = last && rec.clean_shutdown.is_none() && d.next_valid.is_none();
+    if !torn {
+        return Err(corrupt(path, &d, d.reason));
     }
+    let quarantine = match mode {
+        Mode::Repair => Some(cut_range(path, data, d.offset as u64, d.damaged_end as u64)?),
+        Mode::ReadOnly => None,
+    };
+    rec.torn = Some(TornTail {
+        path: path.to_owned(),
+        offset: d.offset as u64,
+        reason: d.reason,
+        damaged_bytes: (d.damaged_end - d.offset) as u64,
+        records_inside: d.records_inside,
+        quarantine,
+    });
+    Ok(end)
+}
+
+fn corrupt(path: &Path, d: &Damage, reason: &'static str) -> RecoveryError {
+    RecoveryError::Corrupt {
+        path: path.to_owned(),
+        offset: d.offset as u64,
+        reason,
+        next_valid: d.next_valid.map(|n| n as u64),
+        damaged_end: d.damaged_end as u64,
+        records_beyond: d.records_beyond,
+    }
+}
+
+fn damage_whole(data: &[u8]) -> Damage {
+    Damage {
+        offset: 0,
+        reason: "",
+        next_valid: None,
+        damaged_end: crate::scan::last_nonzero_end(data),
+        records_beyond: 0,
+        records_inside: 0,
+    }
+}
+
+/// Copies `from..to` of a segment into a quarantine file beside it (made
+/// durable), then zeroes the range in the segment. Returns the quarantine path.
+fn cut_range(path: &Path, data: &[u8], from: u64, to: u64) -> Result<PathBuf, RecoveryError> {
+    let q = quarantine(path, data, from, to)?;
+    zero_range(path, from, to)?;
+    Ok(q)
+}
+
+/// Copies `from..to` of a segment to `<segment>.quarantine-<from>`, durably.
+fn quarantine(path: &Path, data: &[u8], from: u64, to: u64) -> Result<PathBuf, RecoveryError> {
+    let q = PathBuf::from(format!("{}.quarantine-{from}", path.display()));
+    let bytes = &data[from as usize..(to as usize).min(data.len())];
+    write_file_durably(&q, bytes).map_err(io_err(&q))?;
+    Ok(q)
 }
 
 fn zero_range(path: &Path, from: u64, to: u64) -> Result<(), RecoveryError> {
@@ -256,6 +385,141 @@ fn zero_range(path: &Path, from: u64, to: u64) -> Result<(), RecoveryError> {
     Ok(())
 }
 
+/// What `journal repair --accept-loss` did to one damaged range.
+#[derive(Debug, Clone)]
+pub struct Repaired {
+    /// The segment.
+    pub path: PathBuf,
+    /// The damaged range.
+    pub from: u64,
+    /// End of the damaged range.
+    pub to: u64,
+    /// Where its bytes were copied.
+    pub quarantine: Option<PathBuf>,
+    /// Records with a valid record checksum inside it (probably lost).
+    pub records_inside: u64,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// `journal repair --accept-loss` for one shard: until the shard recovers,
+/// quarantine each damaged range and replace it with a hole commit (intact
+/// commits after it stay), or zero it when nothing intact follows; a clean
+/// marker the journal does not match is removed. Returns what it changed.
+pub fn repair_shard(dir: &Path, shard: u16) -> Result<Vec<Repaired>, RecoveryError> {
+    let mut done = Vec::new();
+    for _ in 0..10_000 {
+        match recover_shard(dir, shard, Mode::Repair) {
+            Ok(rec) => {
+                if let Some(t) = rec.torn {
+                    done.push(Repaired {
+                        path: t.path,
+                        from: t.offset,
+                        to: t.offset + t.damaged_bytes,
+                        quarantine: t.quarantine,
+                        records_inside: t.records_inside,
+                        reason: t.reason.to_owned(),
+                    });
+                }
+                return Ok(done);
+            }
+            Err(RecoveryError::Corrupt { path, offset, reason, next_valid, damaged_end, .. }) => {
+                let data = fs::read(&path).map_err(io_err(&path))?;
+                let q = quarantine(&path, &data, offset, damaged_end)?;
+                match next_valid {
+                    Some(next) if next - offset >= COMMIT_HEADER_BYTES as u64 => {
+                        let file = fs::OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                        file.write_all_at(&hole_header((next - offset) as usize), offset).map_err(io_err(&path))?;
+                        file.sync_data().map_err(io_err(&path))?;
+                    }
+                    Some(_) => {
+                        return Err(RecoveryError::BadSegment {
+                            path,
+                            reason: format!("damage at {offset} is too short to replace with a hole; restore it"),
+                        })
+                    }
+                    None => zero_range(&path, offset, damaged_end)?,
+                }
+                remove_clean_marker(dir).map_err(io_err(dir))?;
+                done.push(Repaired {
+                    path,
+                    from: offset,
+                    to: damaged_end,
+                    quarantine: Some(q),
+                    records_inside: count_records(&data[offset as usize..damaged_end as usize]),
+                    reason: reason.to_owned(),
+                });
+            }
+            Err(RecoveryError::CleanEndMismatch { path, found_end, marker_end, .. }) => {
+                remove_clean_marker(dir).map_err(io_err(dir))?;
+                done.push(Repaired {
+                    path,
+                    from: found_end.min(marker_end),
+                    to: found_end.max(marker_end),
+                    quarantine: None,
+                    records_inside: 0,
+                    reason: "the journal does not end where the clean shutdown left it".to_owned(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(RecoveryError::BadSegment { path: dir.to_owned(), reason: "too many damaged ranges to repair".to_owned() })
+}
+
+fn count_records(bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut pos = 0;
+    while pos + crate::record::HEADER_BYTES <= bytes.len() {
+        match crate::record::decode(&bytes[pos..]) {
+            crate::record::Decoded::Record { bytes: len, .. } => {
+                n += 1;
+                pos += len;
+            }
+            _ => pos += 1,
+        }
+    }
+    n
+}
+
+/// Reads the clean-shutdown marker of a shard, if one is there. A marker
+/// that does not parse stops the start (an operator removes it to treat the
+/// last stop as a crash).
+pub fn read_clean_marker(dir: &Path) -> Result<Option<CleanShutdown>, RecoveryError> {
+    let path = dir.join(CLEAN_MARKER);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let field = |name: &str| -> Option<u64> {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(" = ")?.trim().parse().ok())
+    };
+    match (field("segment"), field("end"), field("commit_seq")) {
+        (Some(segment), Some(end), Some(commit_seq)) => Ok(Some(CleanShutdown { segment, end, commit_seq })),
+        _ => Err(RecoveryError::BadSegment {
+            path,
+            reason: "the clean-shutdown marker is damaged; remove it to treat the last stop as a crash".to_owned(),
+        }),
+    }
+}
+
+/// Writes the clean-shutdown marker durably.
+pub fn write_clean_marker(dir: &Path, m: &CleanShutdown) -> io::Result<()> {
+    let text =
+        format!("esh3ar clean shutdown\nsegment = {}\nend = {}\ncommit_seq = {}\n", m.segment, m.end, m.commit_seq);
+    write_file_durably(&dir.join(CLEAN_MARKER), text.as_bytes())
+}
+
+/// Removes the clean-shutdown marker durably (nothing if absent).
+pub fn remove_clean_marker(dir: &Path) -> io::Result<()> {
+    match fs::remove_file(dir.join(CLEAN_MARKER)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Makes a directory entry durable (after creating or deleting a file).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
@@ -272,7 +536,7 @@ pub fn ensure_dir(dir: &Path) -> io::Result<()> {
 
 /// Writes a small file atomically (temp file, fsync, rename, dir fsync).
 pub fn write_file_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let mut f = fs::File::create(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;

@@ -1,113 +1,175 @@
-//! Reading a segment back: every record in order, and a verdict on how the
-//! segment ends.
+//! Reading a segment back: every record of every intact commit, in order,
+//! and an exact verdict on how the segment ends.
 //!
-//! The writer appends whole group commits with one write of at most
-//! [`COMMIT_WINDOW_BYTES`] followed by one fdatasync, so a crash can only
-//! damage bytes of the last, unacknowledged commit. A scan that meets an
-//! invalid record therefore looks past it: if any valid record lies beyond
-//! the commit window, the damage is in the middle of acknowledged data
-//! ([`ScanEnd::Corrupt`]: the engine refuses to start); otherwise it is a
-//! torn tail ([`ScanEnd::TornTail`]: truncated, the records before it kept).
+//! The writer appends whole commits ([`crate::commit`]), each checksummed as
+//! a whole, and at most one is in flight (written but not yet fdatasynced).
+//! So the verdict needs no guess about distances: the segment is clean up to
+//! the first commit that is not intact; if an intact commit follows the
+//! damage, acknowledged data was hit (corruption); if none follows, the
+//! damage may be the torn last commit of a crash. Whether that is allowed
+//! is recovery's call (only in the last segment, only after a crash).
 
-use crate::record::{decode, Decoded, Record, HEADER_BYTES};
+use crate::commit::{find_valid_commit, read_commit, CommitKind};
+use crate::record::{decode, Decoded, Record};
 
-/// The most bytes one group commit writes before its fdatasync. The torn
-/// tail of a crash lies within this many bytes of the last durable record.
-pub const COMMIT_WINDOW_BYTES: usize = 1 << 20;
-
-/// How a segment's record stream ends.
+/// How a segment's commits end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanEnd {
-    /// Valid records up to `end`, then zeros (never written).
+    /// Intact commits up to `end`, then zeros (never written).
     Clean {
-        /// Offset just past the last valid record.
+        /// Offset just past the last intact commit.
         end: usize,
     },
-    /// Valid records up to `offset`, then damage that can only be the
-    /// unacknowledged last commit of a crash.
-    TornTail {
-        /// Offset of the first damaged byte (= end of the valid records).
-        offset: usize,
-        /// What was wrong at `offset`.
-        reason: &'static str,
-    },
-    /// Damage at `offset` followed by valid records: acknowledged data was
-    /// damaged after it was written.
-    Corrupt {
-        /// Offset of the damaged record.
-        offset: usize,
-        /// What was wrong at `offset`.
-        reason: &'static str,
-        /// Offset of a valid record found after the damage.
-        next_valid: usize,
-    },
+    /// Intact commits up to `damage.offset`, then something that is not.
+    Damaged(Damage),
+}
+
+/// A range that is not an intact commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Offset of the first byte that is not part of an intact commit.
+    pub offset: usize,
+    /// What was wrong there.
+    pub reason: &'static str,
+    /// The next intact commit after the damage, if any: with one, the
+    /// damage cannot be a torn last commit.
+    pub next_valid: Option<usize>,
+    /// Where the damaged range ends: `next_valid`, or past the last non-zero byte.
+    pub damaged_end: usize,
+    /// Records in the intact commits from `next_valid` on (what a cut would lose
+    /// beyond the damaged range itself).
+    pub records_beyond: u64,
+    /// Records with a valid record checksum inside the damaged range (best
+    /// effort: what the damaged commit probably held).
+    pub records_inside: u64,
 }
 
 impl ScanEnd {
-    /// Offset up to which records are valid.
+    /// Offset up to which commits are intact.
     pub fn valid_end(&self) -> usize {
-        match *self {
-            ScanEnd::Clean { end } => end,
-            ScanEnd::TornTail { offset, .. } | ScanEnd::Corrupt { offset, .. } => offset,
+        match self {
+            ScanEnd::Clean { end } => *end,
+            ScanEnd::Damaged(d) => d.offset,
         }
     }
 }
 
-/// Visits every valid record of `segment` in order (with its offset) and
-/// says how the segment ends.
-pub fn scan<'a>(segment: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) -> ScanEnd {
+/// The result of scanning one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentScan {
+    /// How it ends.
+    pub end: ScanEnd,
+    /// Intact record commits read.
+    pub commits: u64,
+    /// Sequence number of the first and the last intact record commit.
+    pub first_commit_seq: Option<u64>,
+    /// Sequence number of the last intact record commit.
+    pub last_commit_seq: Option<u64>,
+}
+
+/// Visits every record of every intact commit of `segment` in order (with
+/// the record's offset) and says how the segment ends.
+pub fn scan<'a>(segment: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) -> SegmentScan {
+    let mut out =
+        SegmentScan { end: ScanEnd::Clean { end: 0 }, commits: 0, first_commit_seq: None, last_commit_seq: None };
     let mut pos = 0;
     loop {
-        match decode(&segment[pos..]) {
-            Decoded::Record { record, bytes } => {
-                visit(pos, record);
-                pos += bytes;
+        let commit = match read_commit(segment, pos) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                out.end = match find_valid_commit(segment, pos + 1) {
+                    None => ScanEnd::Clean { end: pos },
+                    Some(_) => ScanEnd::Damaged(damage_at(segment, pos, "zeroed commit header")),
+                };
+                return out;
             }
-            Decoded::End => {
-                // Zeros here; a valid record further on means a torn commit
-                // left a hole (fine, within the window) or damage (not fine).
-                return classify(segment, pos, "zeroed record header", true);
+            Err(reason) => {
+                out.end = ScanEnd::Damaged(damage_at(segment, pos, reason));
+                return out;
             }
-            Decoded::Invalid(reason) => return classify(segment, pos, reason, false),
+        };
+        if commit.header.kind == CommitKind::Records {
+            if out.last_commit_seq.is_some_and(|last| commit.header.seq <= last) {
+                out.end = ScanEnd::Damaged(damage_at(segment, pos, "commit sequence does not grow"));
+                return out;
+            }
+            let body_at = commit.end - commit.body.len();
+            if !records_fill(commit.body) {
+                out.end = ScanEnd::Damaged(damage_at(segment, pos, "intact commit holds a malformed record"));
+                return out;
+            }
+            for_each_record(commit.body, |at, record| visit(body_at + at, record));
+            out.commits += 1;
+            out.first_commit_seq.get_or_insert(commit.header.seq);
+            out.last_commit_seq = Some(commit.header.seq);
         }
+        pos = commit.end;
     }
 }
 
-fn classify(segment: &[u8], offset: usize, reason: &'static str, zeros: bool) -> ScanEnd {
-    let window_end = offset.saturating_add(COMMIT_WINDOW_BYTES);
-    match last_valid_record_after(segment, offset + 1) {
-        Some(next) if next >= window_end => ScanEnd::Corrupt { offset, reason, next_valid: next },
-        None if zeros => ScanEnd::Clean { end: offset },
-        _ => ScanEnd::TornTail { offset, reason },
+/// True if `body` is a whole number of valid records.
+fn records_fill(body: &[u8]) -> bool {
+    let mut pos = 0;
+    while pos < body.len() {
+        match decode(&body[pos..]) {
+            Decoded::Record { bytes, .. } => pos += bytes,
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn for_each_record<'a>(body: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) {
+    let mut pos = 0;
+    while pos < body.len() {
+        let Decoded::Record { record, bytes } = decode(&body[pos..]) else {
+            unreachable!("records_fill checked the body")
+        };
+        visit(pos, record);
+        pos += bytes;
     }
 }
 
-/// Offset of the last position after `from` where a valid record starts.
-fn last_valid_record_after(segment: &[u8], from: usize) -> Option<usize> {
-    let mut found = None;
-    let mut pos = from;
-    while pos + HEADER_BYTES <= segment.len() {
-        // Cheap pre-filter: a plausible length that fits in the segment.
-        let len = u32::from_le_bytes([segment[pos], segment[pos + 1], segment[pos + 2], segment[pos + 3]]) as usize;
-        if len == 0 {
-            // Skip a zero run fast: the next length can start at most 3
-            // bytes before the next non-zero byte.
-            match segment[pos..].iter().position(|&b| b != 0) {
-                Some(q) => pos = (pos + q).saturating_sub(3).max(pos + 1),
-                None => break,
-            }
-            continue;
-        }
-        if pos + HEADER_BYTES + len <= segment.len() {
-            if let Decoded::Record { bytes, .. } = decode(&segment[pos..]) {
-                found = Some(pos);
-                pos += bytes;
-                continue;
+/// Describes the damage found at `offset`.
+fn damage_at(segment: &[u8], offset: usize, reason: &'static str) -> Damage {
+    let next_valid = find_valid_commit(segment, offset + 1);
+    let damaged_end = next_valid.unwrap_or_else(|| last_nonzero_end(segment).max(offset));
+    let records_beyond = next_valid.map_or(0, |at| count_records_from(segment, at));
+    let records_inside = count_loose_records(&segment[offset..damaged_end]);
+    Damage { offset, reason, next_valid, damaged_end, records_beyond, records_inside }
+}
+
+/// Records in the intact commits from `at` on, up to the next damage.
+fn count_records_from(segment: &[u8], mut at: usize) -> u64 {
+    let mut n = 0;
+    while let Ok(Some(c)) = read_commit(segment, at) {
+        let mut pos = 0;
+        while let Decoded::Record { bytes, .. } = decode(&c.body[pos..]) {
+            n += 1;
+            pos += bytes;
+            if pos >= c.body.len() {
+                break;
             }
         }
-        pos += 1;
+        at = c.end;
     }
-    found
+    n
+}
+
+/// Records with a valid record checksum anywhere in `bytes` (best effort).
+fn count_loose_records(bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut pos = 0;
+    while pos + crate::record::HEADER_BYTES <= bytes.len() {
+        match decode(&bytes[pos..]) {
+            Decoded::Record { bytes: len, .. } => {
+                n += 1;
+                pos += len;
+            }
+            _ => pos += 1,
+        }
+    }
+    n
 }
 
 /// Offset just past the last non-zero byte (0 if all zero).
@@ -118,75 +180,104 @@ pub fn last_nonzero_end(bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::commit::{body_crc, encode_header, CommitHeader};
+    use crate::limits::COMMIT_HEADER_BYTES;
     use crate::record::{encode, StatusChange};
     use crate::Status;
 
-    fn segment_with(n: u64, pad_to: usize) -> (Vec<u8>, Vec<usize>) {
-        let mut buf = Vec::new();
+    /// A segment of `commits` commits of `per` status records each; returns
+    /// it with the offset of each commit.
+    fn segment(commits: u64, per: u64, pad_to: usize) -> (Vec<u8>, Vec<usize>) {
+        let mut seg = Vec::new();
         let mut offsets = Vec::new();
-        for seq in 0..n {
-            offsets.push(buf.len());
-            encode(&Record::Status(StatusChange { seq, status: Status::Delivered, at_ms: seq * 3 }), &mut buf);
+        for c in 0..commits {
+            let mut body = Vec::new();
+            for r in 0..per {
+                let seq = c * per + r;
+                encode(&Record::Status(StatusChange { seq, status: Status::Delivered, at_ms: seq }), &mut body);
+            }
+            offsets.push(seg.len());
+            let h = CommitHeader {
+                kind: CommitKind::Records,
+                seq: c + 1,
+                body_len: body.len() as u32,
+                body_crc: body_crc(&body),
+            };
+            seg.extend_from_slice(&encode_header(&h));
+            seg.extend_from_slice(&body);
         }
-        buf.resize(pad_to.max(buf.len()), 0);
-        (buf, offsets)
+        seg.resize(pad_to.max(seg.len()), 0);
+        (seg, offsets)
     }
 
-    fn count(seg: &[u8]) -> (usize, ScanEnd) {
+    fn count(seg: &[u8]) -> (usize, SegmentScan) {
         let mut n = 0;
-        let end = scan(seg, |_, _| n += 1);
-        (n, end)
+        let s = scan(seg, |_, _| n += 1);
+        (n, s)
     }
 
     #[test]
     fn clean_segment_reads_every_record() {
-        let (seg, offsets) = segment_with(100, 8192);
-        let (n, end) = count(&seg);
-        assert_eq!(n, 100);
-        assert_eq!(end, ScanEnd::Clean { end: offsets[99] + 26 });
+        let (seg, offsets) = segment(10, 5, 8192);
+        let (n, s) = count(&seg);
+        assert_eq!(n, 50);
+        assert_eq!(s.commits, 10);
+        assert_eq!(s.last_commit_seq, Some(10));
+        let end = offsets[9] + COMMIT_HEADER_BYTES + 5 * 26;
+        assert_eq!(s.end, ScanEnd::Clean { end });
     }
 
     #[test]
-    fn cut_last_record_is_a_torn_tail() {
-        let (mut seg, offsets) = segment_with(100, 0);
-        let cut = offsets[99] + 10;
-        seg.truncate(cut);
-        seg.resize(cut + 4096, 0);
-        let (n, end) = count(&seg);
-        assert_eq!(n, 99);
-        assert!(matches!(end, ScanEnd::TornTail { offset, .. } if offset == offsets[99]), "{end:?}");
+    fn a_cut_last_commit_has_nothing_after_it() {
+        let (mut seg, offsets) = segment(10, 5, 0);
+        seg.truncate(offsets[9] + 50);
+        seg.resize(seg.len() + 4096, 0);
+        let (n, s) = count(&seg);
+        assert_eq!(n, 45);
+        let ScanEnd::Damaged(d) = s.end else { panic!("{:?}", s.end) };
+        assert_eq!((d.offset, d.next_valid, d.records_beyond), (offsets[9], None, 0));
     }
 
     #[test]
-    fn garbage_tail_is_a_torn_tail() {
-        let (mut seg, offsets) = segment_with(10, 0);
-        let end_valid = seg.len();
-        seg.extend((0..3000).map(|i| (i * 7 + 3) as u8));
-        let (n, end) = count(&seg);
-        assert_eq!(n, 10);
-        assert!(matches!(end, ScanEnd::TornTail { offset, .. } if offset == end_valid), "{end:?} {offsets:?}");
-    }
-
-    #[test]
-    fn flip_far_from_the_end_is_corruption() {
-        // 26-byte records: 60_000 of them span ~1.5 MiB, more than the window.
-        let (mut seg, offsets) = segment_with(60_000, 0);
-        seg[offsets[10] + 12] ^= 0x10;
-        let (n, end) = count(&seg);
-        assert_eq!(n, 10);
-        assert!(matches!(end, ScanEnd::Corrupt { offset, .. } if offset == offsets[10]), "{end:?}");
-    }
-
-    #[test]
-    fn hole_within_the_last_window_is_a_torn_tail() {
-        // A torn multi-block write: a zeroed block then a written one.
-        let (mut seg, offsets) = segment_with(400, 0);
-        let hole = offsets[200];
-        for b in &mut seg[hole..hole + 512] {
-            *b = 0;
+    fn a_flip_anywhere_but_the_last_commit_has_valid_commits_after_it() {
+        let (seg, offsets) = segment(10, 5, 4096);
+        // Every byte of every commit but the last: damage is followed by intact commits.
+        for at in 0..offsets[9] {
+            let mut damaged = seg.clone();
+            damaged[at] ^= 0x20;
+            let (_, s) = count(&damaged);
+            let ScanEnd::Damaged(d) = s.end else { panic!("flip at {at} unnoticed") };
+            let commit = offsets.iter().rposition(|&o| o <= at).unwrap();
+            assert_eq!(d.offset, offsets[commit], "flip at {at}");
+            assert_eq!(d.next_valid, Some(offsets[commit + 1]), "flip at {at}");
+            assert_eq!(d.records_beyond, 5 * (9 - commit as u64), "flip at {at}");
         }
-        let (n, end) = count(&seg);
-        assert_eq!(n, 200);
-        assert!(matches!(end, ScanEnd::TornTail { offset, .. } if offset == hole), "{end:?}");
+        // Inside the last commit: nothing intact follows.
+        let mut damaged = seg.clone();
+        damaged[offsets[9] + 40] ^= 1;
+        let ScanEnd::Damaged(d) = count(&damaged).1.end else { panic!() };
+        assert_eq!((d.offset, d.next_valid), (offsets[9], None));
+    }
+
+    #[test]
+    fn a_zeroed_block_in_the_middle_is_damage_not_an_end() {
+        let (mut seg, offsets) = segment(200, 5, 0);
+        let hole = offsets[50];
+        seg[hole..hole + 4096].fill(0);
+        let (_, s) = count(&seg);
+        let ScanEnd::Damaged(d) = s.end else { panic!("{:?}", s.end) };
+        assert_eq!(d.offset, hole);
+        assert!(d.next_valid.is_some() && d.records_beyond > 0);
+    }
+
+    #[test]
+    fn a_hole_commit_is_skipped() {
+        let (mut seg, offsets) = segment(10, 5, 4096);
+        let (from, to) = (offsets[3], offsets[5]);
+        seg[from..to].fill(0xee);
+        seg[from..from + COMMIT_HEADER_BYTES].copy_from_slice(&crate::commit::hole_header(to - from));
+        let (n, s) = count(&seg);
+        assert_eq!(n, 40);
+        assert!(matches!(s.end, ScanEnd::Clean { .. }));
     }
 }
