@@ -157,8 +157,19 @@ fn frame_crc(len_bytes: &[u8], kind_and_payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, kind_and_payload)
 }
 
-/// Decodes the record at the start of `buf`.
+/// Decodes the record at the start of `buf`, checking its CRC.
 pub fn decode(buf: &[u8]) -> Decoded<'_> {
+    decode_with(buf, true)
+}
+
+/// Decodes a record inside a commit whose checksum already held: the
+/// record's own CRC is not recomputed (recovery reads each byte's checksum
+/// once). Framing and payload are still checked.
+pub fn decode_trusted(buf: &[u8]) -> Decoded<'_> {
+    decode_with(buf, false)
+}
+
+fn decode_with(buf: &[u8], check_crc: bool) -> Decoded<'_> {
     if buf.len() < HEADER_BYTES {
         return if buf.iter().all(|&b| b == 0) { Decoded::End } else { Decoded::Invalid("truncated header") };
     }
@@ -174,7 +185,7 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
         return Decoded::Invalid("record runs past the end of the segment");
     }
     let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    if frame_crc(&buf[..4], &buf[8..total]) != crc {
+    if check_crc && frame_crc(&buf[..4], &buf[8..total]) != crc {
         return Decoded::Invalid("checksum mismatch");
     }
     let kind = buf[8];

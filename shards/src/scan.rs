@@ -10,7 +10,7 @@
 //! is recovery's call (only in the last segment, only after a crash).
 
 use crate::commit::{find_valid_commit, read_commit, CommitKind};
-use crate::record::{decode, Decoded, Record};
+use crate::record::{decode, decode_trusted, Decoded, Record};
 
 /// How a segment's commits end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,9 +69,13 @@ pub struct SegmentScan {
 
 /// Visits every record of every intact commit of `segment` in order (with
 /// the record's offset) and says how the segment ends.
+///
+/// Each byte's checksum is computed once: the commit's CRC covers its
+/// records, which are then decoded without their own CRC.
 pub fn scan<'a>(segment: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) -> SegmentScan {
     let mut out =
         SegmentScan { end: ScanEnd::Clean { end: 0 }, commits: 0, first_commit_seq: None, last_commit_seq: None };
+    let mut records: Vec<(usize, Record<'a>)> = Vec::new();
     let mut pos = 0;
     loop {
         let commit = match read_commit(segment, pos) {
@@ -94,11 +98,13 @@ pub fn scan<'a>(segment: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) -> 
                 return out;
             }
             let body_at = commit.end - commit.body.len();
-            if !records_fill(commit.body) {
+            if !decode_all(commit.body, &mut records) {
                 out.end = ScanEnd::Damaged(damage_at(segment, pos, "intact commit holds a malformed record"));
                 return out;
             }
-            for_each_record(commit.body, |at, record| visit(body_at + at, record));
+            for (at, record) in records.drain(..) {
+                visit(body_at + at, record);
+            }
             out.commits += 1;
             out.first_commit_seq.get_or_insert(commit.header.seq);
             out.last_commit_seq = Some(commit.header.seq);
@@ -107,27 +113,21 @@ pub fn scan<'a>(segment: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) -> 
     }
 }
 
-/// True if `body` is a whole number of valid records.
-fn records_fill(body: &[u8]) -> bool {
+/// Decodes the records of an intact commit into `out` (offsets within the
+/// body); false unless `body` is a whole number of well-formed records.
+fn decode_all<'a>(body: &'a [u8], out: &mut Vec<(usize, Record<'a>)>) -> bool {
+    out.clear();
     let mut pos = 0;
     while pos < body.len() {
-        match decode(&body[pos..]) {
-            Decoded::Record { bytes, .. } => pos += bytes,
+        match decode_trusted(&body[pos..]) {
+            Decoded::Record { record, bytes } => {
+                out.push((pos, record));
+                pos += bytes;
+            }
             _ => return false,
         }
     }
     true
-}
-
-fn for_each_record<'a>(body: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) {
-    let mut pos = 0;
-    while pos < body.len() {
-        let Decoded::Record { record, bytes } = decode(&body[pos..]) else {
-            unreachable!("records_fill checked the body")
-        };
-        visit(pos, record);
-        pos += bytes;
-    }
 }
 
 /// Describes the damage found at `offset`.
