@@ -30,7 +30,7 @@ fn build(dir: &Path) -> u64 {
     let mut images: Vec<Vec<u8>> = Vec::new();
     let body = vec![b'm'; 200];
     let mut seq = 0u64;
-    let mut flush = |gc: &mut GroupCommit, images: &mut Vec<Vec<u8>>| {
+    let flush = |gc: &mut GroupCommit, images: &mut Vec<Vec<u8>>| {
         while let Some(w) = gc.next_write() {
             let img = &mut images[w.segment as usize - 1];
             let at = w.file_offset as usize;
@@ -59,11 +59,11 @@ fn build(dir: &Path) -> u64 {
                 accepted_at_ms: seq,
                 body: &body,
             }));
-            if seq % 4 == 0 {
+            if seq.is_multiple_of(4) {
                 gc.append(&Record::Status(StatusChange { seq, status: Status::Acked, at_ms: seq }));
             }
             seq += 1;
-            if seq % 64 == 0 {
+            if seq.is_multiple_of(64) {
                 flush(&mut gc, &mut images);
             }
         }
