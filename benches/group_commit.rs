@@ -14,16 +14,18 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use esh3ar_shards::journal::{Journal, JournalConfig};
 use esh3ar_shards::record::{Accepted, Record};
 use esh3ar_shards::recovery::{recover_shard, Mode};
+use esh3ar_shards::storage::{DmaStorage, SyncMode};
 use esh3ar_shards::Priority;
 
-fn start(records: usize) -> support::AsyncBench {
+fn start(records: usize, sync: SyncMode) -> support::AsyncBench {
     support::AsyncBench::start("group-commit", move || async move {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
         let path = dir.path().join("shard-0");
         std::fs::create_dir_all(&path).expect("shard dir");
         let recovered = recover_shard(&path, 0, Mode::Repair).expect("recover an empty shard");
         let cfg = JournalConfig { dir: path, shard: 0, segment_bytes: 256 << 20 };
-        let journal = Journal::open(cfg, &recovered).expect("open journal");
+        let journal =
+            Journal::open_with(DmaStorage::from_env().sync_mode(sync), cfg, &recovered).expect("open journal");
         glommio::spawn_local(journal.clone().run_committer()).detach();
         let index = Rc::new(RefCell::new(recovered.index));
         let body = vec![b'x'; 64];
@@ -54,10 +56,12 @@ fn start(records: usize) -> support::AsyncBench {
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("group commit");
     g.sample_size(20);
-    for n in [1usize, 16, 256] {
-        let b = start(n);
-        g.throughput(Throughput::Elements(n as u64));
-        g.bench_function(format!("{n} records, 1 fdatasync"), |bench| bench.iter_custom(|iters| b.run(iters)));
+    for (sync, name) in [(SyncMode::Fdatasync, "write + fdatasync"), (SyncMode::Dsync, "O_DSYNC write")] {
+        for n in [1usize, 16, 256] {
+            let b = start(n, sync);
+            g.throughput(Throughput::Elements(n as u64));
+            g.bench_function(format!("{n} records, {name}"), |bench| bench.iter_custom(|iters| b.run(iters)));
+        }
     }
     g.finish();
 }

@@ -138,20 +138,37 @@ fn torn_prefix(len: usize) -> usize {
 // ---------------------------------------------------------------------------
 // The real disk.
 
+/// How a write is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// A write, then an fdatasync: two operations per commit.
+    #[default]
+    Fdatasync,
+    /// Files opened `O_DSYNC`: a write completes only once durable (FUA
+    /// where the device has it), one operation per commit; `sync` does nothing.
+    Dsync,
+}
+
 /// O_DIRECT files through glommio.
 #[derive(Default)]
 pub struct DmaStorage {
     faults: Option<Rc<Faults>>,
+    sync: SyncMode,
 }
 
 impl DmaStorage {
     /// Real storage, with the test fault plan from the environment if one is set.
     pub fn from_env() -> DmaStorage {
-        DmaStorage { faults: Faults::from_env().map(Rc::new) }
+        DmaStorage { faults: Faults::from_env().map(Rc::new), sync: SyncMode::default() }
     }
     /// Real storage with a given fault plan (tests).
     pub fn with_faults(faults: Faults) -> DmaStorage {
-        DmaStorage { faults: Some(Rc::new(faults)) }
+        DmaStorage { faults: Some(Rc::new(faults)), sync: SyncMode::default() }
+    }
+    /// The same storage, making writes durable as `sync` says.
+    pub fn sync_mode(mut self, sync: SyncMode) -> DmaStorage {
+        self.sync = sync;
+        self
     }
 }
 
@@ -159,6 +176,7 @@ impl DmaStorage {
 pub struct DmaSegment {
     file: DmaFile,
     faults: Option<Rc<Faults>>,
+    sync: SyncMode,
 }
 
 impl Storage for DmaStorage {
@@ -170,6 +188,7 @@ impl Storage for DmaStorage {
             .read(true)
             .write(true)
             .create(create_bytes.is_some())
+            .custom_flags(if self.sync == SyncMode::Dsync { libc::O_DSYNC } else { 0 })
             .dma_open(path)
             .await
             .map_err(io::Error::from)?;
@@ -179,7 +198,7 @@ impl Storage for DmaStorage {
                 self.sync_dir(dir)?;
             }
         }
-        Ok(DmaSegment { file, faults: self.faults.clone() })
+        Ok(DmaSegment { file, faults: self.faults.clone(), sync: self.sync })
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
@@ -231,7 +250,10 @@ impl StorageFile for DmaSegment {
         if self.faults.as_ref().is_some_and(|f| f.on_sync()) {
             return Err(injected("fdatasync"));
         }
-        self.file.fdatasync().await.map_err(io::Error::from)
+        match self.sync {
+            SyncMode::Fdatasync => self.file.fdatasync().await.map_err(io::Error::from),
+            SyncMode::Dsync => Ok(()),
+        }
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
