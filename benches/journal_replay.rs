@@ -60,7 +60,7 @@ fn build(dir: &Path) -> u64 {
                 body: &body,
             }));
             if seq.is_multiple_of(4) {
-                gc.append(&Record::Status(StatusChange { seq, status: Status::Acked, at_ms: seq }));
+                gc.append(&Record::Status(StatusChange::plain(seq, Status::Acked, seq)));
             }
             seq += 1;
             if seq.is_multiple_of(64) {

@@ -246,7 +246,7 @@ impl Shard {
         let at_ms = now_ms();
         let mut index = self.index.borrow_mut();
         for &seq in seqs {
-            let record = Record::Status(StatusChange { seq, status, at_ms });
+            let record = Record::Status(StatusChange::plain(seq, status, at_ms));
             if self.journal.append(&record, &mut index).is_err() {
                 return; // journal failed or closing: the message stays pending
             }

@@ -309,7 +309,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn status(seq: u64) -> Record<'static> {
-        Record::Status(StatusChange { seq, status: Status::Acked, at_ms: seq })
+        Record::Status(StatusChange::plain(seq, Status::Acked, seq))
     }
 
     /// Applies a write to a disk image (padded to whole blocks with zeros, as the journal does).

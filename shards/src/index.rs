@@ -10,8 +10,8 @@ use std::rc::Rc;
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::record::{encoded_len, Record};
-use crate::{Priority, Status};
+use crate::record::{encoded_len, EventChange, EventOutcome, Record, StatusChange};
+use crate::{EventSet, Priority, Reason, Status};
 
 /// What the shard knows about one message (its body stays in the journal).
 #[derive(Debug, Clone)]
@@ -42,11 +42,40 @@ pub struct MessageMeta {
     pub record_bytes: u32,
     /// Journal commit generation of the record (0: recovered, so durable).
     pub generation: u64,
+    /// Why it was rejected or failed.
+    pub reason: Reason,
+    /// Events owed to the sender and not yet delivered (bit `1 << status`).
+    pub events_owed: EventSet,
+    /// Events given up on, waiting in the dead-letter queue.
+    pub events_dead: EventSet,
+}
+
+impl MessageMeta {
+    /// A message keeps its journal segments (and everything after them)
+    /// while it is unsettled or the sender is owed one of its events.
+    fn pinned(&self) -> bool {
+        !self.status.is_settled() || self.events_owed != 0 || self.events_dead != 0
+    }
+}
+
+/// An event owed to a sender: the transactional outbox entry of one status
+/// change, from its journaled birth until delivered or dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedEvent {
+    /// Unix ms of the transition that owes it.
+    pub since_ms: u64,
+    /// Attempts made (journaled as they fail).
+    pub attempts: u32,
+    /// The last failure, if any.
+    pub last_error: Option<Rc<str>>,
+    /// Unix ms it was dead-lettered (0: not dead).
+    pub dead_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct SegmentLive {
-    /// Messages accepted in this segment and not yet settled.
+    /// Messages accepted in this segment and still pinned (unsettled, or
+    /// with an event owed or dead-lettered).
     unsettled: u64,
     /// Sequence numbers accepted in this segment: `first..=last`.
     first_seq: u64,
@@ -68,6 +97,8 @@ pub struct MessageIndex {
     segments: BTreeMap<u64, SegmentLive>,
     /// (expires_at_ms, seq) of every unsettled message with a TTL.
     expiries: BTreeSet<(u64, u64)>,
+    /// Owed and dead-lettered events by (message seq, status code).
+    outbox: BTreeMap<(u64, u8), OwedEvent>,
     max_seq: Option<u64>,
 }
 
@@ -109,6 +140,9 @@ impl MessageIndex {
                     offset,
                     record_bytes: encoded_len(record) as u32,
                     generation: 0,
+                    reason: Reason::None,
+                    events_owed: 0,
+                    events_dead: 0,
                 };
                 if a.expires_at_ms > 0 {
                     self.expiries.insert((a.expires_at_ms, a.seq));
@@ -116,39 +150,107 @@ impl MessageIndex {
                 let previous = self.messages.insert(a.seq, meta);
                 assert!(previous.is_none(), "sequence {} accepted twice", a.seq);
             }
-            Record::Status(s) => self.apply_status(s.seq, s.status, s.at_ms),
+            Record::Status(s) => self.apply_status(s),
+            Record::Event(e) => self.apply_event(e),
         }
     }
 
-    fn apply_status(&mut self, seq: u64, status: Status, at_ms: u64) {
-        let Some(meta) = self.messages.get_mut(&seq) else {
+    fn apply_status(&mut self, s: &StatusChange) {
+        let Some(meta) = self.messages.get_mut(&s.seq) else {
             // The message's segment was already deleted: nothing to do.
             return;
         };
         if meta.status.is_settled() {
             return;
         }
-        match status {
+        let was_pinned = meta.pinned();
+        match s.status {
             Status::Accepted => {}
             Status::Delivered => {
                 meta.status = Status::Delivered;
                 meta.attempts += 1;
-                meta.delivered_at_ms = at_ms;
+                meta.delivered_at_ms = s.at_ms;
             }
-            Status::Acked | Status::Expired | Status::Failed => {
-                meta.status = status;
-                if status == Status::Acked {
-                    meta.acked_at_ms = at_ms;
+            Status::Acked | Status::Expired | Status::Failed | Status::Rejected => {
+                meta.status = s.status;
+                meta.reason = s.reason;
+                if s.status == Status::Acked {
+                    meta.acked_at_ms = s.at_ms;
                 }
-                let (to, segment, expires, priority) =
-                    (meta.to.clone(), meta.segment, meta.expires_at_ms, meta.priority);
-                self.expiries.remove(&(expires, seq));
-                self.settle(seq, &to, segment, priority);
+                let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
+                self.expiries.remove(&(expires, s.seq));
+                self.remove_pending(s.seq, &to, priority);
+            }
+        }
+        if s.notify && s.status != Status::Accepted {
+            self.owe(s.seq, s.status, s.at_ms);
+        }
+        self.repin(s.seq, was_pinned);
+    }
+
+    fn owe(&mut self, seq: u64, status: Status, at_ms: u64) {
+        let Some(meta) = self.messages.get_mut(&seq) else { return };
+        meta.events_owed |= status.event_bit();
+        self.outbox.entry((seq, status as u8)).or_insert(OwedEvent {
+            since_ms: at_ms,
+            attempts: 0,
+            last_error: None,
+            dead_at_ms: 0,
+        });
+    }
+
+    fn apply_event(&mut self, e: &EventChange<'_>) {
+        let key = (e.seq, e.event as u8);
+        let (Some(meta), Some(event)) = (self.messages.get_mut(&e.seq), self.outbox.get_mut(&key)) else {
+            return; // not owed (already settled, or its message is gone)
+        };
+        let was_pinned = meta.pinned();
+        let bit = e.event.event_bit();
+        match e.outcome {
+            EventOutcome::Delivered | EventOutcome::Dropped => {
+                meta.events_owed &= !bit;
+                meta.events_dead &= !bit;
+                self.outbox.remove(&key);
+            }
+            EventOutcome::AttemptFailed => {
+                event.attempts = e.attempts;
+                event.last_error = Some(Rc::from(e.error));
+            }
+            EventOutcome::DeadLettered => {
+                event.attempts = e.attempts;
+                event.last_error = Some(Rc::from(e.error));
+                event.dead_at_ms = e.at_ms;
+                meta.events_owed &= !bit;
+                meta.events_dead |= bit;
+            }
+            EventOutcome::Replayed => {
+                event.attempts = 0;
+                event.dead_at_ms = 0;
+                meta.events_dead &= !bit;
+                meta.events_owed |= bit;
+            }
+        }
+        self.repin(e.seq, was_pinned);
+    }
+
+    /// Keeps the per-segment count of pinned messages right after a change.
+    fn repin(&mut self, seq: u64, was_pinned: bool) {
+        let Some(meta) = self.messages.get(&seq) else { return };
+        let (now, segment) = (meta.pinned(), meta.segment);
+        if now == was_pinned {
+            return;
+        }
+        if let Some(live) = self.segments.get_mut(&segment) {
+            if now {
+                live.unsettled += 1;
+            } else {
+                assert!(live.unsettled > 0, "segment {segment} settled below zero");
+                live.unsettled -= 1;
             }
         }
     }
 
-    fn settle(&mut self, seq: u64, to: &Rc<str>, segment: u64, priority: Priority) {
+    fn remove_pending(&mut self, seq: u64, to: &Rc<str>, priority: Priority) {
         if let Some(queues) = self.pending.get_mut(to) {
             let queue = &mut queues[priority as usize];
             if queue.front() == Some(&seq) {
@@ -159,10 +261,6 @@ impl MessageIndex {
             if queues.iter().all(VecDeque::is_empty) {
                 self.pending.remove(to);
             }
-        }
-        if let Some(live) = self.segments.get_mut(&segment) {
-            assert!(live.unsettled > 0, "segment {segment} settled below zero");
-            live.unsettled -= 1;
         }
     }
 
@@ -216,6 +314,37 @@ impl MessageIndex {
         self.pending.get(user).into_iter().flat_map(|q| q.iter().flat_map(|p| p.iter().copied()))
     }
 
+    /// Owed events not dead-lettered, oldest message first:
+    /// (message seq, status, state).
+    pub fn owed_events(&self) -> impl Iterator<Item = (u64, Status, &OwedEvent)> + '_ {
+        self.outbox
+            .iter()
+            .filter(|(_, e)| e.dead_at_ms == 0)
+            .filter_map(|(&(seq, code), e)| Status::from_u8(code).map(|s| (seq, s, e)))
+    }
+
+    /// Dead-lettered events after `after` (exclusive), at most `limit`.
+    pub fn dead_letters(&self, after: Option<(u64, Status)>, limit: usize) -> Vec<(u64, Status, &OwedEvent)> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, |(seq, s)| Excluded((seq, s as u8)));
+        self.outbox
+            .range((from, Unbounded))
+            .filter(|(_, e)| e.dead_at_ms != 0)
+            .filter_map(|(&(seq, code), e)| Status::from_u8(code).map(|s| (seq, s, e)))
+            .take(limit)
+            .collect()
+    }
+
+    /// The owed or dead-lettered event of `status` of message `seq`.
+    pub fn event(&self, seq: u64, status: Status) -> Option<&OwedEvent> {
+        self.outbox.get(&(seq, status as u8))
+    }
+
+    /// Events owed or dead-lettered.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
     /// Number of messages indexed.
     pub fn len(&self) -> usize {
         self.messages.len()
@@ -226,7 +355,7 @@ impl MessageIndex {
         self.messages.is_empty()
     }
 
-    /// Number of unsettled messages.
+    /// Number of pinned messages: unsettled, or with an event owed or dead-lettered.
     pub fn unsettled(&self) -> u64 {
         self.segments.values().map(|s| s.unsettled).sum()
     }
@@ -252,7 +381,9 @@ impl MessageIndex {
         assert_eq!(live.unsettled, 0, "forgetting segment {segment} with unsettled messages");
         if live.any {
             for seq in live.first_seq..=live.last_seq {
-                self.messages.remove(&seq);
+                if let Some(m) = self.messages.remove(&seq) {
+                    debug_assert!(!m.pinned(), "forgot a pinned message {seq}");
+                }
             }
         }
         self.interned.retain(|s| Rc::strong_count(s) > 1);
@@ -281,7 +412,7 @@ mod tests {
     }
 
     fn status(ix: &mut MessageIndex, seq: u64, status: Status) {
-        ix.apply(9, 0, &Record::Status(StatusChange { seq, status, at_ms: 1000 + seq }));
+        ix.apply(9, 0, &Record::Status(StatusChange::plain(seq, status, 1000 + seq)));
     }
 
     #[test]
@@ -327,6 +458,67 @@ mod tests {
         assert_eq!((sent, rest.collect::<Vec<_>>()), (1, vec![3]));
         status(&mut ix, 3, Status::Acked);
         assert_eq!(ix.pending_for("u").collect::<Vec<_>>(), vec![1, 2, 0]);
+    }
+
+    fn notify(ix: &mut MessageIndex, seq: u64, status: Status) {
+        ix.apply(9, 0, &Record::Status(StatusChange { seq, status, at_ms: 5, notify: true, reason: Reason::None }));
+    }
+
+    fn event(ix: &mut MessageIndex, seq: u64, status: Status, outcome: EventOutcome, attempts: u32) {
+        ix.apply(9, 0, &Record::Event(EventChange { seq, event: status, outcome, attempts, at_ms: 7, error: "boom" }));
+    }
+
+    #[test]
+    fn owed_events_pin_their_message_until_delivered_or_dropped() {
+        let mut ix = MessageIndex::new();
+        accept(&mut ix, 1, 0, "a");
+        accept(&mut ix, 2, 1, "a");
+        notify(&mut ix, 0, Status::Delivered);
+        notify(&mut ix, 0, Status::Acked);
+        status(&mut ix, 1, Status::Acked); // no webhook: owes nothing
+        assert_eq!(ix.get(0).unwrap().events_owed, Status::Delivered.event_bit() | Status::Acked.event_bit());
+        assert!(ix.deletable_segments(3).is_empty(), "an owed event keeps its message's segment");
+        assert_eq!(
+            ix.owed_events().map(|(seq, s, _)| (seq, s)).collect::<Vec<_>>(),
+            vec![(0, Status::Delivered), (0, Status::Acked)]
+        );
+        event(&mut ix, 0, Status::Delivered, EventOutcome::Delivered, 1);
+        event(&mut ix, 0, Status::Acked, EventOutcome::AttemptFailed, 1);
+        assert_eq!(ix.event(0, Status::Acked).unwrap().attempts, 1);
+        assert!(ix.deletable_segments(3).is_empty());
+        event(&mut ix, 0, Status::Acked, EventOutcome::DeadLettered, 15);
+        assert_eq!(ix.owed_events().count(), 0);
+        assert_eq!(ix.dead_letters(None, 10).len(), 1);
+        assert!(ix.deletable_segments(3).is_empty(), "a dead letter keeps it too");
+        event(&mut ix, 0, Status::Acked, EventOutcome::Replayed, 0);
+        assert_eq!(ix.owed_events().next().map(|(_, _, e)| e.attempts), Some(0));
+        assert!(ix.dead_letters(None, 10).is_empty());
+        event(&mut ix, 0, Status::Acked, EventOutcome::Dropped, 0);
+        assert_eq!(ix.outbox_len(), 0);
+        assert_eq!(ix.deletable_segments(3), vec![1, 2]);
+        // Events of a settled-and-forgotten message are ignored.
+        event(&mut ix, 0, Status::Acked, EventOutcome::Delivered, 1);
+    }
+
+    #[test]
+    fn a_rejection_settles_with_its_reason() {
+        let mut ix = MessageIndex::new();
+        accept(&mut ix, 1, 0, "a");
+        ix.apply(
+            9,
+            0,
+            &Record::Status(StatusChange {
+                seq: 0,
+                status: Status::Rejected,
+                at_ms: 5,
+                notify: true,
+                reason: Reason::RecipientOptedOut,
+            }),
+        );
+        let m = ix.get(0).unwrap();
+        assert_eq!((m.status, m.reason), (Status::Rejected, Reason::RecipientOptedOut));
+        assert_eq!(ix.pending_for("a").count(), 0, "never delivered");
+        assert_eq!(ix.unsettled(), 1, "pinned by its owed event only");
     }
 
     #[test]

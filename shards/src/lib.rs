@@ -76,8 +76,10 @@ pub enum Status {
     Acked = 2,
     /// Its TTL passed before an acknowledgement.
     Expired = 3,
-    /// Given up for another reason.
+    /// Given up for another reason (see its [`Reason`]).
     Failed = 4,
+    /// Refused after acceptance by asynchronous validation (see its [`Reason`]).
+    Rejected = 5,
 }
 
 impl Status {
@@ -89,6 +91,7 @@ impl Status {
             2 => Some(Self::Acked),
             3 => Some(Self::Expired),
             4 => Some(Self::Failed),
+            5 => Some(Self::Rejected),
             _ => None,
         }
     }
@@ -100,10 +103,68 @@ impl Status {
             Self::Acked => "acked",
             Self::Expired => "expired",
             Self::Failed => "failed",
+            Self::Rejected => "rejected",
         }
     }
     /// Settled messages are never delivered again.
     pub fn is_settled(self) -> bool {
-        matches!(self, Self::Acked | Self::Expired | Self::Failed)
+        matches!(self, Self::Acked | Self::Expired | Self::Failed | Self::Rejected)
+    }
+
+    /// The event a transition to this status owes the sender, if any:
+    /// `message.delivered`, `.acked`, `.expired`, `.failed`, `.rejected`.
+    pub fn event_type(self) -> Option<&'static str> {
+        match self {
+            Self::Accepted => None,
+            Self::Delivered => Some("message.delivered"),
+            Self::Acked => Some("message.acked"),
+            Self::Expired => Some("message.expired"),
+            Self::Failed => Some("message.failed"),
+            Self::Rejected => Some("message.rejected"),
+        }
+    }
+
+    /// The bit of this status in an event set ([`EventSet`]).
+    pub fn event_bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// A set of statuses whose events are owed (bit `1 << status`).
+pub type EventSet = u8;
+
+/// Why a message was rejected or failed. The numeric value is the on-disk code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Reason {
+    /// No reason (statuses other than rejected and failed).
+    None = 0,
+    /// The recipient blocked the sender.
+    RecipientOptedOut = 1,
+    /// `validation.known_recipients_only` and the recipient is not in the directory.
+    UnknownRecipient = 2,
+    /// Every delivery channel was tried and failed.
+    ChannelsExhausted = 3,
+}
+
+impl Reason {
+    /// Decodes the on-disk code.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::None),
+            1 => Some(Self::RecipientOptedOut),
+            2 => Some(Self::UnknownRecipient),
+            3 => Some(Self::ChannelsExhausted),
+            _ => None,
+        }
+    }
+    /// The API name (`reason` in statuses and events); None for [`Reason::None`].
+    pub fn as_str(self) -> Option<&'static str> {
+        match self {
+            Self::None => None,
+            Self::RecipientOptedOut => Some("recipient_opted_out"),
+            Self::UnknownRecipient => Some("unknown_recipient"),
+            Self::ChannelsExhausted => Some("channels_exhausted"),
+        }
     }
 }

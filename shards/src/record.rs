@@ -10,7 +10,7 @@
 //! header of nine zero bytes is the end of the log: segments are
 //! pre-allocated and zero-filled, so the first unwritten byte reads as "end".
 
-use crate::{Priority, Status};
+use crate::{Priority, Reason, Status};
 
 /// Bytes of the frame header (length, CRC, kind).
 pub const HEADER_BYTES: usize = crate::limits::RECORD_HEADER_BYTES;
@@ -24,6 +24,9 @@ pub const FORMAT_VERSION: u16 = 2;
 const KIND_SEGMENT_HEADER: u8 = 1;
 const KIND_ACCEPTED: u8 = 2;
 const KIND_STATUS: u8 = 3;
+const KIND_EVENT: u8 = 4;
+/// Longest error text an [`EventChange`] carries (longer ones are cut).
+pub const EVENT_ERROR_BYTES_MAX: usize = 256;
 
 /// First record of every segment: which shard and segment this file is, and
 /// the next sequence number at the time the segment was opened (so ids are
@@ -57,7 +60,7 @@ pub struct Accepted<'a> {
     pub body: &'a [u8],
 }
 
-/// A change of a message's status (delivered, acked, expired, failed).
+/// A change of a message's status (delivered, acked, expired, failed, rejected).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusChange {
     /// Sequence number of the message.
@@ -66,6 +69,67 @@ pub struct StatusChange {
     pub status: Status,
     /// Unix milliseconds of the change.
     pub at_ms: u64,
+    /// The change owes the sender an event (its client had a webhook then):
+    /// the transactional outbox. The event is owed until an [`EventChange`]
+    /// settles it.
+    pub notify: bool,
+    /// Why (rejected and failed); [`Reason::None`] otherwise.
+    pub reason: Reason,
+}
+
+impl StatusChange {
+    /// A change that owes no event and has no reason.
+    pub fn plain(seq: u64, status: Status, at_ms: u64) -> Self {
+        Self { seq, status, at_ms, notify: false, reason: Reason::None }
+    }
+}
+
+/// What happened to an owed event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EventOutcome {
+    /// The sender's endpoint answered 2xx: settled.
+    Delivered = 0,
+    /// An attempt failed; more will follow.
+    AttemptFailed = 1,
+    /// Given up: moved to the dead-letter queue.
+    DeadLettered = 2,
+    /// Taken out of the dead-letter queue to be sent again, attempts reset.
+    Replayed = 3,
+    /// Dropped without delivery (deleted from the dead-letter queue, or the
+    /// client no longer has a webhook): settled.
+    Dropped = 4,
+}
+
+impl EventOutcome {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Delivered),
+            1 => Some(Self::AttemptFailed),
+            2 => Some(Self::DeadLettered),
+            3 => Some(Self::Replayed),
+            4 => Some(Self::Dropped),
+            _ => None,
+        }
+    }
+}
+
+/// A step in the life of an owed event (the event of `status` of message `seq`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventChange<'a> {
+    /// Sequence number of the message.
+    pub seq: u64,
+    /// Which transition's event.
+    pub event: Status,
+    /// What happened.
+    pub outcome: EventOutcome,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// The last error (failed attempts and dead letters), at most
+    /// [`EVENT_ERROR_BYTES_MAX`] bytes.
+    pub error: &'a str,
 }
 
 /// One decoded journal record, borrowing from the segment bytes.
@@ -77,6 +141,8 @@ pub enum Record<'a> {
     Accepted(Accepted<'a>),
     /// A message changed status.
     Status(StatusChange),
+    /// An owed event was delivered, failed, dead-lettered, replayed or dropped.
+    Event(EventChange<'a>),
 }
 
 /// What [`decode`] found at an offset.
@@ -99,7 +165,8 @@ fn payload_len(record: &Record<'_>) -> usize {
     match record {
         Record::SegmentHeader(_) => 4 + 2 + 2 + 8 + 8,
         Record::Accepted(a) => 8 + 2 + a.client.len() + 2 + a.to.len() + 1 + 8 + 8 + 4 + a.body.len(),
-        Record::Status(_) => 8 + 1 + 8,
+        Record::Status(_) => 8 + 1 + 8 + 1 + 1,
+        Record::Event(e) => 8 + 1 + 1 + 4 + 8 + 2 + e.error.len(),
     }
 }
 
@@ -139,6 +206,18 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&s.seq.to_le_bytes());
             out.push(s.status as u8);
             out.extend_from_slice(&s.at_ms.to_le_bytes());
+            out.push(s.notify as u8);
+            out.push(s.reason as u8);
+        }
+        Record::Event(e) => {
+            assert!(e.error.len() <= EVENT_ERROR_BYTES_MAX, "event error text over limit");
+            out.push(KIND_EVENT);
+            out.extend_from_slice(&e.seq.to_le_bytes());
+            out.push(e.event as u8);
+            out.push(e.outcome as u8);
+            out.extend_from_slice(&e.attempts.to_le_bytes());
+            out.extend_from_slice(&e.at_ms.to_le_bytes());
+            put_str16(out, e.error.as_bytes());
         }
     }
     debug_assert_eq!(out.len() - start, HEADER_BYTES + payload);
@@ -219,7 +298,23 @@ fn decode_payload(kind: u8, p: &[u8]) -> Option<Record<'_>> {
         KIND_STATUS => {
             let seq = r.u64()?;
             let status = Status::from_u8(r.u8()?)?;
-            Record::Status(StatusChange { seq, status, at_ms: r.u64()? })
+            let at_ms = r.u64()?;
+            let notify = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            let reason = Reason::from_u8(r.u8()?)?;
+            Record::Status(StatusChange { seq, status, at_ms, notify, reason })
+        }
+        KIND_EVENT => {
+            let seq = r.u64()?;
+            let event = Status::from_u8(r.u8()?)?;
+            let outcome = EventOutcome::from_u8(r.u8()?)?;
+            let attempts = r.u32()?;
+            let at_ms = r.u64()?;
+            let error = r.str16()?;
+            Record::Event(EventChange { seq, event, outcome, attempts, at_ms, error })
         }
         _ => return None,
     };
@@ -314,9 +409,19 @@ mod tests {
         }
 
         #[test]
-        fn status_and_header_roundtrip(seq: u64, s in 0u8..5, at: u64, shard: u16, seg: u64) {
-            roundtrip(Record::Status(StatusChange { seq, status: Status::from_u8(s).unwrap(), at_ms: at }));
+        fn status_and_header_roundtrip(seq: u64, s in 0u8..6, at: u64, shard: u16, seg: u64, notify: bool, r in 0u8..4) {
+            roundtrip(Record::Status(StatusChange {
+                seq, status: Status::from_u8(s).unwrap(), at_ms: at, notify, reason: Reason::from_u8(r).unwrap(),
+            }));
             roundtrip(Record::SegmentHeader(SegmentHeader { shard, segment: seg, next_seq: seq }));
+        }
+
+        #[test]
+        fn event_roundtrips(seq: u64, s in 1u8..6, o in 0u8..5, attempts: u32, at: u64, error in "\\PC{0,60}") {
+            roundtrip(Record::Event(EventChange {
+                seq, event: Status::from_u8(s).unwrap(), outcome: EventOutcome::from_u8(o).unwrap(),
+                attempts, at_ms: at, error: &error,
+            }));
         }
 
         #[test]
@@ -327,7 +432,7 @@ mod tests {
         #[test]
         fn truncation_is_never_a_valid_record(cut in 1usize..40) {
             let mut buf = Vec::new();
-            encode(&Record::Status(StatusChange { seq: 1, status: Status::Acked, at_ms: 2 }), &mut buf);
+            encode(&Record::Status(StatusChange::plain(1, Status::Acked, 2)), &mut buf);
             let cut = cut.min(buf.len() - 1);
             let valid = matches!(decode(&buf[..cut]), Decoded::Record { .. });
             prop_assert!(!valid);

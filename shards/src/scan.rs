@@ -194,7 +194,7 @@ mod tests {
             let mut body = Vec::new();
             for r in 0..per {
                 let seq = c * per + r;
-                encode(&Record::Status(StatusChange { seq, status: Status::Delivered, at_ms: seq }), &mut body);
+                encode(&Record::Status(StatusChange::plain(seq, Status::Delivered, seq)), &mut body);
             }
             offsets.push(seg.len());
             let h = CommitHeader {
@@ -223,7 +223,7 @@ mod tests {
         assert_eq!(n, 50);
         assert_eq!(s.commits, 10);
         assert_eq!(s.last_commit_seq, Some(10));
-        let end = offsets[9] + COMMIT_HEADER_BYTES + 5 * 26;
+        let end = offsets[9] + COMMIT_HEADER_BYTES + 5 * 28;
         assert_eq!(s.end, ScanEnd::Clean { end });
     }
 
