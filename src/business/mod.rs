@@ -24,10 +24,9 @@ use crate::http::conn::{Handler, Request};
 use crate::http::{write_error, write_response, Method};
 use crate::shard::{AppendRefusal, MeshMsg, NewMessage, Shard};
 
-/// Longest user id, in bytes.
-pub const USER_ID_BYTES_MAX: usize = 256;
-/// Most messages in one batch.
-pub const BATCH_ITEMS_MAX: usize = 1000;
+// The request limits live with every limit they constrain (a user id is
+// framed into a journal record): `esh3ar_shards::limits`.
+pub use esh3ar_shards::limits::{BATCH_ITEMS_MAX, USER_ID_BYTES_MAX};
 
 /// An authenticated client on this connection.
 #[derive(Clone, Copy)]

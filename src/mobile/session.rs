@@ -13,11 +13,33 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::Message;
 
-use crate::delivery::{Cursor, SessionSignal};
+use crate::delivery::{delivery_frame_bytes_max, Cursor, SessionSignal};
 use crate::shard::Shard;
+use esh3ar_shards::limits::BODY_BYTES_MAX;
 
 /// Most ids in one `{"type":"ack","ids":[...]}`.
 pub const ACK_IDS_MAX: usize = 1000;
+
+/// tungstenite writes its buffer out once it holds this much.
+pub const WS_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Bytes of a WebSocket frame header from the server (unmasked, 64-bit length).
+pub const WS_FRAME_HEADER_BYTES_MAX: usize = 10;
+
+/// The write buffer limit of a session: the flush threshold plus the
+/// largest delivery frame. tungstenite refuses a message that would take
+/// the buffer past this limit, so anything smaller makes a message at the
+/// body limit undeliverable (and redelivered forever).
+pub const fn ws_write_buffer_bytes_max(body_bytes_max: usize) -> usize {
+    WS_WRITE_BUFFER_BYTES + WS_FRAME_HEADER_BYTES_MAX + delivery_frame_bytes_max(body_bytes_max)
+}
+
+const _: () = {
+    // The documented body maximum, fully escaped, fits a session's buffer.
+    assert!(
+        ws_write_buffer_bytes_max(BODY_BYTES_MAX) > delivery_frame_bytes_max(BODY_BYTES_MAX) + WS_WRITE_BUFFER_BYTES
+    );
+    assert!(delivery_frame_bytes_max(BODY_BYTES_MAX) >= 6 * BODY_BYTES_MAX);
+};
 
 #[derive(serde::Deserialize)]
 struct ClientFrame {
@@ -72,8 +94,8 @@ pub async fn start(shard: Rc<Shard>, mut stream: TcpStream, user: String, accept
     let ws_cfg = WebSocketConfig {
         max_message_size: Some(cfg.max_message_bytes),
         max_frame_size: Some(cfg.max_message_bytes),
-        write_buffer_size: 16 * 1024,
-        max_write_buffer_size: 1 << 20,
+        write_buffer_size: WS_WRITE_BUFFER_BYTES,
+        max_write_buffer_size: ws_write_buffer_bytes_max(shard.cfg.business.max_body_bytes),
         accept_unmasked_frames: false,
         ..Default::default()
     };
