@@ -21,7 +21,7 @@ use esh3ar_shards::record::{Record, StatusChange};
 use esh3ar_shards::{Priority, Status};
 use hashbrown::HashMap;
 
-use crate::business::now_ms;
+use crate::clock::now_ms;
 use crate::http::json_string;
 use crate::shard::Shard;
 
@@ -210,8 +210,8 @@ impl Shard {
     /// within a priority, acceptance order). At most a batch, and never more
     /// than `inflight_max` unacked on the connection.
     pub fn deliverable(&self, user: &str, cursor: &Cursor, inflight_max: usize) -> Vec<(Priority, u64)> {
-        let index = self.index.borrow();
-        let durable = self.journal.durable_generation();
+        let index = self.index().borrow();
+        let durable = self.journal().durable_generation();
         let now = now_ms();
         let mut queues = Vec::with_capacity(3);
         let mut inflight = 0;
@@ -242,17 +242,17 @@ impl Shard {
     /// The delivery frame of message `seq`, or None if it is gone.
     pub async fn message_frame(&self, seq: u64) -> Result<Option<Vec<u8>>, String> {
         let (client, priority, accepted_at, segment, offset, bytes) = {
-            let index = self.index.borrow();
+            let index = self.index().borrow();
             let Some(m) = index.get(seq) else { return Ok(None) };
             if m.status.is_settled() {
                 return Ok(None);
             }
             (m.client.clone(), m.priority, m.accepted_at_ms, m.segment, m.offset, m.record_bytes)
         };
-        let cached = self.bodies.borrow().get(seq);
+        let cached = self.bodies().borrow().get(seq);
         let body: Rc<[u8]> = match cached {
             Some(b) => b,
-            None => Rc::from(self.journal.read_body(segment, offset, bytes).await?),
+            None => Rc::from(self.journal().read_body(segment, offset, bytes).await?),
         };
         let body = std::str::from_utf8(&body).map_err(|_| format!("message {seq} body is not UTF-8"))?;
         Ok(Some(encode_frame(self.tracking_id(seq), &client, body, priority, accepted_at)))
@@ -266,10 +266,10 @@ impl Shard {
 
     fn record_status(&self, seqs: &[u64], status: Status) {
         let at_ms = now_ms();
-        let mut index = self.index.borrow_mut();
+        let mut index = self.index().borrow_mut();
         for &seq in seqs {
             let record = Record::Status(StatusChange { seq, status, at_ms });
-            if self.journal.append(&record, &mut index).is_err() {
+            if self.journal().append(&record, &mut index).is_err() {
                 return; // journal failed or closing: the message stays pending
             }
         }
@@ -280,10 +280,10 @@ impl Shard {
     pub fn record_acks<'a>(&self, user: &str, ids: impl Iterator<Item = &'a str>) {
         let mut acked = Vec::new();
         {
-            let index = self.index.borrow();
+            let index = self.index().borrow();
             for id in ids {
                 let Some(t) = TrackingId::decode(id.as_bytes()) else { continue };
-                if t.shard as usize != self.id {
+                if t.shard as usize != self.id() {
                     continue;
                 }
                 match index.get(t.seq) {
@@ -293,7 +293,7 @@ impl Shard {
             }
         }
         self.record_status(&acked, Status::Acked);
-        let mut bodies = self.bodies.borrow_mut();
+        let mut bodies = self.bodies().borrow_mut();
         for seq in acked {
             bodies.remove(seq);
         }
@@ -302,20 +302,23 @@ impl Shard {
     /// Once a second: expire messages whose TTL passed, delete journal
     /// segments whose messages are all settled.
     pub async fn run_maintenance(self: Rc<Self>) {
-        while !self.shutdown.is_set() {
+        while !self.shutdown().is_set() {
             glommio::timer::sleep(Duration::from_secs(1)).await;
-            let expired = self.index.borrow().expired(now_ms(), 10_000);
+            let expired = self.index().borrow().expired(now_ms(), 10_000);
             if !expired.is_empty() {
                 self.record_status(&expired, Status::Expired);
-                let mut bodies = self.bodies.borrow_mut();
+                let mut bodies = self.bodies().borrow_mut();
                 for &seq in &expired {
                     bodies.remove(seq);
                 }
-                tracing::debug!(shard = self.id, count = expired.len(), "expired messages");
+                tracing::debug!(shard = self.id(), count = expired.len(), "expired messages");
             }
-            let deleted = self.journal.delete_settled_segments(&mut self.index.borrow_mut());
-            if let Err(e) = deleted {
-                tracing::warn!(shard = self.id, error = %e, "could not delete settled segments");
+            let deleted = self.journal().delete_settled_segments(&mut self.index().borrow_mut());
+            match deleted {
+                // Index entries left with their segments: room for waiting connections.
+                Ok(n) if n > 0 => self.pressure().wake(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(shard = self.id(), error = %e, "could not delete settled segments"),
             }
         }
     }
