@@ -31,6 +31,9 @@ use crate::shutdown::Shutdown;
 /// Test hook (docs/ARCHITECTURE.md, "Test hooks"): the home shard panics
 /// when it appends a message whose body is exactly this variable's value.
 pub const TEST_PANIC_ON_BODY_ENV: &str = "ESH3AR_TEST_PANIC_ON_BODY";
+/// Test hook: the home shard holds its answer to a remote `Append` holding
+/// a message with exactly this body for `mesh_reply_timeout_ms` + 1 s.
+pub const TEST_SLOW_REPLY_ON_BODY_ENV: &str = "ESH3AR_TEST_SLOW_REPLY_ON_BODY";
 
 /// Counters of one shard, summed over shards at the edge.
 #[derive(Default)]
@@ -57,6 +60,7 @@ pub struct Shard {
     limiter: RefCell<RateLimiter>,
     pressure: Pressure,
     panic_on_body: Option<Vec<u8>>,
+    slow_reply_on_body: Option<Vec<u8>>,
 }
 
 /// An answer this shard awaits from another one. Dropping it forgets the
@@ -115,6 +119,7 @@ impl Shard {
             sessions: Sessions::default(),
             limiter: RefCell::new(RateLimiter::new()),
             panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
+            slow_reply_on_body: std::env::var_os(TEST_SLOW_REPLY_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
         })
     }
 
@@ -262,7 +267,11 @@ impl Shard {
     pub fn answer_append(self: &Rc<Self>, from: u16, req: u64, items: Vec<NewMessage>) {
         let appended = self.append_local(&items);
         let shard = self.clone();
+        let slow = self.slow_reply_on_body.as_deref().is_some_and(|b| items.iter().any(|m| m.body == b));
         glommio::spawn_local(async move {
+            if slow {
+                glommio::timer::sleep(shard.mesh_timeout + Duration::from_secs(1)).await;
+            }
             let result = match appended {
                 Ok((seqs, generation)) => match shard.journal.wait_durable(generation).await {
                     Ok(()) => {
