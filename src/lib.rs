@@ -13,6 +13,7 @@ pub mod http;
 pub mod journal_cli;
 pub mod mesh;
 pub mod mobile;
+pub mod outbound;
 pub mod pressure;
 pub mod server;
 pub mod shard;
