@@ -18,6 +18,7 @@ pub mod mesh;
 pub mod mesh_msg;
 pub mod mobile;
 pub mod notify;
+pub mod outbound;
 pub mod pressure;
 pub mod server;
 pub mod shard;

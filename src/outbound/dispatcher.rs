@@ -1,0 +1,335 @@
+//! The offload thread's event loop: takes jobs, keeps retry timers, asks each
+//! endpoint's breaker and in-flight cap before every attempt, and reports
+//! every outcome to the job's shard. All state is owned by this one task;
+//! attempts run as tasks of the same current-thread runtime and come back
+//! through a `JoinSet`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_channel::mpsc;
+use futures_util::StreamExt;
+use hashbrown::HashMap;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::attempt::{self, Outcome, Target};
+use super::backoff::full_jitter_ms;
+use super::breaker::{Breaker, BreakerState, Permit, Ticket};
+use super::config::WebhooksConfig;
+use super::job::{Job, Report};
+use super::reports::ReportOut;
+use super::status::OutboundStatus;
+
+/// Time allowed after the last job sender is dropped for in-flight attempts
+/// to finish and their reports to go out, beyond `timeout_ms`.
+pub const SHUTDOWN_GRACE_MS: u64 = 200;
+
+/// A job the offload thread holds: waiting for its timer, waiting in its
+/// endpoint's ready queue, or in flight.
+struct Held {
+    job: Job,
+    webhook_id: Arc<str>,
+}
+
+struct Endpoint {
+    name: String,
+    target: Arc<Target>,
+    breaker: Breaker,
+    published: BreakerState,
+    /// Jobs due now, in order, waiting for a slot or the breaker.
+    ready: VecDeque<u64>,
+    in_flight: u32,
+    /// A breaker wake-up is already in `timers` for this instant.
+    wake_at: Option<Instant>,
+    dirty: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Wake {
+    Job(u64),
+    Breaker(usize),
+}
+
+struct Done {
+    key: u64,
+    ticket: Ticket,
+    outcome: Outcome,
+}
+
+pub(super) struct Dispatcher {
+    config: WebhooksConfig,
+    client: reqwest::Client,
+    jobs: mpsc::Receiver<Job>,
+    accepting: bool,
+    held: HashMap<u64, Held>,
+    next_key: u64,
+    endpoints: Vec<Endpoint>,
+    /// Endpoints whose ready queue may be able to move.
+    dirty: Vec<usize>,
+    timers: BinaryHeap<Reverse<(Instant, Wake)>>,
+    attempts: JoinSet<Done>,
+    reports: ReportOut,
+    status: Arc<OutboundStatus>,
+    rng: fastrand::Rng,
+}
+
+impl Dispatcher {
+    pub(super) fn new(
+        config: WebhooksConfig,
+        client: reqwest::Client,
+        jobs: mpsc::Receiver<Job>,
+        endpoints: Vec<(String, Target)>,
+        report_senders: Vec<mpsc::Sender<Report>>,
+        status: Arc<OutboundStatus>,
+    ) -> Dispatcher {
+        let open = Duration::from_millis(config.breaker_open_ms);
+        let endpoints = endpoints
+            .into_iter()
+            .map(|(name, target)| Endpoint {
+                name,
+                target: Arc::new(target),
+                breaker: Breaker::new(config.breaker_failures, open),
+                published: BreakerState::Closed,
+                ready: VecDeque::new(),
+                in_flight: 0,
+                wake_at: None,
+                dirty: false,
+            })
+            .collect();
+        let reports = ReportOut::new(report_senders, config.queue_capacity);
+        Dispatcher {
+            config,
+            client,
+            jobs,
+            accepting: true,
+            held: HashMap::new(),
+            next_key: 0,
+            endpoints,
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
+            attempts: JoinSet::new(),
+            reports,
+            status,
+            rng: fastrand::Rng::new(),
+        }
+    }
+
+    /// Runs until every job sender is dropped, then lets in-flight attempts
+    /// finish (bounded by `timeout_ms + SHUTDOWN_GRACE_MS`) and returns. Jobs
+    /// still waiting for a retry are abandoned: their shards journaled them
+    /// and send them again after a restart.
+    pub(super) async fn run(mut self) {
+        loop {
+            let now = Instant::now();
+            self.fire_timers(now);
+            self.start_attempts(now);
+            let next_wake = self.timers.peek().map(|Reverse((at, _))| *at);
+            let take_jobs = self.accepting && self.held.len() < self.config.max_jobs_held && !self.reports.any_gated();
+            let backlogged = self.reports.backlogged();
+            tokio::select! {
+                job = self.jobs.next(), if take_jobs => match job {
+                    Some(job) => self.admit(job),
+                    None => break,
+                },
+                Some(done) = self.attempts.join_next(), if !self.attempts.is_empty() => match done {
+                    Ok(done) => self.finish(done),
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => {}
+                },
+                () = tokio::time::sleep_until(next_wake.unwrap_or(now)), if next_wake.is_some() => {}
+                () = self.reports.flush(), if backlogged => self.after_flush(),
+                // Every held job is in flight, behind a timer, or behind a
+                // full report channel, so some branch is always enabled.
+                else => unreachable!("webhook dispatcher has nothing to wait for"),
+            }
+        }
+        self.shut_down().await;
+    }
+
+    async fn shut_down(mut self) {
+        self.accepting = false;
+        let deadline = Instant::now() + Duration::from_millis(self.config.timeout_ms + SHUTDOWN_GRACE_MS);
+        let drain = async {
+            while let Some(done) = self.attempts.join_next().await {
+                match done {
+                    Ok(done) => self.finish(done),
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => {}
+                }
+            }
+            self.reports.flush_all().await;
+        };
+        if tokio::time::timeout_at(deadline, drain).await.is_err() {
+            tracing::warn!("webhooks: shutdown deadline passed with attempts or reports outstanding");
+        }
+        self.attempts.abort_all();
+    }
+
+    fn admit(&mut self, job: Job) {
+        if job.attempts >= self.config.max_attempts {
+            self.status.count_exhausted();
+            let report = Report::Exhausted { job: job.id, attempts: job.attempts, error: None };
+            self.reports.send(job.shard, report);
+            return;
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        let endpoint = job.endpoint.0 as usize;
+        let wait_ms = job.not_before_unix_ms.saturating_sub(unix_ms_now());
+        let webhook_id = Arc::from(job.webhook_id.as_str());
+        self.held.insert(key, Held { job, webhook_id });
+        if wait_ms > 0 {
+            self.timers.push(Reverse((Instant::now() + Duration::from_millis(wait_ms), Wake::Job(key))));
+        } else {
+            self.endpoints[endpoint].ready.push_back(key);
+            self.mark_dirty(endpoint);
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, wake))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match wake {
+                Wake::Job(key) => {
+                    let Some(held) = self.held.get(&key) else { continue };
+                    let endpoint = held.job.endpoint.0 as usize;
+                    self.endpoints[endpoint].ready.push_back(key);
+                    self.mark_dirty(endpoint);
+                }
+                Wake::Breaker(endpoint) => {
+                    self.endpoints[endpoint].wake_at = None;
+                    self.mark_dirty(endpoint);
+                }
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, endpoint: usize) {
+        if !self.endpoints[endpoint].dirty {
+            self.endpoints[endpoint].dirty = true;
+            self.dirty.push(endpoint);
+        }
+    }
+
+    /// Starts what each dirty endpoint's cap and breaker allow. Not while
+    /// shutting down: only attempts already in flight finish then.
+    fn start_attempts(&mut self, now: Instant) {
+        if !self.accepting {
+            return;
+        }
+        while let Some(e) = self.dirty.pop() {
+            self.endpoints[e].dirty = false;
+            self.start_endpoint(e, now);
+        }
+    }
+
+    fn start_endpoint(&mut self, e: usize, now: Instant) {
+        let cap = self.config.max_in_flight_per_endpoint;
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        while let Some(&key) = self.endpoints[e].ready.front() {
+            let Some(held) = self.held.get(&key) else {
+                self.endpoints[e].ready.pop_front();
+                continue;
+            };
+            let ep = &mut self.endpoints[e];
+            if ep.in_flight >= cap || self.reports.is_gated(held.job.shard) {
+                // Moves again when an attempt finishes or reports flush.
+                return;
+            }
+            let ticket = match ep.breaker.permit(now) {
+                Permit::Go(ticket) => ticket,
+                Permit::WaitUntil(at) => {
+                    if ep.wake_at != Some(at) {
+                        ep.wake_at = Some(at);
+                        self.timers.push(Reverse((at, Wake::Breaker(e))));
+                    }
+                    return;
+                }
+                Permit::WaitForProbe => return,
+            };
+            ep.ready.pop_front();
+            ep.in_flight += 1;
+            assert!(ep.in_flight <= cap);
+            let send = attempt::send(
+                self.client.clone(),
+                ep.target.clone(),
+                held.webhook_id.clone(),
+                held.job.body.clone(),
+                timeout,
+            );
+            self.attempts.spawn(async move { Done { key, ticket, outcome: send.await } });
+            self.publish_breaker(e);
+        }
+    }
+
+    fn finish(&mut self, done: Done) {
+        let now = Instant::now();
+        let Some(held) = self.held.get_mut(&done.key) else { unreachable!("an attempt finished for a job not held") };
+        let e = held.job.endpoint.0 as usize;
+        held.job.attempts += 1;
+        let (id, shard, attempts) = (held.job.id, held.job.shard, held.job.attempts);
+        self.status.count_attempt(done.outcome.metric());
+        let ep = &mut self.endpoints[e];
+        assert!(ep.in_flight > 0);
+        ep.in_flight -= 1;
+        ep.breaker.record(done.ticket, done.outcome.result.is_ok(), now);
+        self.publish_breaker(e);
+        self.mark_dirty(e);
+        let report = match done.outcome.result {
+            Ok(status) => {
+                self.held.remove(&done.key);
+                Report::Delivered { job: id, attempts, status }
+            }
+            Err(error) if attempts >= self.config.max_attempts => {
+                self.held.remove(&done.key);
+                self.status.count_exhausted();
+                Report::Exhausted { job: id, attempts, error: Some(error) }
+            }
+            Err(error) => {
+                let delay = self.retry_delay(attempts, done.outcome.retry_after);
+                self.timers.push(Reverse((now + delay, Wake::Job(done.key))));
+                let retry_at_unix_ms = unix_ms_now() + delay.as_millis() as u64;
+                Report::Failed { job: id, attempts, error, retry_at_unix_ms }
+            }
+        };
+        self.reports.send(shard, report);
+    }
+
+    /// Full-jitter backoff, but never before the receiver's `Retry-After`.
+    fn retry_delay(&mut self, failed_attempts: u32, retry_after: Option<Duration>) -> Duration {
+        let c = &self.config;
+        let backoff =
+            Duration::from_millis(full_jitter_ms(failed_attempts, c.retry_base_ms, c.retry_max_ms, &mut self.rng));
+        backoff.max(retry_after.unwrap_or(Duration::ZERO))
+    }
+
+    /// Endpoints held back by a full report channel may move again.
+    fn after_flush(&mut self) {
+        for e in 0..self.endpoints.len() {
+            if !self.endpoints[e].ready.is_empty() {
+                self.mark_dirty(e);
+            }
+        }
+    }
+
+    fn publish_breaker(&mut self, e: usize) {
+        let ep = &mut self.endpoints[e];
+        let state = ep.breaker.state();
+        if state == ep.published {
+            return;
+        }
+        ep.published = state;
+        self.status.set_breaker(e, state);
+        tracing::warn!(endpoint = %ep.name, state = state.as_str(), "webhook breaker changed");
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

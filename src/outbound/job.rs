@@ -1,0 +1,118 @@
+//! What crosses the boundary between a shard and the offload thread: `Job`s
+//! in, `Report`s out, and the two channel ends a shard holds.
+
+use bytes::Bytes;
+use futures_channel::mpsc;
+
+use super::signing::is_valid_webhook_id;
+
+/// An endpoint, by its position in the list given to `spawn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EndpointId(pub u32);
+
+/// One webhook to deliver.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The shard's own id for this job; every report about it carries it.
+    pub id: u64,
+    /// Which shard's report channel gets the reports.
+    pub shard: usize,
+    pub endpoint: EndpointId,
+    /// `webhook-id`: the same on every attempt (the receiver dedupes on it).
+    pub webhook_id: String,
+    /// The JSON payload, sent and signed as is.
+    pub body: Bytes,
+    /// Attempts already made (from the journal after a restart); 0 for a new job.
+    pub attempts: u32,
+    /// Unix ms before which the first attempt here must not start (a
+    /// journaled `retry_at_ms` after a restart); 0 for now.
+    pub not_before_unix_ms: u64,
+}
+
+/// Why one attempt failed. Short and free of secrets (no URL, no header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptError {
+    /// The endpoint answered, with a status other than 2xx.
+    Status(u16),
+    /// No complete answer within `timeout_ms`.
+    Timeout,
+    /// Could not connect (refused, DNS, TLS handshake).
+    Connect,
+    /// Anything else the client reported (broken connection, bad response).
+    Request,
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Status(s) => write!(f, "http status {s}"),
+            AttemptError::Timeout => f.write_str("timeout"),
+            AttemptError::Connect => f.write_str("connect error"),
+            AttemptError::Request => f.write_str("request error"),
+        }
+    }
+}
+
+/// What happened to a job: one report per attempt, the last one final.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// Final: a 2xx answer. `attempts` counts this one.
+    Delivered { job: u64, attempts: u32, status: u16 },
+    /// Not final: the next attempt is not before `retry_at_unix_ms`.
+    Failed { job: u64, attempts: u32, error: AttemptError, retry_at_unix_ms: u64 },
+    /// Final: `max_attempts` reached; the caller dead-letters the event.
+    /// `error` is the last attempt's (None if the job came in already spent).
+    Exhausted { job: u64, attempts: u32, error: Option<AttemptError> },
+}
+
+impl Report {
+    pub fn job(&self) -> u64 {
+        match self {
+            Report::Delivered { job, .. } | Report::Failed { job, .. } | Report::Exhausted { job, .. } => *job,
+        }
+    }
+}
+
+/// Why `JobSender::try_send` gave the job back.
+#[derive(Debug)]
+pub enum TrySendError {
+    /// The queue is full: keep the job (it is journaled) and offer it later.
+    Full(Job),
+    /// The offload thread is gone.
+    Closed(Job),
+    /// Unknown endpoint or shard, or a `webhook-id` that is not 1-255 visible ASCII bytes.
+    Invalid(Job),
+}
+
+/// A shard's end of the job channel. `Send`, so it moves into the shard's
+/// thread; `try_send` never waits.
+#[derive(Debug, Clone)]
+pub struct JobSender {
+    tx: mpsc::Sender<Job>,
+    endpoints: u32,
+    shards: usize,
+}
+
+impl JobSender {
+    pub(super) fn new(tx: mpsc::Sender<Job>, endpoints: u32, shards: usize) -> JobSender {
+        JobSender { tx, endpoints, shards }
+    }
+
+    /// Hands a job over without waiting.
+    pub fn try_send(&mut self, job: Job) -> Result<(), TrySendError> {
+        if job.endpoint.0 >= self.endpoints || job.shard >= self.shards || !is_valid_webhook_id(&job.webhook_id) {
+            return Err(TrySendError::Invalid(job));
+        }
+        self.tx.try_send(job).map_err(|e| {
+            if e.is_full() {
+                TrySendError::Full(e.into_inner())
+            } else {
+                TrySendError::Closed(e.into_inner())
+            }
+        })
+    }
+}
+
+/// A shard's end of its report channel: a `Stream<Item = Report>` that ends
+/// when the offload thread has exited.
+pub type ReportReceiver = mpsc::Receiver<Report>;

@@ -1,0 +1,189 @@
+//! Outbound network I/O: signed webhooks now; WhatsApp, SMTP and Postgres
+//! later, on the same thread.
+//!
+//! # Why one offload thread
+//!
+//! Shards are glommio executors that must never wait on a remote party:
+//! a webhook receiver can take seconds, hang, or be down for an hour. So all
+//! outbound I/O runs on **one offload thread** with its own current-thread
+//! tokio runtime (reqwest's connection pool, rustls with the `ring`
+//! provider). Shards talk to it only through **bounded, waker-based
+//! channels** (`futures-channel` mpsc, which work between a glommio executor
+//! and tokio): one shared job channel in, one report channel per shard out.
+//! A shard hands a job over with [`JobSender::try_send`], which never waits;
+//! on `Full` the shard keeps the job (it is journaled anyway) and offers it
+//! again later. One thread is enough: webhooks are I/O bound, and at
+//! `max_in_flight_per_endpoint` (16) × a few hundred endpoints the requests
+//! in flight number in the thousands, which one tokio thread multiplexes.
+//!
+//! # Interface
+//!
+//! - [`spawn`]`(config, endpoints, shards)` starts the thread and returns an
+//!   [`Outbound`] (status, join) and one [`ShardLink`] per shard: its
+//!   [`JobSender`] and its [`ReportReceiver`] (a `Stream` of [`Report`]).
+//! - A [`Job`] names its shard, its endpoint ([`EndpointId`], the position
+//!   in `endpoints`), a stable `webhook_id`, the JSON body, the attempts
+//!   already made and a not-before time (both from the journal on restart).
+//! - Every attempt produces exactly one [`Report`] to the job's shard:
+//!   `Failed` (with `retry_at_unix_ms`, for the journal), then at last
+//!   `Delivered` or `Exhausted`.
+//! - [`Outbound::status`] gives an [`OutboundStatus`]: breaker states for
+//!   `/healthz` (`"webhook:<client>" -> "closed"|"open"|"half_open"`) and the
+//!   `webhook_attempts_total{result}` counters.
+//! - Config: [`WebhooksConfig`] (`[webhooks]`), [`parse_client_webhook`] for
+//!   a client's `webhook_url` / `webhook_secret`.
+//!
+//! # Where retries live, and why there
+//!
+//! The offload thread keeps the retry timers of the jobs it holds: the
+//! breaker and the per-endpoint cap must see every job of an endpoint to
+//! decide what goes next, and a shard's hot path must not carry timers for
+//! remote parties. The shard still owns durability: it journals each
+//! `Failed` report's attempt count and `retry_at_unix_ms`, and after a
+//! restart re-sends its owed jobs with them (`attempts`,
+//! `not_before_unix_ms`). Delivery is at least once; receivers dedupe on
+//! `webhook-id`.
+//!
+//! # What must stay true
+//!
+//! - No shard ever waits on this thread: jobs go in by `try_send`, reports
+//!   come out through channels the shard polls on its own executor.
+//! - Everything is bounded: the job channel (`queue_capacity` + one slot per
+//!   sender clone), jobs held (`max_jobs_held`; beyond it the thread stops
+//!   taking jobs, so shards see `Full`), each shard's report channel
+//!   (`queue_capacity`) and backlog (see `reports.rs`), requests in flight
+//!   per endpoint (`max_in_flight_per_endpoint`), one attempt's time
+//!   (`timeout_ms`, connect to the last byte read), the bytes of an answer
+//!   read ([`BODY_READ_BYTES_MAX`] = 4 KiB; bodies are never buffered),
+//!   `Retry-After` ([`RETRY_AFTER_MS_MAX`] = 1 day), and shutdown
+//!   (`timeout_ms` + [`SHUTDOWN_GRACE_MS`]).
+//! - Any answer but 2xx, a timeout, or a connect error is a failure.
+//!   Redirects are not followed (a 3xx is a failure); no proxy from the
+//!   environment is used.
+//! - While an endpoint's breaker is open, no request goes to it and its jobs
+//!   wait without spending attempts; half-open lets exactly one probe out.
+//! - Secrets are never logged nor put in errors: [`Secret`]'s `Debug` is
+//!   `whsec_***`, and [`AttemptError`] carries no URL or header.
+//! - Shutdown by ownership: when every [`JobSender`] is dropped the thread
+//!   starts no new attempt, lets those in flight finish, sends their
+//!   reports, and exits (each bounded as above). Jobs waiting for a retry are
+//!   left to the shards' journals.
+
+mod attempt;
+mod backoff;
+mod breaker;
+mod config;
+mod dispatcher;
+mod job;
+mod reports;
+mod signing;
+mod status;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use futures_channel::mpsc;
+use url::Url;
+
+pub use attempt::BODY_READ_BYTES_MAX;
+pub use backoff::{backoff_ceiling_ms, full_jitter_ms, parse_retry_after, RETRY_AFTER_MS_MAX};
+pub use breaker::BreakerState;
+pub use config::{parse_client_webhook, parse_webhook_url, KeyError, WebhooksConfig};
+pub use dispatcher::SHUTDOWN_GRACE_MS;
+pub use job::{AttemptError, EndpointId, Job, JobSender, Report, ReportReceiver, TrySendError};
+pub use signing::{is_valid_webhook_id, Secret};
+pub use status::{AttemptResult, OutboundStatus};
+
+/// One webhook receiver: a client's URL and signing secret.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The client id; `/healthz` shows `webhook:<name>`, logs show it too.
+    pub name: String,
+    pub url: Url,
+    pub secret: Secret,
+}
+
+/// A shard's two channel ends.
+#[derive(Debug)]
+pub struct ShardLink {
+    pub jobs: JobSender,
+    pub reports: ReportReceiver,
+}
+
+/// The running offload thread.
+#[derive(Debug)]
+pub struct Outbound {
+    thread: JoinHandle<()>,
+    status: Arc<OutboundStatus>,
+}
+
+impl Outbound {
+    /// Breaker states and counters, for the edge (`/healthz`, `/metrics`).
+    pub fn status(&self) -> Arc<OutboundStatus> {
+        self.status.clone()
+    }
+
+    /// Waits for the thread to end (after every `JobSender` is dropped).
+    pub fn join(self) -> std::thread::Result<()> {
+        self.thread.join()
+    }
+}
+
+/// Why the offload thread could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("invalid config: `{0}` {1}")]
+    Config(String, String),
+    #[error("cannot start the webhook runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Client(String),
+    #[error("more than {} endpoints", u32::MAX)]
+    TooManyEndpoints,
+}
+
+/// Starts the offload thread for `shards` shards and these endpoints.
+pub fn spawn(
+    config: &WebhooksConfig,
+    endpoints: Vec<Endpoint>,
+    shards: usize,
+) -> Result<(Outbound, Vec<ShardLink>), SpawnError> {
+    config.validate().map_err(|(k, m)| SpawnError::Config(k, m))?;
+    if shards == 0 {
+        return Err(SpawnError::Config("engine.shards".into(), "must be positive".into()));
+    }
+    let endpoint_count = u32::try_from(endpoints.len()).map_err(|_| SpawnError::TooManyEndpoints)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SpawnError::Runtime)?;
+    let client = {
+        let _in_runtime = runtime.enter();
+        http_client(config)?
+    };
+    let status = Arc::new(OutboundStatus::new(endpoints.iter().map(|e| e.name.clone()).collect()));
+    let (job_tx, job_rx) = mpsc::channel(config.queue_capacity);
+    let (report_txs, report_rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(config.queue_capacity)).unzip();
+    let targets = endpoints.into_iter().map(|e| (e.name, attempt::Target { url: e.url, secret: e.secret })).collect();
+    let dispatcher = dispatcher::Dispatcher::new(config.clone(), client, job_rx, targets, report_txs, status.clone());
+    let thread = std::thread::Builder::new()
+        .name("esh3ar-outbound".into())
+        .spawn(move || runtime.block_on(dispatcher.run()))
+        .map_err(SpawnError::Runtime)?;
+    let links = report_rxs
+        .into_iter()
+        .map(|reports| ShardLink { jobs: JobSender::new(job_tx.clone(), endpoint_count, shards), reports })
+        .collect();
+    Ok((Outbound { thread, status }, links))
+}
+
+fn http_client(config: &WebhooksConfig) -> Result<reqwest::Client, SpawnError> {
+    let timeout = Duration::from_millis(config.timeout_ms);
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_max_idle_per_host(config.max_in_flight_per_endpoint as usize)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("esh3ar-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| SpawnError::Client(e.to_string()))
+}
