@@ -198,6 +198,11 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: String, message: String },
 }
 
+/// A refusal of `key`, for `Config::validate`.
+fn bad(key: &str, message: String) -> Result<(), (String, String)> {
+    Err((key.to_owned(), message))
+}
+
 /// Addresses after parsing.
 #[derive(Debug, Clone, Copy)]
 pub struct Listeners {
@@ -221,8 +226,16 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Checks every key; Err names the first bad one.
     fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
+        self.validate_engine()?;
+        self.validate_business()?;
+        self.validate_mobile()?;
+        self.validate_tiers()?;
+        self.validate_clients()
+    }
+
+    fn validate_engine(&self) -> Result<(), (String, String)> {
         if self.engine.shards > 1024 {
             return bad("engine.shards", format!("is {}, at most 1024", self.engine.shards));
         }
@@ -247,6 +260,10 @@ impl Config {
         if self.engine.connections_per_shard_max == 0 {
             return bad("engine.connections_per_shard_max", "must be positive".into());
         }
+        Ok(())
+    }
+
+    fn validate_business(&self) -> Result<(), (String, String)> {
         for (key, addr) in [
             ("business.listen", &self.business.listen),
             ("mobile.listen", &self.mobile.listen),
@@ -270,6 +287,10 @@ impl Config {
         if self.business.default_ttl_seconds == 0 || self.business.default_ttl_seconds > self.business.max_ttl_seconds {
             return bad("business.default_ttl_seconds", "must be positive and at most max_ttl_seconds".into());
         }
+        Ok(())
+    }
+
+    fn validate_mobile(&self) -> Result<(), (String, String)> {
         if !(WS_MESSAGE_BYTES_MIN..=WS_MESSAGE_BYTES_MAX).contains(&self.mobile.max_message_bytes) {
             return bad(
                 "mobile.max_message_bytes",
@@ -288,6 +309,10 @@ impl Config {
         if self.mobile.token_secret.len() < 32 {
             return bad("mobile.token_secret", "must be at least 32 bytes".into());
         }
+        Ok(())
+    }
+
+    fn validate_tiers(&self) -> Result<(), (String, String)> {
         for (name, tier) in &self.tiers {
             if tier.messages_per_minute == 0 || tier.messages_per_minute > u32::MAX as u64 {
                 return bad(&format!("tiers.{name}.messages_per_minute"), "must be between 1 and 4294967295".into());
@@ -296,6 +321,10 @@ impl Config {
                 return bad(&format!("tiers.{name}.shed_offset_percent"), "must be between 0 and 10".into());
             }
         }
+        Ok(())
+    }
+
+    fn validate_clients(&self) -> Result<(), (String, String)> {
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
