@@ -146,3 +146,55 @@ fn ten_thousand_connections_opened_and_closed_leave_memory_at_its_baseline() {
     assert_eq!(engine.client().send("after-churn", "ok").status, 202);
     assert_eq!(engine.terminate(), Some(0));
 }
+
+/// The smallest mesh channels (16 messages) under 2,000 connections, each
+/// with a batch in flight whose items live on both shards: every request
+/// crosses the mesh in both directions at once (appends, rate counts,
+/// answers), so both channels are full both ways most of the time. Senders
+/// wait for room and nothing deadlocks (docs/ARCHITECTURE.md, "Cross-shard
+/// waits"): every item of every batch is accepted.
+#[test]
+fn full_mesh_channels_in_both_directions_make_senders_wait_and_never_deadlock() {
+    const CONNS: usize = 2_000;
+    const ITEMS: usize = 10;
+    raise_nofile_limit();
+    let setup = Setup::new(&Opts {
+        segment_bytes: 64 << 20,
+        extra_engine: "mesh_channel_capacity = 16".into(),
+        ..Opts::default()
+    });
+    let engine = setup.start();
+    let started = Instant::now();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = engine.business;
+            std::thread::spawn(move || {
+                let mut conns: Vec<Client> = (0..CONNS / 4).map(|_| Client::connect(addr)).collect();
+                let mut accepted = 0;
+                for round in 0..3 {
+                    let requests: Vec<Vec<u8>> = (0..conns.len())
+                        .map(|i| {
+                            let items: Vec<String> =
+                                (0..ITEMS).map(|k| format!(r#"{{"to":"u{t}-{i}-{k}","body":"r{round}"}}"#)).collect();
+                            let body = format!(r#"{{"messages":[{}]}}"#, items.join(","));
+                            Client::request_bytes("POST", "/v1/messages/batch", Some(API_KEY), Some(&body))
+                        })
+                        .collect();
+                    for r in round_trip(&mut conns, &requests) {
+                        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+                        let results = r.json()["results"].as_array().unwrap().clone();
+                        for item in results {
+                            assert_eq!(item["status"], "accepted", "{item}");
+                            accepted += 1;
+                        }
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    let accepted: usize = threads.into_iter().map(|t| t.join().expect("client thread")).sum();
+    eprintln!("{accepted} messages in batches over {CONNS} connections, mesh capacity 16: {:?}", started.elapsed());
+    assert_eq!(accepted, CONNS * ITEMS * 3);
+    assert_eq!(engine.terminate(), Some(0));
+}
