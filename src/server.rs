@@ -457,6 +457,8 @@ fn bind_listeners(shared: &Shared, id: usize) -> Option<(TcpListener, TcpListene
 /// bound.
 async fn drain_and_stop(shared: &Shared, shard: &Shard) {
     let id = shard.id();
+    // Not ready from the moment shutdown began: load balancers stop sending.
+    shared.ready.store(false, Ordering::Release);
     if !shard.shutdown().drain(DRAIN_TIMEOUT).await {
         tracing::warn!(
             shard = id,
@@ -465,7 +467,6 @@ async fn drain_and_stop(shared: &Shared, shard: &Shard) {
             "drain timed out; closing with connections still open"
         );
     }
-    shared.ready.store(false, Ordering::Release);
     if !shared.barrier(&shared.drained, false, DRAINED_BARRIER_TIMEOUT).await {
         tracing::warn!(shard = id, "not every shard drained in time; flushing the journal anyway");
     }
