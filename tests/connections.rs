@@ -198,3 +198,45 @@ fn full_mesh_channels_in_both_directions_make_senders_wait_and_never_deadlock() 
     assert_eq!(accepted, CONNS * ITEMS * 3);
     assert_eq!(engine.terminate(), Some(0));
 }
+
+/// The open-files limit of the engine's process (soft, hard), from /proc.
+fn open_files_limit(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line");
+    let fields: Vec<u64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    (fields[0], fields[1])
+}
+
+/// Started with the common default soft limit of 1024 open files, the
+/// engine raises its own limit for `engine.connections_per_shard_max`
+/// (business connections and sessions on every shard), and then holds
+/// 3,000 connections at once.
+#[test]
+fn the_engine_raises_its_open_files_limit_for_its_connections() {
+    use std::os::unix::process::CommandExt;
+    raise_nofile_limit();
+    let setup = Setup::new(&Opts { extra_engine: "connections_per_shard_max = 4000".into(), ..Opts::default() });
+    let engine = Engine::try_start_with(&setup.config, |cmd| {
+        // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                lim.rlim_cur = 1024;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        }
+    })
+    .unwrap_or_else(|e| panic!("engine did not start: {e}"));
+    let (soft, hard) = open_files_limit(engine.child.id());
+    let wanted = 2 * 4000 * 2 + 1024;
+    assert_eq!(soft, wanted.min(hard), "soft limit {soft} (hard {hard})");
+    assert!(soft > 3_000 + 100, "this machine's hard limit {hard} is too low for the test");
+    let mut conns: Vec<Client> = (0..3_000).map(|_| engine.client()).collect();
+    let request = Client::request_bytes("GET", "/v1/messages/0000000000000000", Some(API_KEY), None);
+    let answers = round_trip(&mut conns, &vec![request; 3_000]);
+    assert!(answers.iter().all(|r| r.status == 404), "every connection past 1024 is served");
+    drop(conns);
+    assert_eq!(engine.terminate(), Some(0));
+}
