@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use esh3ar_shards::limits::{
-    check_body_and_segment, BLOCK_BYTES, BODY_BYTES_MAX, BODY_BYTES_MIN, CLIENT_ID_BYTES_MAX,
+    check_body_and_segment, BLOCK_BYTES, BODY_BYTES_MAX, BODY_BYTES_MIN, CLIENT_ID_BYTES_MAX, HTTP_HEAD_BYTES_MAX,
     MESH_CHANNEL_CAPACITY_MAX, MESH_CHANNEL_CAPACITY_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WS_MESSAGE_BYTES_MAX,
     WS_MESSAGE_BYTES_MIN,
 };
@@ -17,6 +17,10 @@ pub const MAX_BODY_BYTES_DEFAULT: usize = 64 * 1024;
 /// Hard upper bound for `max_body_bytes`: the one in `esh3ar_shards::limits`,
 /// where the journal record that must hold such a body is sized from it.
 pub const MAX_BODY_BYTES_LIMIT: usize = BODY_BYTES_MAX;
+
+/// A shard's memory budget must hold at least this many requests at
+/// `business.max_body_bytes` (`Config::validate`).
+pub const BUDGET_REQUESTS_AT_BODY_MAX_MIN: usize = 4;
 
 /// Default bound on every wait for another shard's answer.
 pub const MESH_REPLY_TIMEOUT_MS_DEFAULT: u64 = 5_000;
@@ -198,6 +202,11 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: String, message: String },
 }
 
+/// A refusal of `key`, for `Config::validate`.
+fn bad(key: &str, message: String) -> Result<(), (String, String)> {
+    Err((key.to_owned(), message))
+}
+
 /// Addresses after parsing.
 #[derive(Debug, Clone, Copy)]
 pub struct Listeners {
@@ -221,8 +230,17 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Checks every key; Err names the first bad one.
     fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
+        self.validate_engine()?;
+        self.validate_business()?;
+        self.validate_memory_for_bodies()?;
+        self.validate_mobile()?;
+        self.validate_tiers()?;
+        self.validate_clients()
+    }
+
+    fn validate_engine(&self) -> Result<(), (String, String)> {
         if self.engine.shards > 1024 {
             return bad("engine.shards", format!("is {}, at most 1024", self.engine.shards));
         }
@@ -247,6 +265,10 @@ impl Config {
         if self.engine.connections_per_shard_max == 0 {
             return bad("engine.connections_per_shard_max", "must be positive".into());
         }
+        Ok(())
+    }
+
+    fn validate_business(&self) -> Result<(), (String, String)> {
         for (key, addr) in [
             ("business.listen", &self.business.listen),
             ("mobile.listen", &self.mobile.listen),
@@ -270,6 +292,30 @@ impl Config {
         if self.business.default_ttl_seconds == 0 || self.business.default_ttl_seconds > self.business.max_ttl_seconds {
             return bad("business.default_ttl_seconds", "must be positive and at most max_ttl_seconds".into());
         }
+        Ok(())
+    }
+
+    /// A shard's shedding budget must hold a few requests at the body
+    /// limit; below that, a message at the limit could never be admitted
+    /// (its own buffer would fill the budget).
+    fn validate_memory_for_bodies(&self) -> Result<(), (String, String)> {
+        let shards = self.shard_count();
+        let budget = crate::pressure::shard_share_bytes(self, shards) / 2;
+        let need = BUDGET_REQUESTS_AT_BODY_MAX_MIN * (HTTP_HEAD_BYTES_MAX + self.business.max_body_bytes);
+        if budget < need {
+            return bad(
+                "engine.memory_limit_bytes",
+                format!(
+                    "gives each of the {shards} shards a budget of {budget} bytes, less than \
+                     {BUDGET_REQUESTS_AT_BODY_MAX_MIN} requests at business.max_body_bytes ({need} bytes); \
+                     raise it or lower business.max_body_bytes"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_mobile(&self) -> Result<(), (String, String)> {
         if !(WS_MESSAGE_BYTES_MIN..=WS_MESSAGE_BYTES_MAX).contains(&self.mobile.max_message_bytes) {
             return bad(
                 "mobile.max_message_bytes",
@@ -288,6 +334,10 @@ impl Config {
         if self.mobile.token_secret.len() < 32 {
             return bad("mobile.token_secret", "must be at least 32 bytes".into());
         }
+        Ok(())
+    }
+
+    fn validate_tiers(&self) -> Result<(), (String, String)> {
         for (name, tier) in &self.tiers {
             if tier.messages_per_minute == 0 || tier.messages_per_minute > u32::MAX as u64 {
                 return bad(&format!("tiers.{name}.messages_per_minute"), "must be between 1 and 4294967295".into());
@@ -296,6 +346,10 @@ impl Config {
                 return bad(&format!("tiers.{name}.shed_offset_percent"), "must be between 0 and 10".into());
             }
         }
+        Ok(())
+    }
+
+    fn validate_clients(&self) -> Result<(), (String, String)> {
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
@@ -410,13 +464,21 @@ tier = "basic"
                 .replace("[business]\n", &format!("[business]\n{business}\n"))
         };
         // The documented maximum body in a segment that can hold it: fine.
-        let c = load(&with("segment_bytes = 16777216", "max_body_bytes = 4194304")).unwrap();
+        let c = load(&with("shards = 2\nsegment_bytes = 16777216", "max_body_bytes = 4194304")).unwrap();
         assert_eq!(c.business.max_body_bytes, BODY_BYTES_MAX);
         // The same body in a 1 MiB segment could never be appended.
         let e = load(&with("segment_bytes = 1048576", "max_body_bytes = 4194304")).unwrap_err().to_string();
         assert!(e.contains("engine.segment_bytes") && e.contains("max_body_bytes"), "{e}");
         let e = load(&with("", "max_body_bytes = 4194305")).unwrap_err().to_string();
         assert!(e.contains("business.max_body_bytes"), "{e}");
+        // 64 MiB over 2 shards leaves each a 4 MiB budget: not even one 4 MiB request.
+        let e = load(&with(
+            "shards = 2\nsegment_bytes = 16777216\nmemory_limit_bytes = 67108864",
+            "max_body_bytes = 4194304",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("engine.memory_limit_bytes") && e.contains("business.max_body_bytes"), "{e}");
         let e = load(&with("mesh_channel_capacity = 8", "")).unwrap_err().to_string();
         assert!(e.contains("engine.mesh_channel_capacity"), "{e}");
         let e = load(&with("mesh_reply_timeout_ms = 0", "")).unwrap_err().to_string();

@@ -122,6 +122,31 @@ mod tests {
         assert!(threshold_percent(Priority::Normal, 50) < 100, "only high may use the last percent");
     }
 
+    /// A connection waiting for room wakes when a buffer is given back,
+    /// with no timer; abandoned waits leave nothing registered.
+    #[test]
+    fn giving_a_buffer_back_wakes_the_waiters() {
+        glommio::LocalExecutor::default().run(async {
+            let p = std::rc::Rc::new(Pressure::new(1000));
+            let held = p.hold(1000);
+            assert_eq!(p.percent(0, 0), 100);
+            let waiter = {
+                let p = p.clone();
+                glommio::spawn_local(async move { p.changed().await })
+            };
+            futures_lite::future::yield_now().await;
+            assert_eq!(p.waiting(), 1);
+            drop(held);
+            waiter.await;
+            assert_eq!((p.waiting(), p.percent(0, 0)), (0, 0));
+            for _ in 0..1000 {
+                let mut w = Box::pin(p.changed());
+                assert!(futures_lite::future::poll_once(&mut w).await.is_none());
+            }
+            assert_eq!(p.waiting(), 0);
+        });
+    }
+
     #[test]
     fn held_bytes_count_until_dropped() {
         let p = Pressure::new(1000);

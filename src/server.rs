@@ -208,10 +208,46 @@ pub fn install_panic_hook() {
     }));
 }
 
+/// Descriptors the engine keeps for itself beyond connections: listeners,
+/// journal segments, io_uring rings and eventfds, the mesh.
+const FILES_RESERVE: u64 = 1024;
+
+/// Raises the soft open-files limit so that every shard can hold its
+/// `engine.connections_per_shard_max` business connections and as many
+/// WebSocket sessions (the default soft limit, often 1024, would refuse
+/// the 1025th connection). Never above the hard limit: then it warns.
+fn raise_open_files_limit(cfg: &Config, shards: usize) {
+    let wanted = (2 * cfg.engine.connections_per_shard_max * shards) as u64 + FILES_RESERVE;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into a valid struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur >= wanted {
+        return;
+    }
+    let target = wanted.min(lim.rlim_max);
+    let raised = libc::rlimit { rlim_cur: target, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit reads a valid struct; it only changes this process's limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(soft = lim.rlim_cur, wanted, "cannot raise the open-files limit");
+        return;
+    }
+    if target < wanted {
+        tracing::warn!(
+            limit = target,
+            wanted,
+            "the open-files hard limit is below what engine.connections_per_shard_max allows; \
+             connections beyond it will be refused (raise `ulimit -Hn`, or LimitNOFILE= under systemd)"
+        );
+    }
+}
+
 /// Runs the engine until SIGTERM/SIGINT. Returns an error if it could not start.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     install_panic_hook();
     let shards = cfg.shard_count();
+    raise_open_files_limit(&cfg, shards);
     let _data_dir = DataDir::open(&cfg.engine.data_dir, shards)?;
     let listeners = cfg.listeners();
     let (business_addr, placeholder) =
@@ -469,6 +505,8 @@ fn bind_listeners(shared: &Shared, id: usize) -> Option<(TcpListener, TcpListene
 /// bound.
 async fn drain_and_stop(shared: &Shared, shard: &Shard) {
     let id = shard.id();
+    // Not ready from the moment shutdown began: load balancers stop sending.
+    shared.ready.store(false, Ordering::Release);
     if !shard.shutdown().drain(DRAIN_TIMEOUT).await {
         tracing::warn!(
             shard = id,
@@ -477,7 +515,6 @@ async fn drain_and_stop(shared: &Shared, shard: &Shard) {
             "drain timed out; closing with connections still open"
         );
     }
-    shared.ready.store(false, Ordering::Release);
     if !shared.barrier(&shared.drained, false, DRAINED_BARRIER_TIMEOUT).await {
         tracing::warn!(shard = id, "not every shard drained in time; flushing the journal anyway");
     }

@@ -146,3 +146,97 @@ fn ten_thousand_connections_opened_and_closed_leave_memory_at_its_baseline() {
     assert_eq!(engine.client().send("after-churn", "ok").status, 202);
     assert_eq!(engine.terminate(), Some(0));
 }
+
+/// The smallest mesh channels (16 messages) under 2,000 connections, each
+/// with a batch in flight whose items live on both shards: every request
+/// crosses the mesh in both directions at once (appends, rate counts,
+/// answers), so both channels are full both ways most of the time. Senders
+/// wait for room and nothing deadlocks (docs/ARCHITECTURE.md, "Cross-shard
+/// waits"): every item of every batch is accepted.
+#[test]
+fn full_mesh_channels_in_both_directions_make_senders_wait_and_never_deadlock() {
+    const CONNS: usize = 2_000;
+    const ITEMS: usize = 10;
+    raise_nofile_limit();
+    let setup = Setup::new(&Opts {
+        segment_bytes: 64 << 20,
+        extra_engine: "mesh_channel_capacity = 16".into(),
+        ..Opts::default()
+    });
+    let engine = setup.start();
+    let started = Instant::now();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = engine.business;
+            std::thread::spawn(move || {
+                let mut conns: Vec<Client> = (0..CONNS / 4).map(|_| Client::connect(addr)).collect();
+                let mut accepted = 0;
+                for round in 0..3 {
+                    let requests: Vec<Vec<u8>> = (0..conns.len())
+                        .map(|i| {
+                            let items: Vec<String> =
+                                (0..ITEMS).map(|k| format!(r#"{{"to":"u{t}-{i}-{k}","body":"r{round}"}}"#)).collect();
+                            let body = format!(r#"{{"messages":[{}]}}"#, items.join(","));
+                            Client::request_bytes("POST", "/v1/messages/batch", Some(API_KEY), Some(&body))
+                        })
+                        .collect();
+                    for r in round_trip(&mut conns, &requests) {
+                        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+                        let results = r.json()["results"].as_array().unwrap().clone();
+                        for item in results {
+                            assert_eq!(item["status"], "accepted", "{item}");
+                            accepted += 1;
+                        }
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    let accepted: usize = threads.into_iter().map(|t| t.join().expect("client thread")).sum();
+    eprintln!("{accepted} messages in batches over {CONNS} connections, mesh capacity 16: {:?}", started.elapsed());
+    assert_eq!(accepted, CONNS * ITEMS * 3);
+    assert_eq!(engine.terminate(), Some(0));
+}
+
+/// The open-files limit of the engine's process (soft, hard), from /proc.
+fn open_files_limit(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line");
+    let fields: Vec<u64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    (fields[0], fields[1])
+}
+
+/// Started with the common default soft limit of 1024 open files, the
+/// engine raises its own limit for `engine.connections_per_shard_max`
+/// (business connections and sessions on every shard), and then holds
+/// 3,000 connections at once.
+#[test]
+fn the_engine_raises_its_open_files_limit_for_its_connections() {
+    use std::os::unix::process::CommandExt;
+    raise_nofile_limit();
+    let setup = Setup::new(&Opts { extra_engine: "connections_per_shard_max = 4000".into(), ..Opts::default() });
+    let engine = Engine::try_start_with(&setup.config, |cmd| {
+        // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                lim.rlim_cur = 1024;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        }
+    })
+    .unwrap_or_else(|e| panic!("engine did not start: {e}"));
+    let (soft, hard) = open_files_limit(engine.child.id());
+    let wanted = 2 * 4000 * 2 + 1024;
+    assert_eq!(soft, wanted.min(hard), "soft limit {soft} (hard {hard})");
+    assert!(soft > 3_000 + 100, "this machine's hard limit {hard} is too low for the test");
+    let mut conns: Vec<Client> = (0..3_000).map(|_| engine.client()).collect();
+    let request = Client::request_bytes("GET", "/v1/messages/0000000000000000", Some(API_KEY), None);
+    let answers = round_trip(&mut conns, &vec![request; 3_000]);
+    assert!(answers.iter().all(|r| r.status == 404), "every connection past 1024 is served");
+    drop(conns);
+    assert_eq!(engine.terminate(), Some(0));
+}

@@ -130,39 +130,20 @@ async fn serve(shard: &Rc<Shard>, ws: &mut WebSocketStream<TcpStream>, user: &Rc
             return End::Close(CloseCode::Away, "server shutting down");
         }
         // Deliver what is ready: pending first, live after, one order.
-        let batch = shard.deliverable(user, &cursor, cfg.max_inflight);
-        if !batch.is_empty() {
-            let mut sent = Vec::with_capacity(batch.len());
-            for &(priority, seq) in &batch {
-                match shard.message_frame(seq).await {
-                    Ok(Some(frame)) => {
-                        let Ok(text) = String::from_utf8(frame) else { continue };
-                        if ws.feed(Message::Text(text)).await.is_err() {
-                            return End::Drop; // slow reader or gone: messages stay pending
-                        }
-                        sent.push(seq);
-                    }
-                    Ok(None) => {} // settled meanwhile
-                    Err(e) => {
-                        tracing::error!(shard = shard.id(), seq, error = %e, "cannot read a message back for delivery");
-                        return End::Close(CloseCode::Error, "internal error");
+        match deliver_batch(shard, ws, user, &mut cursor).await {
+            Err(end) => return end,
+            Ok(false) => {}
+            Ok(true) => {
+                // Take the acks that arrived meanwhile without waiting.
+                while let Some(incoming) = futures_lite::future::poll_once(ws.next()).await {
+                    last_heard = Instant::now();
+                    pinged = false;
+                    if let Some(end) = on_incoming(shard, user, incoming) {
+                        return end;
                     }
                 }
-                cursor.after[priority as usize] = Some(seq);
+                continue;
             }
-            if ws.flush().await.is_err() {
-                return End::Drop;
-            }
-            shard.record_delivered(&sent);
-            // Take the acks that arrived meanwhile without waiting.
-            while let Some(incoming) = futures_lite::future::poll_once(ws.next()).await {
-                last_heard = Instant::now();
-                pinged = false;
-                if let Some(end) = on_incoming(shard, user, incoming) {
-                    return end;
-                }
-            }
-            continue;
         }
         let silent = last_heard.elapsed();
         if silent >= ping_interval * 2 {
@@ -204,6 +185,43 @@ async fn serve(shard: &Rc<Shard>, ws: &mut WebSocketStream<TcpStream>, user: &Rc
             Event::Shutdown => return End::Close(CloseCode::Away, "server shutting down"),
         }
     }
+}
+
+/// Writes the next batch of deliverable messages and journals them as
+/// delivered. Ok(false) when nothing was ready; Err(end) ends the session.
+async fn deliver_batch(
+    shard: &Rc<Shard>,
+    ws: &mut WebSocketStream<TcpStream>,
+    user: &str,
+    cursor: &mut Cursor,
+) -> Result<bool, End> {
+    let batch = shard.deliverable(user, cursor, shard.cfg().mobile.max_inflight);
+    if batch.is_empty() {
+        return Ok(false);
+    }
+    let mut sent = Vec::with_capacity(batch.len());
+    for &(priority, seq) in &batch {
+        match shard.message_frame(seq).await {
+            Ok(Some(frame)) => {
+                let Ok(text) = String::from_utf8(frame) else { continue };
+                if ws.feed(Message::Text(text)).await.is_err() {
+                    return Err(End::Drop); // slow reader or gone: messages stay pending
+                }
+                sent.push(seq);
+            }
+            Ok(None) => {} // settled meanwhile
+            Err(e) => {
+                tracing::error!(shard = shard.id(), seq, error = %e, "cannot read a message back for delivery");
+                return Err(End::Close(CloseCode::Error, "internal error"));
+            }
+        }
+        cursor.after[priority as usize] = Some(seq);
+    }
+    if ws.flush().await.is_err() {
+        return Err(End::Drop);
+    }
+    shard.record_delivered(&sent);
+    Ok(true)
 }
 
 /// Handles one incoming frame; Some(end) ends the session.

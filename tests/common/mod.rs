@@ -120,11 +120,19 @@ impl Engine {
 
     /// Starts the engine with extra environment variables (test hooks).
     pub fn try_start_with_env(config: &Path, env: &[(&str, &str)]) -> Result<Engine, String> {
-        let mut child = Command::new(bin())
+        Self::try_start_with(config, |cmd| {
+            cmd.envs(env.iter().copied());
+        })
+    }
+
+    /// Starts the engine after `customize` adjusted its command.
+    pub fn try_start_with(config: &Path, customize: impl FnOnce(&mut Command)) -> Result<Engine, String> {
+        let mut cmd = Command::new(bin());
+        customize(&mut cmd);
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(config)
             .env("ESH3AR_LOG", "warn")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
