@@ -8,7 +8,10 @@ use hashbrown::HashMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use esh3ar_shards::EventSet;
+
 use crate::config::Config;
+use crate::outbound::{Endpoint, EndpointId};
 
 /// One configured client.
 #[derive(Debug, Clone)]
@@ -20,13 +23,29 @@ pub struct Client {
     /// Moves the shedding thresholds of this client's low and normal
     /// messages up (its tier is shed later).
     pub shed_offset_percent: u8,
+    /// Where its receipts go, if it has a webhook.
+    pub webhook: Option<Webhook>,
 }
+
+/// A client's webhook, as the shards see it (the URL and secret live on
+/// the offload thread only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Webhook {
+    /// The client's endpoint on the offload thread.
+    pub endpoint: EndpointId,
+    /// The events it wants (bit `1 << status`).
+    pub events: EventSet,
+}
+
+/// Every event a webhook can get.
+pub const ALL_EVENTS: EventSet = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5);
 
 /// All clients, indexed by position (the index travels between shards).
 #[derive(Debug)]
 pub struct ClientTable {
     clients: Vec<Client>,
     by_key_digest: HashMap<[u8; 32], u32>,
+    by_id: HashMap<String, u32>,
 }
 
 impl ClientTable {
@@ -34,18 +53,55 @@ impl ClientTable {
     pub fn from_config(cfg: &Config) -> Self {
         let mut clients = Vec::with_capacity(cfg.clients.len());
         let mut by_key_digest = HashMap::new();
+        let mut by_id = HashMap::new();
+        let mut endpoints = 0u32;
         for (i, c) in cfg.clients.iter().enumerate() {
             let limit = c.messages_per_minute.unwrap_or_else(|| cfg.tiers[&c.tier].messages_per_minute);
             by_key_digest.insert(Sha256::digest(c.api_key.as_bytes()).into(), i as u32);
+            by_id.insert(c.id.clone(), i as u32);
+            let webhook = c.webhook_url.as_ref().map(|_| {
+                let endpoint = EndpointId(endpoints);
+                endpoints += 1;
+                let events = match &c.webhook_events {
+                    None => ALL_EVENTS,
+                    Some(names) => names
+                        .iter()
+                        .filter_map(|n| crate::receipts::event_status(n))
+                        .fold(0, |set, s| set | s.event_bit()),
+                };
+                Webhook { endpoint, events }
+            });
             clients.push(Client {
                 id: c.id.clone(),
                 api_key: c.api_key.as_bytes().to_vec(),
                 tier: c.tier.clone(),
                 messages_per_minute: limit,
                 shed_offset_percent: cfg.tiers[&c.tier].shed_offset_percent,
+                webhook,
             });
         }
-        Self { clients, by_key_digest }
+        Self { clients, by_key_digest, by_id }
+    }
+
+    /// The webhook endpoints for the offload thread, in [`EndpointId`] order.
+    /// The config was validated, so every URL and secret parses.
+    pub fn endpoints(cfg: &Config) -> Vec<Endpoint> {
+        cfg.clients
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let parsed = crate::outbound::parse_client_webhook(i, c.webhook_url.as_deref(), c.webhook_secret.as_deref());
+                match parsed {
+                    Ok(Some((url, secret))) => Some(Endpoint { name: c.id.clone(), url, secret }),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// The client with id `id`.
+    pub fn index_of(&self, id: &str) -> Option<u32> {
+        self.by_id.get(id).copied()
     }
 
     /// The client whose key is `key`.

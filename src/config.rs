@@ -37,6 +37,9 @@ pub struct Config {
     pub tiers: BTreeMap<String, TierConfig>,
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+    /// Delivery of signed receipts to clients' webhooks.
+    #[serde(default)]
+    pub webhooks: crate::outbound::WebhooksConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +123,9 @@ pub struct MobileConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: String,
+    /// Bearer token of every admin endpoint but `/healthz`, `/readyz` and
+    /// `/metrics` (at least 16 characters). Its actor name is `admin`.
+    pub token: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,8 +144,15 @@ pub struct ClientConfig {
     pub id: String,
     pub api_key: String,
     pub tier: String,
+    /// Where this client's receipts go (http or https).
     #[serde(default)]
     pub webhook_url: Option<String>,
+    /// `whsec_<base64 of 24 to 64 bytes>`; required with `webhook_url`.
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
+    /// Which events go to the webhook (default: all of them).
+    #[serde(default)]
+    pub webhook_events: Option<Vec<String>>,
     /// Overrides the tier's limit for this client.
     #[serde(default)]
     pub messages_per_minute: Option<u64>,
@@ -334,6 +347,10 @@ impl Config {
         if self.mobile.token_secret.len() < 32 {
             return bad("mobile.token_secret", "must be at least 32 bytes".into());
         }
+        if self.admin.token.chars().count() < 16 {
+            return bad("admin.token", "must be at least 16 characters".into());
+        }
+        self.webhooks.validate()?;
         Ok(())
     }
 
@@ -372,11 +389,20 @@ impl Config {
             if !self.tiers.contains_key(&c.tier) {
                 return bad(&key("tier"), format!("{:?} is not a tier defined under [tiers]", c.tier));
             }
-            if c.webhook_url.is_some() {
-                return bad(
-                    &key("webhook_url"),
-                    "is not supported yet; receipts come in a later release (remove the key)".into(),
-                );
+            crate::outbound::parse_client_webhook(i, c.webhook_url.as_deref(), c.webhook_secret.as_deref())?;
+            if let Some(events) = &c.webhook_events {
+                if c.webhook_url.is_none() {
+                    return bad(&key("webhook_events"), "is set but webhook_url is not".into());
+                }
+                if let Some(bad_name) = events.iter().find(|e| crate::receipts::event_status(e).is_none()) {
+                    return bad(
+                        &key("webhook_events"),
+                        format!(
+                            "names {bad_name:?}; known events are message.delivered, message.acked, \
+                             message.expired, message.rejected, message.failed"
+                        ),
+                    );
+                }
             }
             if c.messages_per_minute == Some(0) {
                 return bad(&key("messages_per_minute"), "must be positive".into());
@@ -418,6 +444,7 @@ listen = "127.0.0.1:0"
 token_secret = "0123456789abcdef0123456789abcdef"
 [admin]
 listen = "127.0.0.1:0"
+token = "admin-token-0123456789"
 [tiers.basic]
 messages_per_minute = 60
 [[clients]]
@@ -487,10 +514,26 @@ tier = "basic"
     }
 
     #[test]
-    fn webhook_url_is_refused_until_receipts_exist() {
-        let e = load(&GOOD.replace("tier = \"basic\"\n", "tier = \"basic\"\nwebhook_url = \"https://x.test/h\"\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("clients[0].webhook_url") && e.contains("not supported yet"), "{e}");
+    fn webhook_keys_are_checked_naming_the_key() {
+        let with = |extra: &str| load(&GOOD.replace("tier = \"basic\"\n", &format!("tier = \"basic\"\n{extra}\n")));
+        let secret = "webhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"";
+        assert!(with(&format!("webhook_url = \"https://x.test/h\"\n{secret}")).is_ok());
+        for (extra, key) in [
+            ("webhook_url = \"https://x.test/h\"".to_owned(), "clients[0].webhook_secret"),
+            (format!("webhook_url = \"ftp://x.test/h\"\n{secret}"), "clients[0].webhook_url"),
+            (format!("webhook_url = \"https://x.test/h\"\nwebhook_secret = \"nope\""), "clients[0].webhook_secret"),
+            (
+                format!("webhook_url = \"https://x.test/h\"\n{secret}\nwebhook_events = [\"message.read\"]"),
+                "clients[0].webhook_events",
+            ),
+        ] {
+            let e = with(&extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+            assert!(!e.contains("MfKQ9r8G"), "a secret never appears in an error: {e}");
+        }
+        let e = load(&GOOD.replace("token = \"admin-token-0123456789\"", "token = \"short\"")).unwrap_err();
+        assert!(e.to_string().contains("admin.token"), "{e}");
+        let e = load(&format!("{GOOD}\n[webhooks]\ntimeout_ms = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("webhooks.timeout_ms"), "{e}");
     }
 }

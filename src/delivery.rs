@@ -18,7 +18,7 @@ use std::time::Duration;
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::limits::{BODY_BYTES_MAX, CLIENT_ID_BYTES_MAX};
 use esh3ar_shards::record::{Record, StatusChange};
-use esh3ar_shards::{Priority, Status};
+use esh3ar_shards::{Priority, Reason, Status};
 use hashbrown::HashMap;
 
 use crate::clock::now_ms;
@@ -264,14 +264,25 @@ impl Shard {
         self.record_status(seqs, Status::Delivered);
     }
 
+    /// Journals a status change of each message; a change that owes the
+    /// sender an event is marked so (the transactional outbox) and wakes the
+    /// receipts task.
     fn record_status(&self, seqs: &[u64], status: Status) {
         let at_ms = now_ms();
-        let mut index = self.index().borrow_mut();
-        for &seq in seqs {
-            let record = Record::Status(StatusChange::plain(seq, status, at_ms));
-            if self.journal().append(&record, &mut index).is_err() {
-                return; // journal failed or closing: the message stays pending
+        let mut owed = false;
+        {
+            let mut index = self.index().borrow_mut();
+            for &seq in seqs {
+                let notify = crate::receipts::owes_event(self, &index, seq, status);
+                let record = Record::Status(StatusChange { seq, status, at_ms, notify, reason: Reason::None });
+                if self.journal().append(&record, &mut index).is_err() {
+                    break; // journal failed or closing: the message stays pending
+                }
+                owed |= notify;
             }
+        }
+        if owed {
+            self.events_ready().notify_all();
         }
     }
 

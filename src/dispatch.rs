@@ -33,9 +33,19 @@ pub fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
             shard.reply(from, MeshMsg::RateTaken { req, decision });
         }
         MeshMsg::RateRefund { client, n, at_sec } => shard.rate_refund_local(client, n, at_sec),
-        MeshMsg::Appended { req, .. } | MeshMsg::Found { req, .. } | MeshMsg::RateTaken { req, .. } => {
-            shard.replies().complete(req, msg)
+        MeshMsg::DeadLetters { from, req, client, after, limit } => {
+            let items = crate::receipts::dead_letters_local(shard, client.as_deref(), after, limit as usize);
+            shard.reply(from, MeshMsg::DeadLetterList { req, items });
         }
+        MeshMsg::DeadLetterAction { from, req, seq, status, replay } => {
+            let found = crate::receipts::dead_letter_action_local(shard, seq, status, replay);
+            shard.reply(from, MeshMsg::DeadLetterDone { req, found });
+        }
+        MeshMsg::Appended { req, .. }
+        | MeshMsg::Found { req, .. }
+        | MeshMsg::RateTaken { req, .. }
+        | MeshMsg::DeadLetterList { req, .. }
+        | MeshMsg::DeadLetterDone { req, .. } => shard.replies().complete(req, msg),
         MeshMsg::Adopt(adoption) => crate::mobile::adopt(shard.clone(), *adoption),
     }
 }

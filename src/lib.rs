@@ -20,6 +20,7 @@ pub mod mobile;
 pub mod notify;
 pub mod outbound;
 pub mod pressure;
+pub mod receipts;
 pub mod server;
 pub mod shard;
 pub mod shutdown;

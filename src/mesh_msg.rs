@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 
 use esh3ar_shards::journal::JournalError;
 use esh3ar_shards::limiter::Decision;
-use esh3ar_shards::{Priority, Status};
+use esh3ar_shards::{Priority, Reason, Status};
 use futures_channel::oneshot;
 use hashbrown::HashMap;
 
@@ -55,6 +55,24 @@ pub struct StatusView {
     pub accepted_at_ms: u64,
     pub delivered_at_ms: u64,
     pub acked_at_ms: u64,
+    /// Why it was rejected or failed.
+    pub reason: Reason,
+}
+
+impl StatusView {
+    /// The view of an indexed message.
+    pub fn of(m: &esh3ar_shards::index::MessageMeta) -> StatusView {
+        StatusView {
+            to: m.to.to_string(),
+            status: m.status,
+            priority: m.priority,
+            attempts: m.attempts,
+            accepted_at_ms: m.accepted_at_ms,
+            delivered_at_ms: m.delivered_at_ms,
+            acked_at_ms: m.acked_at_ms,
+            reason: m.reason,
+        }
+    }
 }
 
 /// Messages between shards.
@@ -76,10 +94,36 @@ pub enum MeshMsg {
     Lookup { from: u16, req: u64, seq: u64, client: u32 },
     /// Answer to `Lookup`.
     Found { req: u64, view: Option<Box<StatusView>> },
+    /// List this shard's dead-lettered events after `after` (seq, status
+    /// code), of `client` only if set, at most `limit`.
+    DeadLetters { from: u16, req: u64, client: Option<String>, after: Option<(u64, u8)>, limit: u32 },
+    /// Answer to `DeadLetters`.
+    DeadLetterList { req: u64, items: Vec<DeadLetter> },
+    /// Replay (or drop) the dead-lettered event of `status` of message `seq`.
+    DeadLetterAction { from: u16, req: u64, seq: u64, status: Status, replay: bool },
+    /// Answer to `DeadLetterAction`: false if no such dead letter.
+    DeadLetterDone { req: u64, found: bool },
     /// A mobile connection whose upgrade request was accepted elsewhere:
     /// the receiver (the user's home shard) owns the socket from now on,
     /// answers `101` and serves the session.
     Adopt(Box<crate::mobile::Adoption>),
+}
+
+/// One item of the dead-letter queue (`GET /v1/dead-letters`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The event id (`evt_<message id>_<status>`, also its `webhook-id`).
+    pub id: String,
+    /// What kind of work died: `webhook`.
+    pub kind: &'static str,
+    pub message_id: String,
+    pub client: String,
+    pub event_type: &'static str,
+    pub attempts: u32,
+    pub last_error: String,
+    pub dead_at_ms: u64,
+    /// Sort key: (shard, seq, status code).
+    pub key: (u16, u64, u8),
 }
 
 /// Why a request to another shard got no answer.

@@ -24,6 +24,7 @@ use crate::clients::ClientTable;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::{BodyCache, Sessions};
+use crate::notify::Notify;
 pub use crate::mesh_msg::{AppendRefusal, MeshError, MeshMsg, NewMessage, PendingReplies, StatusView};
 use crate::pressure::{shard_share_bytes, threshold_percent, Pressure};
 use crate::shutdown::Shutdown;
@@ -61,6 +62,8 @@ pub struct Shard {
     pressure: Pressure,
     panic_on_body: Option<Vec<u8>>,
     slow_reply_on_body: Option<Vec<u8>>,
+    /// Woken when an event became owed (the receipts task waits on it).
+    events_ready: Notify,
 }
 
 /// An answer this shard awaits from another one. Dropping it forgets the
@@ -120,6 +123,7 @@ impl Shard {
             limiter: RefCell::new(RateLimiter::new()),
             panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             slow_reply_on_body: std::env::var_os(TEST_SLOW_REPLY_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
+            events_ready: Notify::default(),
         })
     }
 
@@ -166,6 +170,10 @@ impl Shard {
     /// The memory budget.
     pub fn pressure(&self) -> &Pressure {
         &self.pressure
+    }
+    /// Woken when an event became owed to a sender.
+    pub fn events_ready(&self) -> &Notify {
+        &self.events_ready
     }
     /// Requests awaiting another shard's answer.
     pub fn replies(&self) -> &PendingReplies {
@@ -295,15 +303,7 @@ impl Shard {
         if &*m.client != self.clients.id(client) {
             return None;
         }
-        Some(Box::new(StatusView {
-            to: m.to.to_string(),
-            status: m.status,
-            priority: m.priority,
-            attempts: m.attempts,
-            accepted_at_ms: m.accepted_at_ms,
-            delivered_at_ms: m.delivered_at_ms,
-            acked_at_ms: m.acked_at_ms,
-        }))
+        Some(Box::new(StatusView::of(m)))
     }
 
     /// Sends to shard `to`, waiting for room in the channel (a full channel

@@ -99,6 +99,9 @@ pub struct MessageIndex {
     expiries: BTreeSet<(u64, u64)>,
     /// Owed and dead-lettered events by (message seq, status code).
     outbox: BTreeMap<(u64, u8), OwedEvent>,
+    /// Events that became owed since the last [`MessageIndex::take_fresh_events`]
+    /// (born, replayed, or recovered): the sender's queue of work.
+    fresh: Vec<(u64, Status)>,
     max_seq: Option<u64>,
 }
 
@@ -191,6 +194,7 @@ impl MessageIndex {
     fn owe(&mut self, seq: u64, status: Status, at_ms: u64) {
         let Some(meta) = self.messages.get_mut(&seq) else { return };
         meta.events_owed |= status.event_bit();
+        self.fresh.push((seq, status));
         self.outbox.entry((seq, status as u8)).or_insert(OwedEvent {
             since_ms: at_ms,
             attempts: 0,
@@ -228,6 +232,7 @@ impl MessageIndex {
                 event.dead_at_ms = 0;
                 meta.events_dead &= !bit;
                 meta.events_owed |= bit;
+                self.fresh.push((e.seq, e.event));
             }
         }
         self.repin(e.seq, was_pinned);
@@ -333,6 +338,12 @@ impl MessageIndex {
             .filter_map(|(&(seq, code), e)| Status::from_u8(code).map(|s| (seq, s, e)))
             .take(limit)
             .collect()
+    }
+
+    /// Takes the events that became owed since the last call (some may have
+    /// been settled since: check [`MessageIndex::event`]).
+    pub fn take_fresh_events(&mut self) -> Vec<(u64, Status)> {
+        std::mem::take(&mut self.fresh)
     }
 
     /// The owed or dead-lettered event of `status` of message `seq`.

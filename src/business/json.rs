@@ -197,6 +197,11 @@ pub fn status_json(id: TrackingId, v: &StatusView) -> Vec<u8> {
     ms(&mut b, v.delivered_at_ms);
     b.extend_from_slice(b",\"acked_at\":");
     ms(&mut b, v.acked_at_ms);
+    if let Some(reason) = v.reason.as_str() {
+        b.extend_from_slice(b",\"reason\":\"");
+        b.extend_from_slice(reason.as_bytes());
+        b.push(b'"');
+    }
     b.push(b'}');
     b
 }

@@ -36,6 +36,15 @@ impl Request<'_> {
         let p = &self.head_bytes[self.head.path.clone()];
         p.split(|&b| b == b'?').next().unwrap_or(p)
     }
+    /// The value of query parameter `name` (raw, not percent-decoded).
+    pub fn query(&self, name: &str) -> Option<&[u8]> {
+        let p = &self.head_bytes[self.head.path.clone()];
+        let q = p.splitn(2, |&b| b == b'?').nth(1)?;
+        q.split(|&b| b == b'&').find_map(|kv| {
+            let mut it = kv.splitn(2, |&b| b == b'=');
+            (it.next()? == name.as_bytes()).then(|| it.next().unwrap_or(b""))
+        })
+    }
     /// A header value by its range.
     pub fn header(&self, r: &Option<std::ops::Range<usize>>) -> Option<&[u8]> {
         r.as_ref().map(|r| &self.head_bytes[r.clone()])

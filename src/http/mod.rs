@@ -23,6 +23,8 @@ pub const HEADERS_MAX: usize = esh3ar_shards::limits::HTTP_HEADERS_MAX;
 pub enum Method {
     Get,
     Post,
+    Put,
+    Delete,
     Other,
 }
 
@@ -96,6 +98,8 @@ pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
     let method = match req.method {
         Some("GET") => Method::Get,
         Some("POST") => Method::Post,
+        Some("PUT") => Method::Put,
+        Some("DELETE") => Method::Delete,
         _ => Method::Other,
     };
     let path = range(req.path.expect("complete request has a path").as_bytes());
@@ -172,6 +176,7 @@ pub fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         202 => "Accepted",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
