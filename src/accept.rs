@@ -4,14 +4,12 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Pass;
 
-use crate::admin::AdminConn;
+use crate::admin::{AdminConn, AdminState};
 use crate::business::BusinessConn;
 use crate::config::Config;
 use crate::http::conn::{serve, Limits};
@@ -89,7 +87,7 @@ pub async fn accept_business(listener: TcpListener, shard: Rc<Shard>) {
 }
 
 /// Serves the admin listener until `shutdown` (triggered when the shard stops).
-pub async fn serve_admin(listener: TcpListener, shutdown: Rc<Shutdown>, ready: Arc<AtomicBool>) {
+pub async fn serve_admin(listener: TcpListener, shutdown: Rc<Shutdown>, state: Rc<AdminState>) {
     let open = Rc::new(Cell::new(0u64));
     // Admin connections are not drained: /readyz must answer until the end.
     let never = Rc::new(Shutdown::default());
@@ -99,9 +97,9 @@ pub async fn serve_admin(listener: TcpListener, shutdown: Rc<Shutdown>, ready: A
             continue;
         }
         let Some(guard) = ConnGuard::new(open.clone(), None) else { continue };
-        let (never, ready) = (never.clone(), ready.clone());
+        let (never, state) = (never.clone(), state.clone());
         glommio::spawn_local(async move {
-            serve(stream, Limits::admin(), &mut AdminConn { ready }, &never, None).await;
+            serve(stream, Limits::admin(), &mut AdminConn::new(state), &never, None).await;
             drop(guard);
         })
         .detach();

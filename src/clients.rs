@@ -90,7 +90,8 @@ impl ClientTable {
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
-                let parsed = crate::outbound::parse_client_webhook(i, c.webhook_url.as_deref(), c.webhook_secret.as_deref());
+                let parsed =
+                    crate::outbound::parse_client_webhook(i, c.webhook_url.as_deref(), c.webhook_secret.as_deref());
                 match parsed {
                     Ok(Some((url, secret))) => Some(Endpoint { name: c.id.clone(), url, secret }),
                     _ => None,

@@ -521,7 +521,7 @@ tier = "basic"
         for (extra, key) in [
             ("webhook_url = \"https://x.test/h\"".to_owned(), "clients[0].webhook_secret"),
             (format!("webhook_url = \"ftp://x.test/h\"\n{secret}"), "clients[0].webhook_url"),
-            (format!("webhook_url = \"https://x.test/h\"\nwebhook_secret = \"nope\""), "clients[0].webhook_secret"),
+            ("webhook_url = \"https://x.test/h\"\nwebhook_secret = \"nope\"".to_owned(), "clients[0].webhook_secret"),
             (
                 format!("webhook_url = \"https://x.test/h\"\n{secret}\nwebhook_events = [\"message.read\"]"),
                 "clients[0].webhook_events",

@@ -29,9 +29,11 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
 use crate::accept::{accept_business, accept_mobile, serve_admin};
+use crate::admin::AdminState;
 use crate::clients::ClientTable;
 use crate::config::Config;
 use crate::mesh::{Mesh, MeshSeed};
+use crate::outbound::{OutboundStatus, ShardLink};
 use crate::shard::{MeshMsg, Shard};
 use crate::shutdown::{install_signals, Shutdown};
 
@@ -68,12 +70,16 @@ impl Barrier {
 struct ShardSeed {
     mesh: MeshSeed<MeshMsg>,
     signal: oneshot::Receiver<()>,
+    /// This shard's channels to the offload thread (receipts).
+    outbound: ShardLink,
 }
 
 /// Process-wide state shared by the shards: read-only, or atomics used
 /// only at startup and shutdown (never on the message path).
 struct Shared {
     cfg: Arc<Config>,
+    /// Breaker states of the webhook thread, for /healthz.
+    outbound_status: Arc<OutboundStatus>,
     clients: Arc<ClientTable>,
     shards: usize,
     business_addr: SocketAddr,
@@ -255,12 +261,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (mobile_addr, mobile_placeholder) =
         reserve_port(listeners.mobile).with_context(|| format!("cannot bind {}", listeners.mobile))?;
     let signals = install_signals(shards).context("cannot install signal handlers")?;
+    let (outbound, links) = crate::outbound::spawn(&cfg.webhooks, ClientTable::endpoints(&cfg), shards)
+        .map_err(|e| anyhow::anyhow!("cannot start the webhook thread: {e}"))?;
     let seeds: Vec<ShardSeed> = crate::mesh::build::<MeshMsg>(shards, cfg.engine.mesh_channel_capacity)
         .into_iter()
         .zip(signals.shards)
-        .map(|(mesh, signal)| ShardSeed { mesh, signal })
+        .zip(links)
+        .map(|((mesh, signal), outbound)| ShardSeed { mesh, signal, outbound })
         .collect();
     let shared = Arc::new(Shared {
+        outbound_status: outbound.status(),
         clients: Arc::new(ClientTable::from_config(&cfg)),
         cfg: Arc::new(cfg),
         shards,
@@ -290,6 +300,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         if let Err(e) = r {
             shared.fail(format!("shard executor failed: {e}"));
         }
+    }
+    // Every shard dropped its job sender: the thread finishes the attempts
+    // in flight (bounded by webhooks.timeout_ms) and exits.
+    if outbound.join().is_err() {
+        shared.fail("the webhook thread panicked".into());
     }
     let errors = shared.errors.lock().map(|e| e.clone()).unwrap_or_default();
     if !errors.is_empty() {
@@ -369,9 +384,7 @@ async fn shard_main(shared: Arc<Shared>, seed: ShardSeed) {
     let (senders, receivers) = seed.mesh.connect().await;
     let id = senders.peer_id();
     let admin_shutdown = Rc::new(Shutdown::default());
-    if id == 0 {
-        start_admin(&shared, &admin_shutdown);
-    }
+    let admin = (id == 0).then(|| start_admin(&shared, &admin_shutdown));
     let recovered = recover(&shared, id);
     if !shared.barrier(&shared.recovered, true, RECOVERED_BARRIER_TIMEOUT).await {
         admin_shutdown.trigger();
@@ -384,6 +397,10 @@ async fn shard_main(shared: Arc<Shared>, seed: ShardSeed) {
         admin_shutdown.trigger();
         return;
     };
+    glommio::spawn_local(crate::receipts::run(shard.clone(), seed.outbound)).detach();
+    if let Some(admin) = admin {
+        admin.set_shard(shard.clone());
+    }
     let listeners = bind_listeners(&shared, id);
     if !shared.barrier(&shared.bound, true, BOUND_BARRIER_TIMEOUT).await {
         admin_shutdown.trigger();
@@ -406,16 +423,18 @@ async fn shard_main(shared: Arc<Shared>, seed: ShardSeed) {
 }
 
 /// The admin listener (shard 0) answers /readyz (503) while recovery runs.
-fn start_admin(shared: &Arc<Shared>, shutdown: &Rc<Shutdown>) {
+fn start_admin(shared: &Arc<Shared>, shutdown: &Rc<Shutdown>) -> Rc<AdminState> {
     let cfg = &shared.cfg;
+    let state = AdminState::new(shared.ready.clone(), &cfg.admin.token, Some(shared.outbound_status.clone()));
     match TcpListener::bind(cfg.listeners().admin) {
         Ok(l) => {
             let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
             println!("esh3ar admin={addr}");
-            glommio::spawn_local(serve_admin(l, shutdown.clone(), shared.ready.clone())).detach();
+            glommio::spawn_local(serve_admin(l, shutdown.clone(), state.clone())).detach();
         }
         Err(e) => shared.fail(format!("cannot bind admin listener {}: {e}", cfg.admin.listen)),
     }
+    state
 }
 
 /// Reads this shard's journal back (cutting a torn tail); None on failure.

@@ -24,8 +24,8 @@ use crate::clients::ClientTable;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::{BodyCache, Sessions};
-use crate::notify::Notify;
 pub use crate::mesh_msg::{AppendRefusal, MeshError, MeshMsg, NewMessage, PendingReplies, StatusView};
+use crate::notify::Notify;
 use crate::pressure::{shard_share_bytes, threshold_percent, Pressure};
 use crate::shutdown::Shutdown;
 

@@ -1245,12 +1245,22 @@ fn admin_health_and_readiness() {
     let mut a = Client::connect(engine.admin);
     let r = a.request("GET", "/healthz", None, None);
     assert_eq!(r.status, 200, "{}", text(&r));
-    assert_eq!(r.json(), json!({"status": "ok"}));
+    assert_eq!(r.json(), json!({"status": "ok", "breakers": {}}));
     let r = a.request("GET", "/readyz", None, None);
     assert_eq!(r.status, 200, "{}", text(&r));
     assert_eq!(r.json(), json!({"status": "ready"}));
-    for path in ["/", "/metrics", "/v1/messages", "/healthz/x"] {
+    for path in ["/", "/v1/messages", "/healthz/x", "/v1/dead-letters"] {
+        // Everything but health and readiness needs the admin token...
         let r = a.request("GET", path, None, None);
+        assert_error(&r, 401, "unauthorized");
+        let r = a.request("GET", path, Some("wrong-admin-token-0123456789"), None);
+        assert_error(&r, 401, "unauthorized");
+        let r = a.request("GET", path, Some(API_KEY), None);
+        assert_error(&r, 401, "unauthorized");
+    }
+    for path in ["/", "/v1/messages", "/healthz/x"] {
+        // ...and with it, unknown paths are 404.
+        let r = a.request("GET", path, Some(ADMIN_TOKEN), None);
         assert_error(&r, 404, "not_found");
     }
     let r = a.request("POST", "/healthz", None, Some("{}"));

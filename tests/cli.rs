@@ -115,7 +115,12 @@ fn config_check_names_the_key_of_a_bad_value() {
         (good.replace("id = \"other\"", "id = \"no spaces\""), "clients[1].id"),
         (good.replace("messages_per_minute = 1000000", "messages_per_minute = 0"), "tiers.basic.messages_per_minute"),
         (good.replace("max_body_bytes = 65536", "max_body_bytes = \"big\""), "max_body_bytes"),
-        (good.replace("[admin]\nlisten = \"127.0.0.1:0\"\n", ""), "admin"),
+        (good.replace(&format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"), ""), "admin"),
+        (good.replace(ADMIN_TOKEN, "short"), "admin.token"),
+        (
+            good.replace("id = \"other\"", "id = \"other\"\nwebhook_url = \"https://x.test/h\""),
+            "clients[1].webhook_secret",
+        ),
     ];
     let path = dir.path().join("edited.toml");
     for (text, key) in text_cases {

@@ -168,6 +168,7 @@ token_secret = "{secret}"
 
 [admin]
 listen = "127.0.0.1:0"
+token = "perf-harness-admin-token"
 
 [tiers.bench]
 messages_per_minute = 1000000000

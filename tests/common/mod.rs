@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub const API_KEY: &str = "acme-key-0123456789abcdef";
 pub const OTHER_KEY: &str = "other-key-0123456789abcdef";
+pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 pub const TOKEN_SECRET: &str = "test-secret-0123456789abcdef0123456789";
 
 /// Engine settings a test may change.
@@ -61,6 +62,7 @@ token_secret = "{secret}"
 
 [admin]
 listen = "127.0.0.1:0"
+token = "{admin_token}"
 
 [tiers.basic]
 messages_per_minute = 1000000
@@ -85,6 +87,7 @@ tier = "basic"
         body = o.max_body_bytes,
         rt = o.request_timeout_ms,
         secret = TOKEN_SECRET,
+        admin_token = ADMIN_TOKEN,
         key = API_KEY,
         other = OTHER_KEY,
     );
