@@ -82,6 +82,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Bytes of streamed bodies (`Huge`, `Endless`) hyper took from us.
+    streamed: Arc<AtomicUsize>,
     status: OnceLock<(Arc<OutboundStatus>, usize)>,
 }
 
@@ -106,6 +108,7 @@ impl Receiver {
             seen: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            streamed: Arc::new(AtomicUsize::new(0)),
             status: OnceLock::new(),
         });
         let served = state.clone();
@@ -139,6 +142,11 @@ impl Receiver {
 
     pub fn count(&self) -> usize {
         self.state.arrivals.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of streamed bodies handed to hyper (a bound on what the client read).
+    pub fn streamed_bytes(&self) -> usize {
+        self.state.streamed.load(Ordering::SeqCst)
     }
 
     pub fn max_in_flight(&self) -> usize {
@@ -213,8 +221,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<HttpReply, 
             r.headers_mut().insert("retry-after", after.parse().unwrap());
             r
         }
-        Reply::Huge => respond(200, Chunks { left: 10 << 20, endless: false }.boxed()),
-        Reply::Endless => respond(200, Chunks { left: 1024, endless: true }.boxed()),
+        Reply::Huge => {
+            respond(200, Chunks { left: 10 << 20, endless: false, streamed: state.streamed.clone() }.boxed())
+        }
+        Reply::Endless => respond(200, Chunks { left: 1024, endless: true, streamed: state.streamed.clone() }.boxed()),
     })
 }
 
@@ -245,6 +255,7 @@ static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
 struct Chunks {
     left: usize,
     endless: bool,
+    streamed: Arc<AtomicUsize>,
 }
 
 impl Body for Chunks {
@@ -257,6 +268,7 @@ impl Body for Chunks {
         }
         let n = self.left.min(CHUNK.len());
         self.left -= n;
+        self.streamed.fetch_add(n, Ordering::SeqCst);
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&CHUNK[..n])))))
     }
 }
