@@ -327,6 +327,8 @@ async fn a_full_queue_refuses_jobs_without_waiting() {
     assert_eq!(full, Some(5));
     let bad = Job { endpoint: EndpointId(9), ..job(99, 0) };
     assert!(matches!(link.jobs.try_send(bad), Err(TrySendError::Invalid(_))));
+    let bad = Job { shard: 1, ..job(99, 0) };
+    assert!(matches!(link.jobs.try_send(bad), Err(TrySendError::Invalid(_))), "another shard's job");
     let bad = Job { webhook_id: "has space".into(), ..job(99, 0) };
     assert!(matches!(link.jobs.try_send(bad), Err(TrySendError::Invalid(_))));
 }

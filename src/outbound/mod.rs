@@ -49,7 +49,7 @@
 //! - No shard ever waits on this thread: jobs go in by `try_send`, reports
 //!   come out through channels the shard polls on its own executor.
 //! - Everything is bounded: the job channel (`queue_capacity` + one slot per
-//!   sender clone), jobs held (`max_jobs_held`; beyond it the thread stops
+//!   shard, as futures-channel reserves one per `Sender`), jobs held (`max_jobs_held`; beyond it the thread stops
 //!   taking jobs, so shards see `Full`), each shard's report channel
 //!   (`queue_capacity`) and backlog (see `reports.rs`), requests in flight
 //!   per endpoint (`max_in_flight_per_endpoint`), one attempt's time
@@ -170,7 +170,8 @@ pub fn spawn(
         .map_err(SpawnError::Runtime)?;
     let links = report_rxs
         .into_iter()
-        .map(|reports| ShardLink { jobs: JobSender::new(job_tx.clone(), endpoint_count, shards), reports })
+        .enumerate()
+        .map(|(shard, reports)| ShardLink { jobs: JobSender::new(job_tx.clone(), endpoint_count, shard), reports })
         .collect();
     Ok((Outbound { thread, status }, links))
 }
