@@ -124,3 +124,13 @@ impl JobSender {
 /// A shard's end of its report channel: a `Stream<Item = Report>` that ends
 /// when the offload thread has exited.
 pub type ReportReceiver = mpsc::Receiver<Report>;
+
+// The shard ends move into the shards' threads, and jobs and reports cross
+// to and from the offload thread: all must stay `Send`.
+const _: () = {
+    const fn must_be_send<T: Send>() {}
+    must_be_send::<Job>();
+    must_be_send::<Report>();
+    must_be_send::<JobSender>();
+    must_be_send::<ReportReceiver>();
+};
