@@ -229,6 +229,37 @@ async fn exhausted_after_max_attempts() {
     assert_eq!(status.exhausted(), 2);
 }
 
+/// A 3xx is a failure and is not followed (a signed request must not be
+/// replayed to a host the client did not configure).
+#[tokio::test]
+async fn a_redirect_is_a_failure_and_is_not_followed() {
+    let elsewhere = Receiver::start(always(Reply::Ok));
+    let rx = Receiver::start(always(Reply::Redirect(elsewhere.url().to_string())));
+    let config = WebhooksConfig { max_attempts: 2, ..fast_config() };
+    let (_outbound, mut link) = start(&config, &[&rx]);
+    link.jobs.try_send(job(1, 0)).unwrap();
+    let reports = until_final(&mut link.reports, &[1], Duration::from_secs(2)).await;
+    assert_eq!(
+        reports.last(),
+        Some(&Report::Exhausted { job: 1, attempts: 2, error: Some(AttemptError::Status(307)) })
+    );
+    assert_eq!(elsewhere.count(), 0);
+}
+
+/// A job re-sent after a restart with its journaled retry time waits for it.
+#[tokio::test]
+async fn a_job_waits_for_its_not_before_time() {
+    let rx = Receiver::start(always(Reply::Ok));
+    let (_outbound, mut link) = start(&fast_config(), &[&rx]);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let t0 = Instant::now();
+    link.jobs.try_send(Job { attempts: 4, not_before_unix_ms: now_ms + 300, ..job(1, 0) }).unwrap();
+    let reports = until_final(&mut link.reports, &[1], Duration::from_secs(2)).await;
+    assert_eq!(reports, vec![Report::Delivered { job: 1, attempts: 5, status: 200 }]);
+    let waited = rx.seen()[0].at - t0;
+    assert!(waited >= Duration::from_millis(280), "sent after {waited:?}");
+}
+
 #[tokio::test]
 async fn in_flight_per_endpoint_never_exceeds_the_cap() {
     let slow = Receiver::start(always(Reply::SlowOk(Duration::from_millis(40))));

@@ -40,6 +40,8 @@ pub enum Reply {
     Huge,
     /// 200, one chunk, then a body that never ends.
     Endless,
+    /// 307 to this URL.
+    Redirect(String),
 }
 
 pub fn random_key() -> Vec<u8> {
@@ -219,6 +221,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<HttpReply, 
         Reply::TooMany(after) => {
             let mut r = respond(429, full("slow down"));
             r.headers_mut().insert("retry-after", after.parse().unwrap());
+            r
+        }
+        Reply::Redirect(to) => {
+            let mut r = respond(307, full("elsewhere"));
+            r.headers_mut().insert("location", to.parse().unwrap());
             r
         }
         Reply::Huge => {
