@@ -330,6 +330,7 @@ async fn a_receiver_that_was_down_gets_everything_when_it_comes_back() {
     assert_eq!(delivered, 10);
     assert!(back.seen().iter().all(|s| s.signature_ok));
     assert_eq!(outbound.status().breaker(0), Some(BreakerState::Closed));
+    assert!(outbound.status().attempts(AttemptResult::ConnectError) >= 3);
 }
 
 #[tokio::test]

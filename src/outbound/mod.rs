@@ -57,6 +57,7 @@
 //! | `Retry-After` honoured | up to [`RETRY_AFTER_MS_MAX`] (1 day) | |
 //! | backoff | full jitter in `[0, min(retry_max_ms, retry_base_ms·2^(n-1))]` | 1 s base, 300 s cap |
 //! | attempts | `max_attempts` (15), then `Exhausted` | backoff totals at most ~34 min (mean ~17) at the defaults |
+//! | DNS lookups | [`DNS_THREADS_MAX`] (4) helper threads | getaddrinfo blocks, so it runs beside the loop |
 //! | shutdown | `timeout_ms` + [`SHUTDOWN_GRACE_MS`] (200 ms) | after the last `JobSender` is dropped |
 //!
 //! # What must stay true
@@ -101,6 +102,10 @@ pub use dispatcher::SHUTDOWN_GRACE_MS;
 pub use job::{AttemptError, EndpointId, Job, JobSender, Report, ReportReceiver, TrySendError};
 pub use signing::{is_valid_webhook_id, Secret};
 pub use status::{AttemptResult, OutboundStatus};
+
+/// Helper threads for blocking DNS lookups (getaddrinfo, as reqwest does by
+/// default); the offload thread itself never blocks on one.
+pub const DNS_THREADS_MAX: usize = 4;
 
 /// One webhook receiver: a client's URL and signing secret.
 pub struct Endpoint {
@@ -172,7 +177,12 @@ pub fn spawn(
         return Err(SpawnError::Config("engine.shards".into(), "must be positive".into()));
     }
     let endpoint_count = u32::try_from(endpoints.len()).map_err(|_| SpawnError::TooManyEndpoints)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SpawnError::Runtime)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(DNS_THREADS_MAX)
+        .thread_name("esh3ar-outbound-dns")
+        .build()
+        .map_err(SpawnError::Runtime)?;
     let client = {
         let _in_runtime = runtime.enter();
         http_client(config)?
