@@ -19,8 +19,8 @@ use super::status::AttemptResult;
 /// client's read buffer, and at most `timeout_ms`.
 pub const BODY_READ_BYTES_MAX: usize = 4096;
 
-/// Where an endpoint's requests go and how they are signed.
-#[derive(Debug)]
+/// Where an endpoint's requests go and how they are signed. No `Debug`:
+/// the URL's query may carry a token.
 pub struct Target {
     pub url: Url,
     pub secret: Secret,

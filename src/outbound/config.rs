@@ -73,7 +73,7 @@ fn default_queue_capacity() -> usize {
     4_096
 }
 fn default_max_jobs_held() -> usize {
-    65_536
+    16_384
 }
 
 impl Default for WebhooksConfig {

@@ -15,7 +15,8 @@ pub struct EndpointId(pub u32);
 pub struct Job {
     /// The shard's own id for this job; every report about it carries it.
     pub id: u64,
-    /// Which shard's report channel gets the reports.
+    /// Which shard's report channel gets the reports: the sending shard's
+    /// own (a `JobSender` refuses any other).
     pub shard: usize,
     pub endpoint: EndpointId,
     /// `webhook-id`: the same on every attempt (the receiver dedupes on it).
@@ -80,27 +81,34 @@ pub enum TrySendError {
     Full(Job),
     /// The offload thread is gone.
     Closed(Job),
-    /// Unknown endpoint or shard, or a `webhook-id` that is not 1-255 visible ASCII bytes.
+    /// Unknown endpoint, a shard other than the sender's, or a `webhook-id`
+    /// that is not 1-255 visible ASCII bytes.
     Invalid(Job),
 }
 
 /// A shard's end of the job channel. `Send`, so it moves into the shard's
-/// thread; `try_send` never waits.
-#[derive(Debug, Clone)]
+/// thread; `try_send` never waits. Bound to one shard: its jobs' reports
+/// go to that shard's `ReportReceiver`.
+#[derive(Debug)]
 pub struct JobSender {
     tx: mpsc::Sender<Job>,
     endpoints: u32,
-    shards: usize,
+    shard: usize,
 }
 
 impl JobSender {
-    pub(super) fn new(tx: mpsc::Sender<Job>, endpoints: u32, shards: usize) -> JobSender {
-        JobSender { tx, endpoints, shards }
+    pub(super) fn new(tx: mpsc::Sender<Job>, endpoints: u32, shard: usize) -> JobSender {
+        JobSender { tx, endpoints, shard }
+    }
+
+    /// The shard this sender belongs to (what `Job::shard` must say).
+    pub fn shard(&self) -> usize {
+        self.shard
     }
 
     /// Hands a job over without waiting.
     pub fn try_send(&mut self, job: Job) -> Result<(), TrySendError> {
-        if job.endpoint.0 >= self.endpoints || job.shard >= self.shards || !is_valid_webhook_id(&job.webhook_id) {
+        if job.endpoint.0 >= self.endpoints || job.shard != self.shard || !is_valid_webhook_id(&job.webhook_id) {
             return Err(TrySendError::Invalid(job));
         }
         self.tx.try_send(job).map_err(|e| {
@@ -116,3 +124,13 @@ impl JobSender {
 /// A shard's end of its report channel: a `Stream<Item = Report>` that ends
 /// when the offload thread has exited.
 pub type ReportReceiver = mpsc::Receiver<Report>;
+
+// The shard ends move into the shards' threads, and jobs and reports cross
+// to and from the offload thread: all must stay `Send`.
+const _: () = {
+    const fn must_be_send<T: Send>() {}
+    must_be_send::<Job>();
+    must_be_send::<Report>();
+    must_be_send::<JobSender>();
+    must_be_send::<ReportReceiver>();
+};

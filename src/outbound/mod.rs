@@ -44,19 +44,27 @@
 //! `not_before_unix_ms`). Delivery is at least once; receivers dedupe on
 //! `webhook-id`.
 //!
+//! # Limits (defaults), and what they cost
+//!
+//! | what | bound | note |
+//! |---|---|---|
+//! | job channel | `queue_capacity` (4096) + 1 per shard | futures-channel reserves a slot per `Sender` |
+//! | jobs held by the thread | `max_jobs_held` (16384) | in flight + waiting for a slot, breaker or timer; at the limit the thread stops taking jobs, so `try_send` says `Full`; ~20 MiB at 1 KiB bodies |
+//! | reports per shard | channel `queue_capacity`; backlog ≤ `queue_capacity` + in flight + 1 | a full channel stops new attempts for that shard only |
+//! | requests in flight | `max_in_flight_per_endpoint` (16) per endpoint | one connection each; idle pool of the same size per host |
+//! | one attempt | `timeout_ms` (5 s) | connect, request, answer head and body read, all of it |
+//! | answer body read | [`BODY_READ_BYTES_MAX`] (4 KiB) | then the connection is dropped, never buffered |
+//! | `Retry-After` honoured | up to [`RETRY_AFTER_MS_MAX`] (1 day) | |
+//! | backoff | full jitter in `[0, min(retry_max_ms, retry_base_ms·2^(n-1))]` | 1 s base, 300 s cap |
+//! | attempts | `max_attempts` (15), then `Exhausted` | backoff totals at most ~34 min (mean ~17) at the defaults |
+//! | DNS lookups | [`DNS_THREADS_MAX`] (4) helper threads | getaddrinfo blocks, so it runs beside the loop |
+//! | shutdown | `timeout_ms` + [`SHUTDOWN_GRACE_MS`] (200 ms) | after the last `JobSender` is dropped |
+//!
 //! # What must stay true
 //!
 //! - No shard ever waits on this thread: jobs go in by `try_send`, reports
 //!   come out through channels the shard polls on its own executor.
-//! - Everything is bounded: the job channel (`queue_capacity` + one slot per
-//!   sender clone), jobs held (`max_jobs_held`; beyond it the thread stops
-//!   taking jobs, so shards see `Full`), each shard's report channel
-//!   (`queue_capacity`) and backlog (see `reports.rs`), requests in flight
-//!   per endpoint (`max_in_flight_per_endpoint`), one attempt's time
-//!   (`timeout_ms`, connect to the last byte read), the bytes of an answer
-//!   read ([`BODY_READ_BYTES_MAX`] = 4 KiB; bodies are never buffered),
-//!   `Retry-After` ([`RETRY_AFTER_MS_MAX`] = 1 day), and shutdown
-//!   (`timeout_ms` + [`SHUTDOWN_GRACE_MS`]).
+//! - Everything is bounded (see "Limits").
 //! - Any answer but 2xx, a timeout, or a connect error is a failure.
 //!   Redirects are not followed (a 3xx is a failure); no proxy from the
 //!   environment is used.
@@ -95,13 +103,28 @@ pub use job::{AttemptError, EndpointId, Job, JobSender, Report, ReportReceiver, 
 pub use signing::{is_valid_webhook_id, Secret};
 pub use status::{AttemptResult, OutboundStatus};
 
+/// Helper threads for blocking DNS lookups (getaddrinfo, as reqwest does by
+/// default); the offload thread itself never blocks on one.
+pub const DNS_THREADS_MAX: usize = 4;
+
 /// One webhook receiver: a client's URL and signing secret.
-#[derive(Debug)]
 pub struct Endpoint {
     /// The client id; `/healthz` shows `webhook:<name>`, logs show it too.
     pub name: String,
     pub url: Url,
     pub secret: Secret,
+}
+
+/// Shows neither the secret nor the URL's query (it may carry a token).
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let origin = self.url.origin().ascii_serialization();
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("url", &format_args!("{origin}{}", self.url.path()))
+            .field("secret", &self.secret)
+            .finish()
+    }
 }
 
 /// A shard's two channel ends.
@@ -154,7 +177,12 @@ pub fn spawn(
         return Err(SpawnError::Config("engine.shards".into(), "must be positive".into()));
     }
     let endpoint_count = u32::try_from(endpoints.len()).map_err(|_| SpawnError::TooManyEndpoints)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SpawnError::Runtime)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(DNS_THREADS_MAX)
+        .thread_name("esh3ar-outbound-dns")
+        .build()
+        .map_err(SpawnError::Runtime)?;
     let client = {
         let _in_runtime = runtime.enter();
         http_client(config)?
@@ -170,7 +198,8 @@ pub fn spawn(
         .map_err(SpawnError::Runtime)?;
     let links = report_rxs
         .into_iter()
-        .map(|reports| ShardLink { jobs: JobSender::new(job_tx.clone(), endpoint_count, shards), reports })
+        .enumerate()
+        .map(|(shard, reports)| ShardLink { jobs: JobSender::new(job_tx.clone(), endpoint_count, shard), reports })
         .collect();
     Ok((Outbound { thread, status }, links))
 }
@@ -186,4 +215,29 @@ fn http_client(config: &WebhooksConfig) -> Result<reqwest::Client, SpawnError> {
         .user_agent(concat!("esh3ar-webhooks/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| SpawnError::Client(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_prints_neither_its_secret_nor_its_query() {
+        let secret_text = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let endpoint = Endpoint {
+            name: "acme".into(),
+            url: parse_webhook_url("https://hooks.acme.test/in?token=abc123").unwrap(),
+            secret: Secret::parse(secret_text).unwrap(),
+        };
+        let shown = format!("{endpoint:?}");
+        assert!(shown.contains("https://hooks.acme.test/in") && shown.contains("whsec_***"), "{shown}");
+        assert!(!shown.contains("abc123") && !shown.contains("MfKQ9r8G"), "{shown}");
+    }
+
+    #[test]
+    fn spawn_refuses_a_bad_config() {
+        let config = WebhooksConfig { max_attempts: 0, ..WebhooksConfig::default() };
+        let err = spawn(&config, Vec::new(), 1).err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("webhooks.max_attempts")));
+    }
 }

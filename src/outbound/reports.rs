@@ -95,3 +95,50 @@ impl ReportOut {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn failed(job: u64) -> Report {
+        Report::Exhausted { job, attempts: 1, error: None }
+    }
+
+    #[tokio::test]
+    async fn a_full_channel_backlogs_in_order_gates_and_flushes() {
+        let (tx, mut rx) = mpsc::channel(1); // holds 1 + 1 (the sender's slot)
+        let (other_tx, mut other_rx) = mpsc::channel(1);
+        let mut out = ReportOut::new(vec![tx, other_tx], 2);
+        for job in 0..5 {
+            out.send(0, failed(job));
+        }
+        out.send(1, failed(100));
+        assert!(out.backlogged());
+        assert!(out.is_gated(0) && !out.is_gated(1), "shard 0 waits, shard 1 does not");
+        assert_eq!(other_rx.next().await.map(|r| r.job()), Some(100));
+        let mut got = Vec::new();
+        while out.backlogged() {
+            got.push(rx.next().await.map(|r| r.job()));
+            out.flush().await;
+        }
+        while let Ok(r) = rx.try_recv() {
+            got.push(Some(r.job()));
+        }
+        assert_eq!(got, (0..5).map(Some).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_gone_shard_drops_its_reports() {
+        let (tx, rx) = mpsc::channel(0);
+        let mut out = ReportOut::new(vec![tx], 4);
+        out.send(0, failed(1));
+        out.send(0, failed(2));
+        drop(rx);
+        out.flush().await;
+        assert!(!out.backlogged());
+        out.send(0, failed(3));
+        assert!(!out.backlogged());
+    }
+}
