@@ -149,7 +149,12 @@ pub enum Record<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decoded<'a> {
     /// A valid record of `bytes` total length (header included).
-    Record { record: Record<'a>, bytes: usize },
+    Record {
+        /// The record.
+        record: Record<'a>,
+        /// Its encoded length, header included.
+        bytes: usize,
+    },
     /// Nine zero bytes, or fewer than nine bytes left: the end of the log.
     End,
     /// Something that is not a valid record; the reason says what.
