@@ -4,7 +4,7 @@
 //! timed tests); what must hold is checked: messages flow, every accepted
 //! message is delivered, no duplicates, no errors, the reports round-trip.
 
-use esh3ar_perf::cli::{run, run_args};
+use esh3ar_perf::cli::{check_all_accepted, run, run_args};
 use esh3ar_perf::report::{compare, markdown_table, Report};
 
 fn perf(args: &[&str]) -> Report {
@@ -75,4 +75,13 @@ fn overload_reports_a_shedding_profile() {
     assert!(p.totals.get("202").is_some_and(|by| by.len() == 3), "{}", r.human());
     assert!(p.rss_max_bytes > 0 && !p.rss_per_s.is_empty(), "{}", r.human());
     assert!(r.errors.keys().all(|k| k == "503"), "{}", r.human());
+}
+
+#[test]
+fn many_connections_closed_loop_on_two_shards_are_all_accepted() {
+    // The gate of the 10,000-connection run (docs/PERFORMANCE.md), small:
+    // a full cross-shard channel holds a sender, it never refuses it.
+    let r = perf(&["--connections", "300", "--server-threads", "2", "--duration", "1s", "--require-all-accepted"]);
+    check_all_accepted(&r).unwrap_or_else(|e| panic!("{e:#}\n{}", r.human()));
+    assert!(r.accepted > 300, "{}", r.human());
 }

@@ -179,6 +179,21 @@ pub struct RunArgs {
     /// A label for tables and plots (default: the system).
     #[arg(long)]
     pub label: Option<String>,
+    /// Exit non-zero unless every answer was a 202 (ingest and batch): the
+    /// gate of "every client accepted" runs, e.g. `--connections 10000
+    /// --server-threads 2` (docs/PERFORMANCE.md).
+    #[arg(long)]
+    pub require_all_accepted: bool,
+}
+
+/// Fails with the answers that were not a 202 (or transport errors), if any.
+pub fn check_all_accepted(r: &Report) -> anyhow::Result<()> {
+    if r.errors.is_empty() {
+        return Ok(());
+    }
+    let total: u64 = r.errors.values().sum();
+    let by: Vec<String> = r.errors.iter().map(|(k, v)| format!("{v} × {k}")).collect();
+    bail!("{total} answers were not 202 ({}) out of {} requests measured", by.join(", "), r.requests)
 }
 
 /// Entry point of the binary; returns the exit code.
@@ -204,6 +219,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Cmd::Run(args)) => {
             let r = run(&args)?;
             print!("{}", r.human());
+            if args.require_all_accepted {
+                check_all_accepted(&r)?;
+                println!("every answer was a 202 ({} requests measured)", r.requests);
+            }
             Ok(())
         }
         Some(Cmd::Ceiling { listen, threads, cpus, socket_timeouts }) => {
