@@ -107,6 +107,13 @@ pub enum MeshMsg {
     /// the receiver (the user's home shard) owns the socket from now on,
     /// answers `101` and serves the session.
     Adopt(Box<crate::mobile::Adoption>),
+    /// Register a user or replace its contact fields (the receiver is the
+    /// user's home shard); answered with `UserFound` once durable.
+    PutUser { from: u16, req: u64, user: String, phone: Option<String>, email: Option<String> },
+    /// Look up a user of the directory.
+    GetUser { from: u16, req: u64, user: String },
+    /// Answer to `PutUser` and `GetUser`: the entry (None: no such user).
+    UserFound { req: u64, result: Result<Option<Box<crate::users::UserView>>, AppendRefusal> },
 }
 
 /// One item of the dead-letter queue (`GET /v1/dead-letters`).

@@ -12,6 +12,8 @@
 //! (`Shard::append_local`) and journals a `Rejected` status right after the
 //! `Accepted` record, in the same commit ([`Shard::reject`]).
 
+use std::rc::Rc;
+
 use esh3ar_shards::directory::{UserDraft, UserEntry};
 use esh3ar_shards::index::MessageIndex;
 use esh3ar_shards::limits::{BLOCKED_CLIENTS_PER_USER_MAX, EMAIL_BYTES_MAX, PHONE_BYTES_MAX};
@@ -19,7 +21,7 @@ use esh3ar_shards::record::{Record, StatusChange};
 use esh3ar_shards::{Reason, Status};
 
 use crate::clock::now_ms;
-use crate::mesh_msg::AppendRefusal;
+use crate::mesh_msg::{AppendRefusal, MeshMsg};
 use crate::shard::Shard;
 
 /// Most directory entries maintenance journals again in one pass.
@@ -158,6 +160,31 @@ impl Shard {
             blocked: draft.blocked,
         };
         Ok((generation, view))
+    }
+
+    /// On the home shard: [`Shard::put_user_local`] for another shard
+    /// (the admin listener's), answered once durable from a task of its own.
+    pub fn answer_put_user(
+        self: &Rc<Self>,
+        from: u16,
+        req: u64,
+        user: String,
+        phone: Option<String>,
+        email: Option<String>,
+    ) {
+        let put = self.put_user_local(&user, phone.as_deref(), email.as_deref());
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            let result = match put {
+                Ok((generation, view)) => match shard.journal().wait_durable(generation).await {
+                    Ok(()) => Ok(Some(Box::new(view))),
+                    Err(e) => Err(AppendRefusal::from(&e)),
+                },
+                Err(e) => Err(e),
+            };
+            let _ = shard.send(from as usize, MeshMsg::UserFound { req, result }).await;
+        })
+        .detach();
     }
 
     /// `GET /v1/users/{id}` on the home shard.
