@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::http::conn::{Handler, Request};
 use crate::http::{json_string, write_error, write_response, Method};
-use crate::mesh_msg::{DeadLetter, MeshMsg};
+use crate::mesh_msg::{DeadLetter, MeshMsg, UserPut};
 use crate::outbound::OutboundStatus;
 use crate::receipts::{dead_letter_action_local, dead_letters_local, parse_event_id};
 use crate::shard::Shard;
@@ -336,7 +336,8 @@ async fn put_user(shard: &Rc<Shard>, raw: &[u8], body: &[u8]) -> Result<Answer, 
             Err(_) => Err(()),
         }
     } else {
-        let msg = |req| MeshMsg::PutUser { from: shard.id() as u16, req, user: id, phone, email };
+        let put = Box::new(UserPut { user: id, phone, email });
+        let msg = |req| MeshMsg::PutUser { from: shard.id() as u16, req, put };
         match shard.ask(home, msg).await {
             Ok(MeshMsg::UserFound { result: Ok(Some(view)), .. }) => Ok(*view),
             Ok(MeshMsg::UserFound { .. }) => Err(()),

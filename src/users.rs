@@ -21,7 +21,7 @@ use esh3ar_shards::record::{Record, StatusChange};
 use esh3ar_shards::{Reason, Status};
 
 use crate::clock::now_ms;
-use crate::mesh_msg::{AppendRefusal, MeshMsg};
+use crate::mesh_msg::{AppendRefusal, MeshMsg, UserPut};
 use crate::shard::Shard;
 
 /// Most directory entries maintenance journals again in one pass.
@@ -164,15 +164,8 @@ impl Shard {
 
     /// On the home shard: [`Shard::put_user_local`] for another shard
     /// (the admin listener's), answered once durable from a task of its own.
-    pub fn answer_put_user(
-        self: &Rc<Self>,
-        from: u16,
-        req: u64,
-        user: String,
-        phone: Option<String>,
-        email: Option<String>,
-    ) {
-        let put = self.put_user_local(&user, phone.as_deref(), email.as_deref());
+    pub fn answer_put_user(self: &Rc<Self>, from: u16, req: u64, put: UserPut) {
+        let put = self.put_user_local(&put.user, put.phone.as_deref(), put.email.as_deref());
         let shard = self.clone();
         glommio::spawn_local(async move {
             let result = match put {

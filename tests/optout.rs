@@ -348,6 +348,19 @@ fn bad_input_is_refused_with_documented_codes() {
         "first_seen_at": ok.json()["first_seen_at"], "blocked": []})
     );
 
+    // Users homed on either shard: the admin listener (shard 0) reaches the
+    // other one over the mesh.
+    let users = ["u1", "u2", "u3", "u4", "u5"];
+    let homes: std::collections::HashSet<usize> = users.iter().map(|u| esh3ar::route(u, 2)).collect();
+    assert_eq!(homes.len(), 2, "the users cover both shards");
+    for (i, user) in users.iter().enumerate() {
+        let phone = format!("+96651234567{i}");
+        let put = admin(&engine, "PUT", &format!("/v1/users/{user}"), Some(&json!({"phone": phone}).to_string()));
+        assert_eq!(put.status, 200, "{user}");
+        let got = admin(&engine, "GET", &format!("/v1/users/{user}"), None);
+        assert_eq!((got.json()["id"].as_str(), got.json()["phone"].as_str()), (Some(*user), Some(phone.as_str())));
+    }
+
     let mut p = phone(&engine, &setup, "frank");
     assert_eq!(
         block(&mut p, "block", "no-such-client"),
@@ -356,6 +369,19 @@ fn bad_input_is_refused_with_documented_codes() {
     let id = send_as(&engine, API_KEY, "frank", "still open");
     assert_eq!(p.recv(WAIT).expect("the session goes on")["id"], id.as_str());
     for frame in [r#"{"type":"block"}"#, r#"{"type":"unblock","from":5}"#, r#"{"type":"block","from":""}"#] {
+        // Users homed on either shard: the admin listener (shard 0) reaches the
+        // other one over the mesh.
+        let users = ["u1", "u2", "u3", "u4", "u5"];
+        let homes: std::collections::HashSet<usize> = users.iter().map(|u| esh3ar::route(u, 2)).collect();
+        assert_eq!(homes.len(), 2, "the users cover both shards");
+        for (i, user) in users.iter().enumerate() {
+            let phone = format!("+96651234567{i}");
+            let put = admin(&engine, "PUT", &format!("/v1/users/{user}"), Some(&json!({"phone": phone}).to_string()));
+            assert_eq!(put.status, 200, "{user}");
+            let got = admin(&engine, "GET", &format!("/v1/users/{user}"), None);
+            assert_eq!((got.json()["id"].as_str(), got.json()["phone"].as_str()), (Some(*user), Some(phone.as_str())));
+        }
+
         let mut p = phone(&engine, &setup, "frank");
         let _ = p.recv(QUIET); // the unacked message again
         p.send_text(frame);
