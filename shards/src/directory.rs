@@ -20,6 +20,9 @@ use crate::record::{ClientList, Record, UserRecord};
 /// each, the ids shared with the index) come on top.
 pub const USER_ENTRY_BYTES: usize = 192;
 
+// The size `USER_ENTRY_BYTES` and docs/ARCHITECTURE.md count on.
+const _: () = assert!(std::mem::size_of::<UserEntry>() <= 72);
+
 /// What the shard knows about one user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserEntry {

@@ -679,4 +679,34 @@ mod tests {
         ix.forget_segment(1);
         assert!(ix.user("a").unwrap().blocks("c"), "the entry outlives its old segment");
     }
+
+    proptest::proptest! {
+        /// Whatever the order of changes, each user's entry is its latest
+        /// record, and no deletable segment holds an entry's latest record.
+        #[test]
+        fn latest_records_are_never_in_a_deletable_segment(
+            ops in proptest::collection::vec((0u8..5, 0u64..3, proptest::bool::ANY), 1..60)
+        ) {
+            let mut ix = MessageIndex::new();
+            let mut segment = 1;
+            let mut latest = std::collections::HashMap::new();
+            for (i, (user, advance, blocked)) in ops.into_iter().enumerate() {
+                segment += advance;
+                let user = format!("u{user}");
+                let blocked: &[&str] = if blocked { &["c"] } else { &[] };
+                put_user(&mut ix, segment, &user, &format!("+9665{i:08}"), blocked);
+                latest.insert(user, (segment, blocked.len()));
+                let carry = ix.users_to_carry(segment, 1000);
+                for u in &carry {
+                    proptest::prop_assert!(ix.user(u).unwrap().segment < segment);
+                }
+            }
+            for (user, (seg, blocks)) in &latest {
+                let e = ix.user(user).unwrap();
+                proptest::prop_assert_eq!((e.segment, e.blocked.len()), (*seg, *blocks));
+                proptest::prop_assert!(!ix.deletable_segments(segment + 1).contains(seg));
+            }
+            proptest::prop_assert_eq!(ix.users_len(), latest.len());
+        }
+    }
 }
