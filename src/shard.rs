@@ -220,7 +220,7 @@ impl Shard {
             seqs.push(Some(seq));
             self.stats.accepted.set(self.stats.accepted.get() + 1);
             // Asynchronous validation: refused now, in the same commit, but
-            // still accepted (202) for the sender (docs/API.md, "Statuses").
+            // still accepted (202) for the sender (docs/API.md, "Asynchronous validation").
             let known_only = self.cfg.validation.known_recipients_only;
             match index.refusal(&m.to, self.clients.id(m.client), known_only) {
                 Some(reason) => generation = self.reject(&mut index, &[seq], reason)?,
@@ -233,7 +233,7 @@ impl Shard {
     /// Fill level of this shard's memory budget, in percent.
     pub fn pressure_percent(&self) -> u64 {
         let index = self.index.borrow();
-        // The directory is held in memory too (docs/ARCHITECTURE.md, "Memory budget").
+        // The directory is held in memory too (docs/ARCHITECTURE.md, "User directory and opt-out").
         let directory_bytes = index.users_len() * esh3ar_shards::directory::USER_ENTRY_BYTES;
         self.pressure.percent(self.journal.unflushed_bytes() + directory_bytes, index.len())
     }
