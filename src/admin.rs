@@ -13,15 +13,17 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use esh3ar_shards::limits::USER_ID_BYTES_MAX;
 use esh3ar_shards::Status;
 use subtle::ConstantTimeEq;
 
 use crate::http::conn::{Handler, Request};
 use crate::http::{json_string, write_error, write_response, Method};
-use crate::mesh_msg::{DeadLetter, MeshMsg};
+use crate::mesh_msg::{DeadLetter, MeshMsg, UserPut};
 use crate::outbound::OutboundStatus;
 use crate::receipts::{dead_letter_action_local, dead_letters_local, parse_event_id};
 use crate::shard::Shard;
+use crate::users::{valid_email, valid_phone, UserView};
 
 /// Most dead letters one `GET /v1/dead-letters` returns.
 pub const DEAD_LETTERS_LIMIT_MAX: usize = 1000;
@@ -138,6 +140,13 @@ impl AdminConn {
                 (true, Method::Post) | (false, Method::Delete) => dead_letter_action(&shard, id, replay).await,
                 (true, _) => error(405, "method_not_allowed", "use POST"),
                 (false, _) => error(405, "method_not_allowed", "use DELETE"),
+            };
+        }
+        if let Some(id) = path.strip_prefix(b"/v1/users/") {
+            return match method {
+                Method::Get => get_user(&shard, id).await,
+                Method::Put => put_user(&shard, id, req.body).await,
+                _ => error(405, "method_not_allowed", "use GET or PUT"),
             };
         }
         error(404, "not_found", "no such endpoint")
@@ -265,6 +274,131 @@ async fn dead_letter_action(shard: &Rc<Shard>, id: &[u8], replay: bool) -> Resul
     } else {
         Ok((204, Vec::new()))
     }
+}
+
+/// A user id from the path: percent-decoded, UTF-8, 1 to 256 bytes, no
+/// control characters (the rule for `to` in `POST /v1/messages`).
+fn user_id(raw: &[u8]) -> Option<String> {
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            let hex = std::str::from_utf8(raw.get(i + 1..i + 3)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            bytes.push(raw[i]);
+            i += 1;
+        }
+    }
+    let id = String::from_utf8(bytes).ok()?;
+    let ok = !id.is_empty() && id.len() <= USER_ID_BYTES_MAX && !id.chars().any(char::is_control);
+    ok.then_some(id)
+}
+
+fn bad_id() -> Result<Answer, (u16, &'static str, String)> {
+    error(400, "invalid_field", "`id` must be 1 to 256 bytes of UTF-8 without control characters")
+}
+
+/// `GET /v1/users/{id}`, from the user's home shard.
+async fn get_user(shard: &Rc<Shard>, raw: &[u8]) -> Result<Answer, (u16, &'static str, String)> {
+    let Some(id) = user_id(raw) else { return bad_id() };
+    let home = crate::route(&id, shard.count());
+    let view = if home == shard.id() {
+        shard.user_view_local(&id)
+    } else {
+        match shard.ask(home, |req| MeshMsg::GetUser { from: shard.id() as u16, req, user: id }).await {
+            Ok(MeshMsg::UserFound { result: Ok(view), .. }) => view.map(|v| *v),
+            _ => return error(503, "shard_timeout", "the shard did not answer in time; retry"),
+        }
+    };
+    match view {
+        Some(v) => Ok((200, user_json(&v))),
+        None => error(404, "not_found", "no such user"),
+    }
+}
+
+/// `PUT /v1/users/{id}` with `{"phone", "email"}` (both optional),
+/// journaled on the user's home shard and answered once durable.
+async fn put_user(shard: &Rc<Shard>, raw: &[u8], body: &[u8]) -> Result<Answer, (u16, &'static str, String)> {
+    let Some(id) = user_id(raw) else { return bad_id() };
+    let (phone, email) = match contact_fields(body) {
+        Ok(fields) => fields,
+        Err(message) => return error(400, "invalid_field", message),
+    };
+    let home = crate::route(&id, shard.count());
+    let result = if home == shard.id() {
+        match shard.put_user_local(&id, phone.as_deref(), email.as_deref()) {
+            Ok((generation, view)) => match shard.journal().wait_durable(generation).await {
+                Ok(()) => Ok(view),
+                Err(_) => Err(()),
+            },
+            Err(_) => Err(()),
+        }
+    } else {
+        let put = Box::new(UserPut { user: id, phone, email });
+        let msg = |req| MeshMsg::PutUser { from: shard.id() as u16, req, put };
+        match shard.ask(home, msg).await {
+            Ok(MeshMsg::UserFound { result: Ok(Some(view)), .. }) => Ok(*view),
+            Ok(MeshMsg::UserFound { .. }) => Err(()),
+            _ => return error(503, "shard_timeout", "the shard did not answer in time; retry"),
+        }
+    };
+    match result {
+        Ok(view) => Ok((200, user_json(&view))),
+        Err(()) => error(503, "storage_unavailable", "the journal refused the change"),
+    }
+}
+
+/// The `phone` and `email` of a `PUT /v1/users/{id}` body, validated; the
+/// error names the field.
+fn contact_fields(body: &[u8]) -> Result<(Option<String>, Option<String>), &'static str> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Err("the body must be a JSON object with optional `phone` and `email`");
+    };
+    let (mut phone, mut email) = (None, None);
+    for (name, value) in fields {
+        let text = match value {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s),
+            _ if name == "phone" => return Err("`phone` must be a string in E.164 form (+9665...)"),
+            _ if name == "email" => return Err("`email` must be a string"),
+            _ => return Err("unknown field: only `phone` and `email` may be set"),
+        };
+        match name.as_str() {
+            "phone" if text.as_deref().is_none_or(valid_phone) => phone = text,
+            "phone" => return Err("`phone` must be in E.164 form: +, then 7 to 15 digits, the first not 0"),
+            "email" if text.as_deref().is_none_or(valid_email) => email = text,
+            "email" => return Err("`email` must be a plausible email address (at most 254 bytes)"),
+            _ => return Err("unknown field: only `phone` and `email` may be set"),
+        }
+    }
+    Ok((phone, email))
+}
+
+/// `{"id","phone","email","first_seen_at","blocked"}`.
+fn user_json(v: &UserView) -> Vec<u8> {
+    let mut b = Vec::with_capacity(128 + v.id.len());
+    let opt = |b: &mut Vec<u8>, s: &Option<String>| match s {
+        Some(s) => json_string(b, s),
+        None => b.extend_from_slice(b"null"),
+    };
+    b.extend_from_slice(b"{\"id\":");
+    json_string(&mut b, &v.id);
+    b.extend_from_slice(b",\"phone\":");
+    opt(&mut b, &v.phone);
+    b.extend_from_slice(b",\"email\":");
+    opt(&mut b, &v.email);
+    let _ = write!(DisplayBuf(&mut b), ",\"first_seen_at\":{},\"blocked\":[", v.first_seen_at_ms);
+    for (i, c) in v.blocked.iter().enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        json_string(&mut b, c);
+    }
+    b.extend_from_slice(b"]}");
+    b
 }
 
 /// `write!` into a byte buffer.

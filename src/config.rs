@@ -40,6 +40,19 @@ pub struct Config {
     /// Delivery of signed receipts to clients' webhooks.
     #[serde(default)]
     pub webhooks: crate::outbound::WebhooksConfig,
+    /// Asynchronous validation on the recipient's home shard, after the 202.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+}
+
+/// `[validation]`: checks made on the home shard after acceptance; a
+/// message that fails one becomes `rejected` (docs/API.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Reject (`unknown_recipient`) messages to users not in the directory.
+    #[serde(default)]
+    pub known_recipients_only: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -324,6 +324,11 @@ impl Shard {
                 }
                 tracing::debug!(shard = self.id(), count = expired.len(), "expired messages");
             }
+            // Directory entries that alone keep old segments are journaled
+            // again first; the old copies may go only once the new are durable.
+            if self.carry_directory_forward().is_err() || !self.directory_durable().await {
+                continue; // journal failed or closing, or an entry moved meanwhile: next pass
+            }
             let deleted = self.journal().delete_settled_segments(&mut self.index().borrow_mut());
             match deleted {
                 // Index entries left with their segments: room for waiting connections.

@@ -47,5 +47,11 @@ pub fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
         | MeshMsg::DeadLetterList { req, .. }
         | MeshMsg::DeadLetterDone { req, .. } => shard.replies().complete(req, msg),
         MeshMsg::Adopt(adoption) => crate::mobile::adopt(shard.clone(), *adoption),
+        MeshMsg::PutUser { from, req, put } => shard.answer_put_user(from, req, *put),
+        MeshMsg::GetUser { from, req, user } => {
+            let result = Ok(shard.user_view_local(&user).map(Box::new));
+            shard.reply(from, MeshMsg::UserFound { req, result });
+        }
+        MeshMsg::UserFound { req, .. } => shard.replies().complete(req, msg),
     }
 }

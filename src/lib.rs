@@ -25,6 +25,7 @@ pub mod server;
 pub mod shard;
 pub mod shutdown;
 pub mod token;
+pub mod users;
 
 /// The home shard of a recipient user.
 pub fn route(user: &str, shards: usize) -> usize {

@@ -107,6 +107,22 @@ pub enum MeshMsg {
     /// the receiver (the user's home shard) owns the socket from now on,
     /// answers `101` and serves the session.
     Adopt(Box<crate::mobile::Adoption>),
+    /// Register a user or replace its contact fields (the receiver is the
+    /// user's home shard); answered with `UserFound` once durable.
+    /// Boxed: the three strings would make every mesh message larger.
+    PutUser { from: u16, req: u64, put: Box<UserPut> },
+    /// Look up a user of the directory.
+    GetUser { from: u16, req: u64, user: String },
+    /// Answer to `PutUser` and `GetUser`: the entry (None: no such user).
+    UserFound { req: u64, result: Result<Option<Box<crate::users::UserView>>, AppendRefusal> },
+}
+
+/// What `PutUser` sets: the user and their contact fields.
+#[derive(Debug)]
+pub struct UserPut {
+    pub user: String,
+    pub phone: Option<String>,
+    pub email: Option<String>,
 }
 
 /// One item of the dead-letter queue (`GET /v1/dead-letters`).
@@ -176,3 +192,6 @@ impl PendingReplies {
         self.waiting.borrow().is_empty()
     }
 }
+// Every slot of every mesh channel holds one `MeshMsg`: large payloads are
+// boxed (`Adopt`, `PutUser`, `Found`) so the channels stay small.
+const _: () = assert!(std::mem::size_of::<MeshMsg>() <= 64);

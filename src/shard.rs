@@ -64,6 +64,10 @@ pub struct Shard {
     slow_reply_on_body: Option<Vec<u8>>,
     /// Woken when an event became owed (the receipts task waits on it).
     events_ready: Notify,
+    /// Generation of the last `User` record appended: segments are deleted
+    /// only once it is durable, so a directory entry moved to a newer
+    /// segment never loses its old copy before the new one is on disk.
+    user_generation: Cell<u64>,
 }
 
 /// An answer this shard awaits from another one. Dropping it forgets the
@@ -124,6 +128,7 @@ impl Shard {
             panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             slow_reply_on_body: std::env::var_os(TEST_SLOW_REPLY_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             events_ready: Notify::default(),
+            user_generation: Cell::new(0),
         })
     }
 
@@ -175,6 +180,10 @@ impl Shard {
     pub fn events_ready(&self) -> &Notify {
         &self.events_ready
     }
+    /// Generation of the last directory record appended (see `users.rs`).
+    pub fn user_generation(&self) -> &Cell<u64> {
+        &self.user_generation
+    }
     /// Requests awaiting another shard's answer.
     pub fn replies(&self) -> &PendingReplies {
         &self.replies
@@ -209,15 +218,24 @@ impl Shard {
             let appended = self.journal.append(&record, &mut index).map_err(|e| AppendRefusal::from(&e))?;
             generation = appended.generation;
             seqs.push(Some(seq));
-            self.bodies.borrow_mut().insert(seq, &m.body);
             self.stats.accepted.set(self.stats.accepted.get() + 1);
+            // Asynchronous validation: refused now, in the same commit, but
+            // still accepted (202) for the sender (docs/API.md, "Asynchronous validation").
+            let known_only = self.cfg.validation.known_recipients_only;
+            match index.refusal(&m.to, self.clients.id(m.client), known_only) {
+                Some(reason) => generation = self.reject(&mut index, &[seq], reason)?,
+                None => self.bodies.borrow_mut().insert(seq, &m.body),
+            }
         }
         Ok((seqs, generation))
     }
 
     /// Fill level of this shard's memory budget, in percent.
     pub fn pressure_percent(&self) -> u64 {
-        self.pressure.percent(self.journal.unflushed_bytes(), self.index.borrow().len())
+        let index = self.index.borrow();
+        // The directory is held in memory too (docs/ARCHITECTURE.md, "User directory and opt-out").
+        let directory_bytes = index.users_len() * esh3ar_shards::directory::USER_ENTRY_BYTES;
+        self.pressure.percent(self.journal.unflushed_bytes() + directory_bytes, index.len())
     }
 
     /// True if a message of `priority` (from a tier with `offset`) may be

@@ -10,7 +10,8 @@ use std::rc::Rc;
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::record::{encoded_len, EventChange, EventOutcome, Record, StatusChange};
+use crate::directory::{entry_of, UserEntry};
+use crate::record::{encoded_len, EventChange, EventOutcome, Record, StatusChange, UserRecord};
 use crate::{EventSet, Priority, Reason, Status};
 
 /// What the shard knows about one message (its body stays in the journal).
@@ -81,6 +82,8 @@ struct SegmentLive {
     first_seq: u64,
     last_seq: u64,
     any: bool,
+    /// Directory entries whose latest record lies in this segment.
+    users: u64,
 }
 
 /// Pending queues of one user, indexed by `Priority as usize`.
@@ -103,6 +106,8 @@ pub struct MessageIndex {
     /// (born, replayed, or recovered): the sender's queue of work.
     fresh: Vec<(u64, Status)>,
     max_seq: Option<u64>,
+    /// The user directory: users homed here and the senders they blocked.
+    users: HashMap<Rc<str>, UserEntry>,
 }
 
 impl MessageIndex {
@@ -155,6 +160,20 @@ impl MessageIndex {
             }
             Record::Status(s) => self.apply_status(s),
             Record::Event(e) => self.apply_event(e),
+            Record::User(u) => self.apply_user(segment, u),
+        }
+    }
+
+    /// Keeps a user's latest entry, and which segment must stay for it.
+    fn apply_user(&mut self, segment: u64, u: &UserRecord<'_>) {
+        let user = self.intern(u.user);
+        let entry = entry_of(u, segment, |s| self.intern(s));
+        self.segments.entry(segment).or_default().users += 1;
+        if let Some(old) = self.users.insert(user, entry) {
+            if let Some(live) = self.segments.get_mut(&old.segment) {
+                assert!(live.users > 0, "segment {} holds users below zero", old.segment);
+                live.users -= 1;
+            }
         }
     }
 
@@ -381,7 +400,53 @@ impl MessageIndex {
     /// may refer to a message in an earlier one, so deleting out of order
     /// could resurrect a settled message on recovery.
     pub fn deletable_segments(&self, active: u64) -> Vec<u64> {
-        self.segments.iter().take_while(|(&no, live)| no < active && live.unsettled == 0).map(|(&no, _)| no).collect()
+        self.segments
+            .iter()
+            .take_while(|(&no, live)| no < active && live.unsettled == 0 && live.users == 0)
+            .map(|(&no, _)| no)
+            .collect()
+    }
+
+    /// Users whose latest record lies in a segment that only they keep from
+    /// deletion (the oldest segments, before `active`, with every message
+    /// settled), at most `max`: maintenance journals each entry again, in
+    /// the active segment, and once that is durable the old one can go.
+    pub fn users_to_carry(&self, active: u64, max: usize) -> Vec<Rc<str>> {
+        let mut last = None;
+        for (&no, live) in self.segments.iter().take_while(|(&no, live)| no < active && live.unsettled == 0) {
+            if live.users > 0 {
+                last = Some(no);
+            }
+        }
+        let Some(last) = last else { return Vec::new() };
+        self.users.iter().filter(|(_, e)| e.segment <= last).map(|(u, _)| u.clone()).take(max).collect()
+    }
+
+    /// The directory entry of `user`.
+    pub fn user(&self, user: &str) -> Option<&UserEntry> {
+        self.users.get(user)
+    }
+
+    /// Users in the directory.
+    pub fn users_len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Why a message from `client` to `to` must be refused, if it must:
+    /// `to` blocked `client`, or (with `known_only`) `to` is not in the
+    /// directory.
+    pub fn refusal(&self, to: &str, client: &str, known_only: bool) -> Option<Reason> {
+        match self.users.get(to) {
+            Some(e) if e.blocks(client) => Some(Reason::RecipientOptedOut),
+            Some(_) => None,
+            None if known_only => Some(Reason::UnknownRecipient),
+            None => None,
+        }
+    }
+
+    /// Unsettled messages from `client` to `user`, in delivery order.
+    pub fn unsettled_from(&self, user: &str, client: &str) -> Vec<u64> {
+        self.pending_for(user).filter(|seq| self.messages.get(seq).is_some_and(|m| &*m.client == client)).collect()
     }
 
     /// Drops a deleted segment and the messages accepted in it.
@@ -390,6 +455,7 @@ impl MessageIndex {
             return;
         };
         assert_eq!(live.unsettled, 0, "forgetting segment {segment} with unsettled messages");
+        assert_eq!(live.users, 0, "forgetting segment {segment} that holds directory entries");
         if live.any {
             for seq in live.first_seq..=live.last_seq {
                 if let Some(m) = self.messages.remove(&seq) {
@@ -547,5 +613,100 @@ mod tests {
         ix.forget_segment(1);
         assert!(ix.get(0).is_none());
         assert!(ix.get(1).is_some());
+    }
+
+    fn put_user(ix: &mut MessageIndex, seg: u64, user: &str, phone: &str, blocked: &[&str]) {
+        let mut draft = crate::directory::UserDraft::new(seg * 10);
+        draft.phone = phone.to_owned();
+        draft.blocked = blocked.iter().map(|c| c.to_string()).collect();
+        draft.with_record(user, |r| ix.apply(seg, 0, r));
+    }
+
+    #[test]
+    fn the_latest_user_record_wins_and_blocks_refuse() {
+        let mut ix = MessageIndex::new();
+        assert_eq!(ix.refusal("a", "c", false), None);
+        assert_eq!(ix.refusal("a", "c", true), Some(Reason::UnknownRecipient));
+        put_user(&mut ix, 1, "a", "+966500000000", &["c"]);
+        assert_eq!(ix.refusal("a", "c", true), Some(Reason::RecipientOptedOut));
+        assert_eq!(ix.refusal("a", "d", true), None);
+        put_user(&mut ix, 2, "a", "", &[]);
+        let e = ix.user("a").unwrap();
+        assert_eq!((e.phone.as_deref(), e.blocked.len(), e.segment, e.first_seen_at_ms), (None, 0, 2, 20));
+        assert_eq!(ix.refusal("a", "c", true), None, "unblocked");
+        assert_eq!(ix.users_len(), 1);
+    }
+
+    #[test]
+    fn unsettled_from_picks_one_senders_messages() {
+        let mut ix = MessageIndex::new();
+        for (seq, client) in [(0, "c"), (1, "d"), (2, "c")] {
+            ix.apply(
+                1,
+                seq * 10,
+                &Record::Accepted(Accepted {
+                    seq,
+                    client,
+                    to: "u",
+                    priority: Priority::Normal,
+                    expires_at_ms: 0,
+                    accepted_at_ms: 0,
+                    body: b"x",
+                }),
+            );
+        }
+        status(&mut ix, 2, Status::Acked);
+        assert_eq!(ix.unsettled_from("u", "c"), vec![0]);
+        assert_eq!(ix.unsettled_from("u", "d"), vec![1]);
+        assert!(ix.unsettled_from("v", "c").is_empty());
+    }
+
+    #[test]
+    fn a_directory_entry_keeps_its_segment_until_carried_forward() {
+        let mut ix = MessageIndex::new();
+        accept(&mut ix, 1, 0, "a");
+        put_user(&mut ix, 1, "a", "", &["c"]);
+        put_user(&mut ix, 2, "b", "", &[]);
+        status(&mut ix, 0, Status::Acked);
+        assert!(ix.deletable_segments(3).is_empty(), "segment 1 holds a's entry");
+        assert_eq!(ix.users_to_carry(3, 10).len(), 2, "both entries lie in the settled prefix");
+        assert_eq!(ix.users_to_carry(2, 10).iter().map(|u| u.to_string()).collect::<Vec<_>>(), vec!["a"]);
+        // Carried forward: the same entry journaled again in segment 3.
+        let draft = ix.user("a").unwrap().draft();
+        draft.with_record("a", |r| ix.apply(3, 0, r));
+        assert_eq!(ix.deletable_segments(3), vec![1]);
+        assert_eq!(ix.user("a").unwrap().blocked.len(), 1, "carrying keeps the blocks");
+        ix.forget_segment(1);
+        assert!(ix.user("a").unwrap().blocks("c"), "the entry outlives its old segment");
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of changes, each user's entry is its latest
+        /// record, and no deletable segment holds an entry's latest record.
+        #[test]
+        fn latest_records_are_never_in_a_deletable_segment(
+            ops in proptest::collection::vec((0u8..5, 0u64..3, proptest::bool::ANY), 1..60)
+        ) {
+            let mut ix = MessageIndex::new();
+            let mut segment = 1;
+            let mut latest = std::collections::HashMap::new();
+            for (i, (user, advance, blocked)) in ops.into_iter().enumerate() {
+                segment += advance;
+                let user = format!("u{user}");
+                let blocked: &[&str] = if blocked { &["c"] } else { &[] };
+                put_user(&mut ix, segment, &user, &format!("+9665{i:08}"), blocked);
+                latest.insert(user, (segment, blocked.len()));
+                let carry = ix.users_to_carry(segment, 1000);
+                for u in &carry {
+                    proptest::prop_assert!(ix.user(u).unwrap().segment < segment);
+                }
+            }
+            for (user, (seg, blocks)) in &latest {
+                let e = ix.user(user).unwrap();
+                proptest::prop_assert_eq!((e.segment, e.blocked.len()), (*seg, *blocks));
+                proptest::prop_assert!(!ix.deletable_segments(segment + 1).contains(seg));
+            }
+            proptest::prop_assert_eq!(ix.users_len(), latest.len());
+        }
     }
 }

@@ -228,6 +228,12 @@ impl<S: Storage> Journal<S> {
         self.gc.borrow().durable_generation()
     }
 
+    /// The oldest segment holding bytes not yet durable: segments before it
+    /// are the ones maintenance may delete or carry entries out of.
+    pub fn oldest_unflushed_segment(&self) -> u64 {
+        self.gc.borrow().oldest_unflushed_segment()
+    }
+
     /// The generation of the last appended record.
     pub fn appended_generation(&self) -> u64 {
         self.gc.borrow().appended_generation()

@@ -10,6 +10,7 @@
 //! does no socket I/O.
 
 pub mod commit;
+pub mod directory;
 pub mod group_commit;
 pub mod id;
 pub mod index;

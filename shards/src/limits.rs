@@ -18,6 +18,23 @@ pub const BLOCK_BYTES: u64 = 4096;
 pub const USER_ID_BYTES_MAX: usize = 256;
 /// Longest client id, in bytes.
 pub const CLIENT_ID_BYTES_MAX: usize = 128;
+/// Most senders one user may block (bounds a `User` record).
+pub const BLOCKED_CLIENTS_PER_USER_MAX: usize = 64;
+/// Longest phone number in the user directory (E.164: `+` and at most 15 digits).
+pub const PHONE_BYTES_MAX: usize = 16;
+/// Longest email address in the user directory (RFC 5321 path limit).
+pub const EMAIL_BYTES_MAX: usize = 254;
+/// The largest `User` record payload: id, first seen, phone, email and the
+/// blocked senders (each a u16-framed string, the list a u16 count).
+pub const USER_PAYLOAD_BYTES_MAX: usize = 2
+    + USER_ID_BYTES_MAX
+    + 8
+    + 2
+    + PHONE_BYTES_MAX
+    + 2
+    + EMAIL_BYTES_MAX
+    + 2
+    + BLOCKED_CLIENTS_PER_USER_MAX * (2 + CLIENT_ID_BYTES_MAX);
 
 // ---------------------------------------------------------------------------
 // HTTP.
@@ -109,6 +126,13 @@ const _: () = {
     assert!(SEGMENT_BYTES_MIN.is_multiple_of(BLOCK_BYTES));
     assert!(BODY_BYTES_MIN <= BODY_BYTES_MAX);
     assert!(MESH_CHANNEL_CAPACITY_MIN <= MESH_CHANNEL_CAPACITY_MAX);
+    // A user record fits a record, and the smallest segment besides its overhead.
+    assert!(USER_PAYLOAD_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);
+    assert!(
+        SEGMENT_OVERHEAD_BYTES + COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES + USER_PAYLOAD_BYTES_MAX
+            <= SEGMENT_BYTES_MIN as usize
+    );
+    assert!(BLOCKED_CLIENTS_PER_USER_MAX <= u16::MAX as usize);
 };
 
 /// The largest `Accepted` record (header included) for a request body limit.

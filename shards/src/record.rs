@@ -25,6 +25,8 @@ const KIND_SEGMENT_HEADER: u8 = 1;
 const KIND_ACCEPTED: u8 = 2;
 const KIND_STATUS: u8 = 3;
 const KIND_EVENT: u8 = 4;
+/// Kind 5 is left to the idempotency record being written on another branch.
+const KIND_USER: u8 = 6;
 /// Longest error text an [`EventChange`] carries (longer ones are cut).
 pub const EVENT_ERROR_BYTES_MAX: usize = 256;
 
@@ -132,6 +134,66 @@ pub struct EventChange<'a> {
     pub error: &'a str,
 }
 
+/// The whole directory entry of one user (who they are, which senders they
+/// blocked). Every change journals the full entry, so the latest record of
+/// a user supersedes all earlier ones: recovery keeps the last, and
+/// maintenance carries an entry forward to the newest segment by appending
+/// it again before the segment holding it is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserRecord<'a> {
+    /// The user id.
+    pub user: &'a str,
+    /// Unix milliseconds the user entered the directory.
+    pub first_seen_at_ms: u64,
+    /// Phone number in E.164 form, or empty.
+    pub phone: &'a str,
+    /// Email address, or empty.
+    pub email: &'a str,
+    /// Client ids whose messages the user refuses.
+    pub blocked: ClientList<'a>,
+}
+
+/// A list of client ids as framed on disk: each a u16-framed string.
+/// At most [`crate::limits::BLOCKED_CLIENTS_PER_USER_MAX`] ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientList<'a> {
+    encoded: &'a [u8],
+    count: u16,
+}
+
+impl<'a> ClientList<'a> {
+    /// Encodes `ids` into `out` (cleared first) and returns the list over it.
+    ///
+    /// Panics over [`crate::limits::BLOCKED_CLIENTS_PER_USER_MAX`] ids or an
+    /// id over 65535 bytes: callers bound both, so that is a bug.
+    pub fn build<'s>(ids: impl IntoIterator<Item = &'s str>, out: &'a mut Vec<u8>) -> ClientList<'a> {
+        out.clear();
+        let mut count = 0usize;
+        for id in ids {
+            put_str16(out, id.as_bytes());
+            count += 1;
+        }
+        assert!(count <= crate::limits::BLOCKED_CLIENTS_PER_USER_MAX, "{count} blocked clients over limit");
+        ClientList { encoded: out, count: count as u16 }
+    }
+
+    /// The ids, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a str> + 'a {
+        let mut r = Reader { buf: self.encoded, pos: 0 };
+        (0..self.count).map_while(move |_| r.str16())
+    }
+
+    /// How many ids.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// True when the list holds no id.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
 /// One decoded journal record, borrowing from the segment bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record<'a> {
@@ -143,6 +205,8 @@ pub enum Record<'a> {
     Status(StatusChange),
     /// An owed event was delivered, failed, dead-lettered, replayed or dropped.
     Event(EventChange<'a>),
+    /// A user's directory entry and blocked senders, whole.
+    User(UserRecord<'a>),
 }
 
 /// What [`decode`] found at an offset.
@@ -172,6 +236,7 @@ fn payload_len(record: &Record<'_>) -> usize {
         Record::Accepted(a) => 8 + 2 + a.client.len() + 2 + a.to.len() + 1 + 8 + 8 + 4 + a.body.len(),
         Record::Status(_) => 8 + 1 + 8 + 1 + 1,
         Record::Event(e) => 8 + 1 + 1 + 4 + 8 + 2 + e.error.len(),
+        Record::User(u) => 2 + u.user.len() + 8 + 2 + u.phone.len() + 2 + u.email.len() + 2 + u.blocked.encoded.len(),
     }
 }
 
@@ -223,6 +288,15 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&e.attempts.to_le_bytes());
             out.extend_from_slice(&e.at_ms.to_le_bytes());
             put_str16(out, e.error.as_bytes());
+        }
+        Record::User(u) => {
+            out.push(KIND_USER);
+            put_str16(out, u.user.as_bytes());
+            out.extend_from_slice(&u.first_seen_at_ms.to_le_bytes());
+            put_str16(out, u.phone.as_bytes());
+            put_str16(out, u.email.as_bytes());
+            out.extend_from_slice(&u.blocked.count.to_le_bytes());
+            out.extend_from_slice(u.blocked.encoded);
         }
     }
     debug_assert_eq!(out.len() - start, HEADER_BYTES + payload);
@@ -320,6 +394,22 @@ fn decode_payload(kind: u8, p: &[u8]) -> Option<Record<'_>> {
             let at_ms = r.u64()?;
             let error = r.str16()?;
             Record::Event(EventChange { seq, event, outcome, attempts, at_ms, error })
+        }
+        KIND_USER => {
+            let user = r.str16()?;
+            let first_seen_at_ms = r.u64()?;
+            let phone = r.str16()?;
+            let email = r.str16()?;
+            let count = r.u16()?;
+            if count as usize > crate::limits::BLOCKED_CLIENTS_PER_USER_MAX {
+                return None;
+            }
+            let start = r.pos;
+            for _ in 0..count {
+                r.str16()?;
+            }
+            let blocked = ClientList { encoded: &p[start..r.pos], count };
+            Record::User(UserRecord { user, first_seen_at_ms, phone, email, blocked })
         }
         _ => return None,
     };
@@ -427,6 +517,15 @@ mod tests {
                 seq, event: Status::from_u8(s).unwrap(), outcome: EventOutcome::from_u8(o).unwrap(),
                 attempts, at_ms: at, error: &error,
             }));
+        }
+
+        #[test]
+        fn user_roundtrips(user in "\\PC{0,60}", at: u64, phone in "\\+[0-9]{0,15}", email in "\\PC{0,40}",
+                           blocked in proptest::collection::vec("[a-z0-9-]{0,30}", 0..=64)) {
+            let mut buf = Vec::new();
+            let list = ClientList::build(blocked.iter().map(String::as_str), &mut buf);
+            prop_assert_eq!(list.iter().collect::<Vec<_>>(), blocked.iter().map(String::as_str).collect::<Vec<_>>());
+            roundtrip(Record::User(UserRecord { user: &user, first_seen_at_ms: at, phone: &phone, email: &email, blocked: list }));
         }
 
         #[test]

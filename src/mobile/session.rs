@@ -49,6 +49,19 @@ struct ClientFrame {
     id: Option<String>,
     #[serde(default)]
     ids: Option<Vec<String>>,
+    /// The sender a `block` or `unblock` frame is about.
+    #[serde(default)]
+    from: Option<String>,
+}
+
+/// What an incoming frame asks of the session.
+enum Reply {
+    /// Nothing to answer.
+    None,
+    /// Answer with this text frame once `generation` is durable.
+    After { generation: u64, text: String },
+    /// Answer with this text frame now.
+    Now(String),
 }
 
 enum Event {
@@ -103,6 +116,10 @@ pub async fn start(shard: Rc<Shard>, mut stream: TcpStream, user: String, accept
     };
     let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_cfg)).await;
     let user: Rc<str> = Rc::from(user);
+    if shard.enter_directory(&user).is_err() {
+        let _ = ws.close(Some(CloseFrame { code: CloseCode::Error, reason: "storage unavailable".into() })).await;
+        return;
+    }
     let signal = shard.sessions().register(&user);
     let registration = Registration { shard: shard.clone(), user: user.clone(), signal: signal.clone() };
     let end = serve(&shard, &mut ws, &user, &signal).await;
@@ -138,7 +155,7 @@ async fn serve(shard: &Rc<Shard>, ws: &mut WebSocketStream<TcpStream>, user: &Rc
                 while let Some(incoming) = futures_lite::future::poll_once(ws.next()).await {
                     last_heard = Instant::now();
                     pinged = false;
-                    if let Some(end) = on_incoming(shard, user, incoming) {
+                    if let Err(end) = answer(shard, ws, on_incoming(shard, user, incoming)).await {
                         return end;
                     }
                 }
@@ -177,7 +194,7 @@ async fn serve(shard: &Rc<Shard>, ws: &mut WebSocketStream<TcpStream>, user: &Rc
             Event::Incoming(incoming) => {
                 last_heard = Instant::now();
                 pinged = false;
-                if let Some(end) = on_incoming(shard, user, incoming) {
+                if let Err(end) = answer(shard, ws, on_incoming(shard, user, incoming)).await {
                     return end;
                 }
             }
@@ -224,40 +241,89 @@ async fn deliver_batch(
     Ok(true)
 }
 
-/// Handles one incoming frame; Some(end) ends the session.
-fn on_incoming(shard: &Shard, user: &str, incoming: Option<Result<Message, tungstenite::Error>>) -> Option<End> {
+/// Writes what an incoming frame asked for; Err(end) ends the session.
+async fn answer(shard: &Shard, ws: &mut WebSocketStream<TcpStream>, reply: Result<Reply, End>) -> Result<(), End> {
+    let text = match reply? {
+        Reply::None => return Ok(()),
+        Reply::Now(text) => text,
+        Reply::After { generation, text } => {
+            if shard.journal().wait_durable(generation).await.is_err() {
+                return Err(End::Close(CloseCode::Error, "storage unavailable"));
+            }
+            text
+        }
+    };
+    ws.send(Message::Text(text)).await.map_err(|_| End::Drop)
+}
+
+/// `{"type":kind,"from":client}`, or with an error `code`.
+fn block_frame(kind: &str, client: &str, code: Option<&str>) -> String {
+    let mut b = Vec::with_capacity(64 + client.len());
+    b.extend_from_slice(b"{\"type\":");
+    crate::http::json_string(&mut b, kind);
+    if let Some(code) = code {
+        b.extend_from_slice(b",\"code\":");
+        crate::http::json_string(&mut b, code);
+    }
+    b.extend_from_slice(b",\"from\":");
+    crate::http::json_string(&mut b, client);
+    b.push(b'}');
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// A `block` or `unblock` frame: journals the change on this (the user's
+/// home) shard and answers once it is durable.
+fn on_block(shard: &Shard, user: &str, from: Option<String>, blocked: bool) -> Result<Reply, End> {
+    use crate::users::BlockError;
+    let Some(client) = from.filter(|c| !c.is_empty()) else {
+        return Err(End::Close(CloseCode::Policy, "block and unblock need a `from` client id"));
+    };
+    let kind = if blocked { "blocked" } else { "unblocked" };
+    match shard.set_block(user, &client, blocked) {
+        Ok(generation) => Ok(Reply::After { generation, text: block_frame(kind, &client, None) }),
+        Err(BlockError::UnknownClient) => Ok(Reply::Now(block_frame("error", &client, Some("unknown_client")))),
+        Err(BlockError::TooManyBlocks) => Ok(Reply::Now(block_frame("error", &client, Some("too_many_blocks")))),
+        Err(BlockError::Journal(_)) => Err(End::Close(CloseCode::Error, "storage unavailable")),
+    }
+}
+
+/// Handles one incoming frame; Err(end) ends the session.
+fn on_incoming(shard: &Shard, user: &str, incoming: Option<Result<Message, tungstenite::Error>>) -> Result<Reply, End> {
     use tungstenite::error::{CapacityError, Error, ProtocolError};
     let msg = match incoming {
-        None => return Some(End::Drop),
+        None => return Err(End::Drop),
         Some(Ok(m)) => m,
         Some(Err(Error::Capacity(CapacityError::MessageTooLong { .. }))) => {
-            return Some(End::Close(CloseCode::Size, "message too big"))
+            return Err(End::Close(CloseCode::Size, "message too big"))
         }
-        Some(Err(Error::Capacity(_))) => return Some(End::Close(CloseCode::Size, "frame too big")),
-        Some(Err(Error::Utf8)) => return Some(End::Close(CloseCode::Invalid, "invalid UTF-8")),
+        Some(Err(Error::Capacity(_))) => return Err(End::Close(CloseCode::Size, "frame too big")),
+        Some(Err(Error::Utf8)) => return Err(End::Close(CloseCode::Invalid, "invalid UTF-8")),
         Some(Err(Error::Protocol(ProtocolError::UnmaskedFrameFromClient))) => {
-            return Some(End::Close(CloseCode::Protocol, "client frames must be masked"))
+            return Err(End::Close(CloseCode::Protocol, "client frames must be masked"))
         }
-        Some(Err(Error::Protocol(_))) => return Some(End::Close(CloseCode::Protocol, "protocol error")),
-        Some(Err(_)) => return Some(End::Drop),
+        Some(Err(Error::Protocol(_))) => return Err(End::Close(CloseCode::Protocol, "protocol error")),
+        Some(Err(_)) => return Err(End::Drop),
     };
     match msg {
         Message::Text(text) => {
             let Ok(frame) = serde_json::from_str::<ClientFrame>(&text) else {
-                return Some(End::Close(CloseCode::Policy, "expected a JSON ack"));
+                return Err(End::Close(CloseCode::Policy, "expected a JSON ack, block or unblock"));
             };
-            if frame.kind != "ack" {
-                return Some(End::Close(CloseCode::Policy, "unsupported message type"));
+            match frame.kind.as_str() {
+                "ack" => {}
+                "block" => return on_block(shard, user, frame.from, true),
+                "unblock" => return on_block(shard, user, frame.from, false),
+                _ => return Err(End::Close(CloseCode::Policy, "unsupported message type")),
             }
             let ids = frame.ids.unwrap_or_default();
             if ids.len() > ACK_IDS_MAX {
-                return Some(End::Close(CloseCode::Policy, "too many ids in one ack"));
+                return Err(End::Close(CloseCode::Policy, "too many ids in one ack"));
             }
             shard.record_acks(user, frame.id.iter().chain(ids.iter()).map(String::as_str));
-            None
+            Ok(Reply::None)
         }
-        Message::Binary(_) => Some(End::Close(CloseCode::Unsupported, "binary frames are not supported")),
-        Message::Close(_) => Some(End::Close(CloseCode::Normal, "bye")), // completes the close handshake
-        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+        Message::Binary(_) => Err(End::Close(CloseCode::Unsupported, "binary frames are not supported")),
+        Message::Close(_) => Err(End::Close(CloseCode::Normal, "bye")), // completes the close handshake
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Reply::None),
     }
 }
