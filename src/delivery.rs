@@ -329,7 +329,12 @@ impl Shard {
             if self.carry_directory_forward().is_err() || !self.directory_durable().await {
                 continue; // journal failed or closing, or an entry moved meanwhile: next pass
             }
-            let deleted = self.journal().delete_settled_segments(&mut self.index().borrow_mut());
+            // Only once the records that settled them are durable.
+            let (candidates, settled_by) = self.journal().settled_segments(&self.index().borrow());
+            if candidates.is_empty() || self.journal().wait_durable(settled_by).await.is_err() {
+                continue;
+            }
+            let deleted = self.journal().delete_settled_segments(&mut self.index().borrow_mut(), &candidates);
             match deleted {
                 // Index entries left with their segments: room for waiting connections.
                 Ok(n) if n > 0 => self.pressure().wake(),

@@ -290,9 +290,17 @@ impl<S: Storage> Journal<S> {
 
     /// Deletes the oldest segments whose messages are all settled and that
     /// are fully written; returns how many were deleted.
-    pub fn delete_settled_segments(&self, index: &mut MessageIndex) -> std::io::Result<usize> {
+    ///
+    /// A segment becomes deletable when the records that settled its
+    /// messages are *appended*, not when they are durable: deleting it
+    /// before they are would let a crash forget both the message and its
+    /// final status. So deletion takes two calls: [`Journal::settled_segments`]
+    /// names the candidates and the generation that settled them; once that
+    /// generation is durable, this deletes the candidates still deletable.
+    pub fn delete_settled_segments(&self, index: &mut MessageIndex, candidates: &[u64]) -> std::io::Result<usize> {
         let oldest_unflushed = self.gc.borrow().oldest_unflushed_segment();
-        let deletable = index.deletable_segments(oldest_unflushed);
+        let deletable: Vec<u64> =
+            index.deletable_segments(oldest_unflushed).into_iter().take_while(|s| candidates.contains(s)).collect();
         for &segment in &deletable {
             self.storage.remove(&segment_path(&self.cfg.dir, segment))?;
             index.forget_segment(segment);
@@ -303,6 +311,13 @@ impl<S: Storage> Journal<S> {
             self.storage.sync_dir(&self.cfg.dir)?;
         }
         Ok(deletable.len())
+    }
+
+    /// The segments that may be deleted now, and the generation that must be
+    /// durable before they are (see [`Journal::delete_settled_segments`]).
+    pub fn settled_segments(&self, index: &MessageIndex) -> (Vec<u64>, u64) {
+        let oldest_unflushed = self.gc.borrow().oldest_unflushed_segment();
+        (index.deletable_segments(oldest_unflushed), self.appended_generation())
     }
 
     /// The group-commit loop. Runs until the journal is closed and drained,

@@ -202,3 +202,40 @@ fn a_crash_mid_write_tears_only_unacknowledged_commits() {
     }
     assert!(torn >= 6, "only {torn} of 24 crashes left a torn commit: the test does not exercise tearing");
 }
+
+#[test]
+fn a_segment_is_deleted_only_once_the_records_that_settled_it_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().to_owned();
+    run(move || async move {
+        let storage = SimStorage::default();
+        let rec = recover_shard(&p, 3, Mode::Repair).unwrap();
+        let j = Journal::open_with(storage.clone(), cfg(&p, 64 * 1024), &rec).unwrap();
+        glommio::spawn_local(j.clone().run_committer()).detach();
+        let mut ix = MessageIndex::new();
+        let body = vec![b'x'; 1000];
+        let mut seqs = Vec::new();
+        for _ in 0..100 {
+            let seq = j.take_seq();
+            seqs.push(seq);
+            let g = j.append(&accepted(seq, &body), &mut ix).unwrap().generation;
+            j.wait_durable(g).await.unwrap();
+        }
+        // Ack everything, but the acks do not reach the disk yet.
+        storage.hold_syncs(true);
+        for &seq in &seqs {
+            let ack = Record::Status(crate::record::StatusChange::plain(seq, crate::Status::Acked, 5));
+            j.append(&ack, &mut ix).unwrap();
+        }
+        let (candidates, settled_by) = j.settled_segments(&ix);
+        assert!(!candidates.is_empty(), "full segments are settled in the index");
+        assert!(j.durable_generation() < settled_by, "by records not yet durable");
+        // A crash now must still find the messages: nothing deleted yet.
+        let image = storage.crash_image();
+        assert!(image.keys().any(|k| k.ends_with(format!("seg-{:020}.log", candidates[0]))));
+        storage.hold_syncs(false);
+        j.wait_durable(settled_by).await.unwrap();
+        let deleted = j.delete_settled_segments(&mut ix, &candidates).unwrap();
+        assert_eq!(deleted, candidates.len());
+    });
+}
