@@ -25,7 +25,7 @@ ROOT=$PWD
 
 QUICK=${QUICK:-0}
 PEERS=${PEERS-redis nats rabbitmq}
-SCENARIOS=${SCENARIOS:-ingest open-10k e2e batch offline-drain idle-connections overload}
+SCENARIOS=${SCENARIOS:-ingest accept-all open-10k e2e batch offline-drain idle-connections overload}
 OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
 WORK=${WORK:-$ROOT/target/bench/work}
 # Below the ephemeral range (32768-60999), which the generator's own
@@ -230,6 +230,12 @@ if has e2e; then
     --connections "$CONNS" --receivers "$RECEIVERS" "${LOAD[@]}"
   run e2elow-esh3ar "${esh3ar_args[@]}" --scenario e2e --model open --rate "$E2E_LOW" \
     --connections "$CONNS" --receivers "$RECEIVERS" "${LOAD[@]}"
+fi
+if has accept-all; then
+  # 10,000 clients with a request in flight each, on 2 shards: every answer
+  # must be a 202 (--require-all-accepted fails the run otherwise).
+  run accept-all-esh3ar --system esh3ar --engine-bin "$ENGINE" --server-threads 2 --data-dir "$WORK" \
+    --scenario ingest --connections 10000 --memory-limit-bytes 4294967296 --require-all-accepted "${LOAD[@]}"
 fi
 if has batch; then
   run batch-esh3ar "${esh3ar_args[@]}" --scenario batch --batch-size 100 --connections 32 "${LOAD[@]}"
