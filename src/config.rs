@@ -106,6 +106,9 @@ pub struct BusinessConfig {
     /// The largest TTL a message may ask for.
     #[serde(default = "default_max_ttl_seconds")]
     pub max_ttl_seconds: u64,
+    /// How long a client's `Idempotency-Key` is remembered (1 s to 7 days).
+    #[serde(default = "default_idempotency_window_seconds")]
+    pub idempotency_window_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +219,9 @@ fn default_ttl_seconds() -> u64 {
 fn default_max_ttl_seconds() -> u64 {
     30 * 24 * 3600
 }
+fn default_idempotency_window_seconds() -> u64 {
+    24 * 3600
+}
 
 /// A configuration error: which key, and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +323,9 @@ impl Config {
         }
         if self.business.default_ttl_seconds == 0 || self.business.default_ttl_seconds > self.business.max_ttl_seconds {
             return bad("business.default_ttl_seconds", "must be positive and at most max_ttl_seconds".into());
+        }
+        if !(1..=7 * 24 * 3600).contains(&self.business.idempotency_window_seconds) {
+            return bad("business.idempotency_window_seconds", "must be between 1 and 604800 (7 days)".into());
         }
         Ok(())
     }

@@ -53,5 +53,21 @@ pub fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
             shard.reply(from, MeshMsg::UserFound { req, result });
         }
         MeshMsg::UserFound { req, .. } => shard.replies().complete(req, msg),
+        MeshMsg::IdemBegin(r) => {
+            let begin = crate::idempotency::begin_local(shard, r.client, &r.key, r.body_sha256);
+            shard.reply(r.from, MeshMsg::IdemBegun { req: r.req, begin: Box::new(begin) });
+        }
+        MeshMsg::IdemFinish(r) => {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                let result =
+                    crate::idempotency::finish_local(&shard, r.client, &r.key, r.body_sha256, r.status, &r.response)
+                        .await;
+                let _ = shard.send(r.from as usize, MeshMsg::IdemFinished { req: r.req, result }).await;
+            })
+            .detach();
+        }
+        MeshMsg::IdemAbort(r) => crate::idempotency::abort_local(shard, r.client, &r.key),
+        MeshMsg::IdemBegun { req, .. } | MeshMsg::IdemFinished { req, .. } => shard.replies().complete(req, msg),
     }
 }

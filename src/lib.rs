@@ -13,6 +13,7 @@ pub mod config;
 pub mod delivery;
 pub mod dispatch;
 pub mod http;
+pub mod idempotency;
 pub mod journal_cli;
 pub mod mesh;
 pub mod mesh_msg;

@@ -115,6 +115,16 @@ pub enum MeshMsg {
     GetUser { from: u16, req: u64, user: String },
     /// Answer to `PutUser` and `GetUser`: the entry (None: no such user).
     UserFound { req: u64, result: Result<Option<Box<crate::users::UserView>>, AppendRefusal> },
+    /// Look up (and reserve, if new) an idempotency key on the client's home shard.
+    IdemBegin(Box<IdemRequest>),
+    /// Answer to `IdemBegin`.
+    IdemBegun { req: u64, begin: Box<crate::idempotency::Begin> },
+    /// Journal a keyed request's answer; answered once durable.
+    IdemFinish(Box<IdemRequest>),
+    /// Answer to `IdemFinish`.
+    IdemFinished { req: u64, result: Result<(), AppendRefusal> },
+    /// Release the reservation of a keyed request that did not end in a 202.
+    IdemAbort(Box<IdemRequest>),
 }
 
 /// What `PutUser` sets: the user and their contact fields.
@@ -140,6 +150,19 @@ pub struct DeadLetter {
     pub dead_at_ms: u64,
     /// Sort key: (shard, seq, status code).
     pub key: (u16, u64, u8),
+}
+
+/// A keyed request, as the client's home shard needs it.
+#[derive(Debug, Clone)]
+pub struct IdemRequest {
+    pub from: u16,
+    pub req: u64,
+    pub client: u32,
+    pub key: String,
+    pub body_sha256: [u8; 32],
+    /// The answer to remember (`IdemFinish` only).
+    pub status: u16,
+    pub response: Vec<u8>,
 }
 
 /// Why a request to another shard got no answer.

@@ -19,6 +19,7 @@ use esh3ar_shards::journal::Journal;
 use esh3ar_shards::limiter::{Decision, RateLimiter};
 use esh3ar_shards::record::{Accepted, Record};
 use futures_channel::oneshot;
+use hashbrown::HashMap;
 
 use crate::clients::ClientTable;
 use crate::clock::now_ms;
@@ -35,6 +36,10 @@ pub const TEST_PANIC_ON_BODY_ENV: &str = "ESH3AR_TEST_PANIC_ON_BODY";
 /// Test hook: the home shard holds its answer to a remote `Append` holding
 /// a message with exactly this body for `mesh_reply_timeout_ms` + 1 s.
 pub const TEST_SLOW_REPLY_ON_BODY_ENV: &str = "ESH3AR_TEST_SLOW_REPLY_ON_BODY";
+
+/// Idempotency keys reserved by a first request still in flight:
+/// (client, key) -> SHA-256 of the body.
+pub type KeysInFlight = HashMap<(u32, Box<str>), [u8; 32]>;
 
 /// Counters of one shard, summed over shards at the edge.
 #[derive(Default)]
@@ -68,6 +73,10 @@ pub struct Shard {
     /// only once it is durable, so a directory entry moved to a newer
     /// segment never loses its old copy before the new one is on disk.
     user_generation: Cell<u64>,
+    /// Idempotency keys of clients homed here whose first request is in
+    /// flight: (client, key) -> SHA-256 of its body. Not journaled: a
+    /// crash forgets the reservation, and the client's retry starts over.
+    idempotency_in_flight: RefCell<KeysInFlight>,
 }
 
 /// An answer this shard awaits from another one. Dropping it forgets the
@@ -128,6 +137,7 @@ impl Shard {
             panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             slow_reply_on_body: std::env::var_os(TEST_SLOW_REPLY_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             events_ready: Notify::default(),
+            idempotency_in_flight: RefCell::new(HashMap::new()),
             user_generation: Cell::new(0),
         })
     }
@@ -175,6 +185,10 @@ impl Shard {
     /// The memory budget.
     pub fn pressure(&self) -> &Pressure {
         &self.pressure
+    }
+    /// Idempotency keys whose first request is in flight.
+    pub fn idempotency_in_flight(&self) -> &RefCell<KeysInFlight> {
+        &self.idempotency_in_flight
     }
     /// Woken when an event became owed to a sender.
     pub fn events_ready(&self) -> &Notify {
@@ -235,7 +249,8 @@ impl Shard {
         let index = self.index.borrow();
         // The directory is held in memory too (docs/ARCHITECTURE.md, "User directory and opt-out").
         let directory_bytes = index.users_len() * esh3ar_shards::directory::USER_ENTRY_BYTES;
-        self.pressure.percent(self.journal.unflushed_bytes() + directory_bytes, index.len())
+        let keys_bytes = index.idempotency().bytes();
+        self.pressure.percent(self.journal.unflushed_bytes() + directory_bytes + keys_bytes, index.len())
     }
 
     /// True if a message of `priority` (from a tier with `offset`) may be

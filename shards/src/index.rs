@@ -11,6 +11,7 @@ use std::rc::Rc;
 use hashbrown::{HashMap, HashSet};
 
 use crate::directory::{entry_of, UserEntry};
+use crate::idempotency::IdempotencyKeys;
 use crate::record::{encoded_len, EventChange, EventOutcome, Record, StatusChange, UserRecord};
 use crate::{EventSet, Priority, Reason, Status};
 
@@ -108,6 +109,8 @@ pub struct MessageIndex {
     max_seq: Option<u64>,
     /// The user directory: users homed here and the senders they blocked.
     users: HashMap<Rc<str>, UserEntry>,
+    /// Idempotency keys of the clients homed here.
+    idempotency: IdempotencyKeys,
 }
 
 impl MessageIndex {
@@ -160,6 +163,10 @@ impl MessageIndex {
             }
             Record::Status(s) => self.apply_status(s),
             Record::Event(e) => self.apply_event(e),
+            Record::Idempotency(r) => {
+                self.segments.entry(segment).or_default();
+                self.idempotency.apply(segment, r);
+            }
             Record::User(u) => self.apply_user(segment, u),
         }
     }
@@ -402,7 +409,9 @@ impl MessageIndex {
     pub fn deletable_segments(&self, active: u64) -> Vec<u64> {
         self.segments
             .iter()
-            .take_while(|(&no, live)| no < active && live.unsettled == 0 && live.users == 0)
+            .take_while(|(&no, live)| {
+                no < active && live.unsettled == 0 && live.users == 0 && !self.idempotency.pins(no)
+            })
             .map(|(&no, _)| no)
             .collect()
     }
@@ -420,6 +429,16 @@ impl MessageIndex {
         }
         let Some(last) = last else { return Vec::new() };
         self.users.iter().filter(|(_, e)| e.segment <= last).map(|(u, _)| u.clone()).take(max).collect()
+    }
+
+    /// The idempotency keys of the clients homed here.
+    pub fn idempotency(&self) -> &IdempotencyKeys {
+        &self.idempotency
+    }
+
+    /// Forgets idempotency keys answered before `before_ms`.
+    pub fn expire_idempotency(&mut self, before_ms: u64) -> usize {
+        self.idempotency.expire(before_ms)
     }
 
     /// The directory entry of `user`.

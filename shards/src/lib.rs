@@ -13,6 +13,7 @@ pub mod commit;
 pub mod directory;
 pub mod group_commit;
 pub mod id;
+pub mod idempotency;
 pub mod index;
 pub mod journal;
 pub mod limiter;

@@ -27,6 +27,7 @@ const KIND_STATUS: u8 = 3;
 const KIND_EVENT: u8 = 4;
 /// Kind 5 is left to the idempotency record being written on another branch.
 const KIND_USER: u8 = 6;
+const KIND_IDEMPOTENCY: u8 = 5;
 /// Longest error text an [`EventChange`] carries (longer ones are cut).
 pub const EVENT_ERROR_BYTES_MAX: usize = 256;
 
@@ -207,6 +208,26 @@ pub enum Record<'a> {
     Event(EventChange<'a>),
     /// A user's directory entry and blocked senders, whole.
     User(UserRecord<'a>),
+    /// The answer to a request with an `Idempotency-Key` (client's home shard).
+    Idempotency(IdempotencyRecord<'a>),
+}
+
+/// The first answer to a client's request with an `Idempotency-Key`: what a
+/// retry with the same key gets again, for the idempotency window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencyRecord<'a> {
+    /// The client id.
+    pub client: &'a str,
+    /// The key (1 to 255 visible ASCII characters).
+    pub key: &'a str,
+    /// SHA-256 of the request body (a retry with another body is refused).
+    pub body_sha256: [u8; 32],
+    /// Unix ms of the first answer.
+    pub at_ms: u64,
+    /// Its HTTP status.
+    pub status: u16,
+    /// Its JSON body.
+    pub response: &'a [u8],
 }
 
 /// What [`decode`] found at an offset.
@@ -237,6 +258,7 @@ fn payload_len(record: &Record<'_>) -> usize {
         Record::Status(_) => 8 + 1 + 8 + 1 + 1,
         Record::Event(e) => 8 + 1 + 1 + 4 + 8 + 2 + e.error.len(),
         Record::User(u) => 2 + u.user.len() + 8 + 2 + u.phone.len() + 2 + u.email.len() + 2 + u.blocked.encoded.len(),
+        Record::Idempotency(i) => 2 + i.client.len() + 2 + i.key.len() + 32 + 8 + 2 + 4 + i.response.len(),
     }
 }
 
@@ -297,6 +319,16 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             put_str16(out, u.email.as_bytes());
             out.extend_from_slice(&u.blocked.count.to_le_bytes());
             out.extend_from_slice(u.blocked.encoded);
+        }
+        Record::Idempotency(i) => {
+            out.push(KIND_IDEMPOTENCY);
+            put_str16(out, i.client.as_bytes());
+            put_str16(out, i.key.as_bytes());
+            out.extend_from_slice(&i.body_sha256);
+            out.extend_from_slice(&i.at_ms.to_le_bytes());
+            out.extend_from_slice(&i.status.to_le_bytes());
+            out.extend_from_slice(&(i.response.len() as u32).to_le_bytes());
+            out.extend_from_slice(i.response);
         }
     }
     debug_assert_eq!(out.len() - start, HEADER_BYTES + payload);
@@ -411,6 +443,16 @@ fn decode_payload(kind: u8, p: &[u8]) -> Option<Record<'_>> {
             let blocked = ClientList { encoded: &p[start..r.pos], count };
             Record::User(UserRecord { user, first_seen_at_ms, phone, email, blocked })
         }
+        KIND_IDEMPOTENCY => {
+            let client = r.str16()?;
+            let key = r.str16()?;
+            let body_sha256: [u8; 32] = r.bytes(32)?.try_into().ok()?;
+            let at_ms = r.u64()?;
+            let status = r.u16()?;
+            let len = r.u32()? as usize;
+            let response = r.bytes(len)?;
+            Record::Idempotency(IdempotencyRecord { client, key, body_sha256, at_ms, status, response })
+        }
         _ => return None,
     };
     (r.pos == p.len()).then_some(record)
@@ -509,6 +551,14 @@ mod tests {
                 seq, status: Status::from_u8(s).unwrap(), at_ms: at, notify, reason: Reason::from_u8(r).unwrap(),
             }));
             roundtrip(Record::SegmentHeader(SegmentHeader { shard, segment: seg, next_seq: seq }));
+        }
+
+        #[test]
+        fn idempotency_roundtrips(client in "[a-z]{1,20}", key in "[!-~]{1,255}", h: [u8; 32], at: u64, status: u16,
+                                  response in proptest::collection::vec(any::<u8>(), 0..500)) {
+            roundtrip(Record::Idempotency(IdempotencyRecord {
+                client: &client, key: &key, body_sha256: h, at_ms: at, status, response: &response,
+            }));
         }
 
         #[test]

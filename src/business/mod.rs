@@ -14,6 +14,7 @@ use std::rc::Rc;
 
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::limiter::Decision;
+use sha2::Digest as _;
 use subtle::ConstantTimeEq;
 
 use self::json::{
@@ -22,6 +23,8 @@ use self::json::{
 use crate::clock::now_ms;
 use crate::http::conn::{Handler, Request};
 use crate::http::{write_error, write_response, Method};
+use crate::idempotency::Begin;
+use crate::mesh_msg::IdemRequest;
 use crate::shard::{AppendRefusal, MeshError, MeshMsg, NewMessage, Shard};
 
 // The request limits live with every limit they constrain (a user id is
@@ -181,7 +184,45 @@ impl Handler for BusinessConn {
             write_error(out, 401, "unauthorized", "missing or invalid API key", "www-authenticate: Bearer\r\n", keep);
             return true;
         };
+        // Idempotency-Key: hash the body before it is parsed (in place).
+        let idem = match (&route, req.header(&req.head.idempotency_key)) {
+            (Route::Send | Route::Batch, Some(raw)) => match crate::idempotency::valid_key(raw) {
+                Some(k) => Some((k.to_owned(), <[u8; 32]>::from(sha2::Sha256::digest(&*req.body)))),
+                None => {
+                    let msg = "`Idempotency-Key` must be 1 to 255 visible ASCII characters";
+                    write_error(out, 400, "invalid_field", msg, "", keep);
+                    return true;
+                }
+            },
+            _ => None,
+        };
         self.decision = None;
+        if let Some((key, hash)) = &idem {
+            let refusal = match self.idem_begin(authed, key, *hash).await {
+                Ok(Begin::New) => None,
+                Ok(Begin::Replay { status, body }) => {
+                    let _ = self.rate(authed, 0).await;
+                    let headers = self.rate_headers();
+                    write_response(out, status, &headers, &body, keep);
+                    return true;
+                }
+                Ok(Begin::Conflict) => Some(ApiError::new(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with another request body",
+                )),
+                Ok(Begin::InFlight) => Some(ApiError::new(
+                    409,
+                    "idempotency_key_in_use",
+                    "a request with this Idempotency-Key is still in flight; retry after it",
+                )),
+                Err(r) => Some(ApiError::refusal(r)),
+            };
+            if let Some(e) = refusal {
+                write_error(out, e.status, e.code, &e.message, "", keep);
+                return true;
+            }
+        }
         let result = match route {
             Route::Send => self.send_one(req, authed).await,
             Route::Batch => self.send_batch(req, authed).await,
@@ -191,18 +232,26 @@ impl Handler for BusinessConn {
             }
             Route::NotFound | Route::MethodNotAllowed(_) => unreachable!("answered above"),
         };
+        // A keyed 202 is written only once its answer is durable on the
+        // client's home shard; any other outcome releases the key.
+        let result = match (idem, result) {
+            (None, result) => result,
+            (Some((key, hash)), Ok(reply)) if reply.status == 202 => {
+                match self.idem_finish(authed, key, hash, &reply).await {
+                    Ok(()) => Ok(reply),
+                    Err(r) => Err(ApiError::refusal(r)),
+                }
+            }
+            (Some((key, hash)), result) => {
+                self.idem_abort(authed, key, hash).await;
+                result
+            }
+        };
         // Every answer to a known client carries its rate-limit state.
         if self.decision.is_none() {
             let _ = self.rate(authed, 0).await;
         }
-        let mut headers = String::new();
-        if let Some((d, _)) = &self.decision {
-            let _ = write!(
-                headers,
-                "ratelimit-limit: {}\r\nratelimit-remaining: {}\r\nratelimit-reset: {}\r\n",
-                d.limit, d.remaining, d.reset_secs
-            );
-        }
+        let mut headers = self.rate_headers();
         match result {
             Ok(reply) => write_response(out, reply.status, &headers, &reply.body, keep),
             Err(e) => {
@@ -227,6 +276,72 @@ impl Handler for BusinessConn {
 }
 
 impl BusinessConn {
+    /// The RateLimit headers of the last decision.
+    fn rate_headers(&self) -> String {
+        let mut headers = String::new();
+        if let Some((d, _)) = &self.decision {
+            let _ = write!(
+                headers,
+                "ratelimit-limit: {}\r\nratelimit-remaining: {}\r\nratelimit-reset: {}\r\n",
+                d.limit, d.remaining, d.reset_secs
+            );
+        }
+        headers
+    }
+
+    fn idem_request(&self, authed: Authed, req: u64, key: String, hash: [u8; 32]) -> Box<IdemRequest> {
+        Box::new(IdemRequest {
+            from: self.shard.id() as u16,
+            req,
+            client: authed.client,
+            key,
+            body_sha256: hash,
+            status: 0,
+            response: Vec::new(),
+        })
+    }
+
+    /// Asks the client's home shard about a keyed request (reserving the key if new).
+    async fn idem_begin(&self, authed: Authed, key: &str, hash: [u8; 32]) -> Result<Begin, Refusal> {
+        if authed.home == self.shard.id() {
+            return Ok(crate::idempotency::begin_local(&self.shard, authed.client, key, hash));
+        }
+        let msg = |req| MeshMsg::IdemBegin(self.idem_request(authed, req, key.to_owned(), hash));
+        match self.shard.ask(authed.home, msg).await? {
+            MeshMsg::IdemBegun { begin, .. } => Ok(*begin),
+            _ => Err(Refusal::Home(AppendRefusal::ShuttingDown)),
+        }
+    }
+
+    /// Makes a keyed request's 202 durable on the client's home shard.
+    async fn idem_finish(&self, authed: Authed, key: String, hash: [u8; 32], reply: &Reply) -> Result<(), Refusal> {
+        if authed.home == self.shard.id() {
+            let done =
+                crate::idempotency::finish_local(&self.shard, authed.client, &key, hash, reply.status, &reply.body);
+            return done.await.map_err(Refusal::Home);
+        }
+        let msg = |req| {
+            let mut r = self.idem_request(authed, req, key, hash);
+            r.status = reply.status;
+            r.response = reply.body.clone();
+            MeshMsg::IdemFinish(r)
+        };
+        match self.shard.ask(authed.home, msg).await? {
+            MeshMsg::IdemFinished { result, .. } => result.map_err(Refusal::Home),
+            _ => Err(Refusal::Home(AppendRefusal::ShuttingDown)),
+        }
+    }
+
+    /// Releases a keyed request's reservation (it did not end in a 202).
+    async fn idem_abort(&self, authed: Authed, key: String, hash: [u8; 32]) {
+        if authed.home == self.shard.id() {
+            crate::idempotency::abort_local(&self.shard, authed.client, &key);
+            return;
+        }
+        let msg = MeshMsg::IdemAbort(self.idem_request(authed, 0, key, hash));
+        let _ = self.shard.send(authed.home, msg).await;
+    }
+
     async fn send_one(&mut self, req: Request<'_>, authed: Authed) -> Result<Reply, ApiError> {
         check_json_content_type(&req)?;
         let value = parse_json(req.body)?;

@@ -36,6 +36,7 @@ pub struct RequestHead {
     pub path: Range<usize>,
     pub authorization: Option<Range<usize>>,
     pub content_type: Option<Range<usize>>,
+    pub idempotency_key: Option<Range<usize>>,
     pub content_length: usize,
     pub keep_alive: bool,
     /// Bytes of the head, up to and including the blank line.
@@ -107,6 +108,7 @@ pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
     let mut keep_alive = version == 1;
     let mut authorization = None;
     let mut content_type = None;
+    let mut idempotency_key = None;
     let mut content_length: Option<usize> = None;
     let mut transfer_encoding = false;
     for h in req.headers.iter() {
@@ -125,6 +127,8 @@ pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
             authorization = Some(range(h.value));
         } else if name.eq_ignore_ascii_case(b"content-type") {
             content_type = Some(range(h.value));
+        } else if name.eq_ignore_ascii_case(b"idempotency-key") {
+            idempotency_key = Some(range(h.value));
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -160,7 +164,16 @@ pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
     if content_length > body_bytes_max {
         return Framing::Error(HttpError::closing(413, "payload_too_large", "request body exceeds max_body_bytes"));
     }
-    Framing::Head(RequestHead { method, path, authorization, content_type, content_length, keep_alive, head_len })
+    Framing::Head(RequestHead {
+        method,
+        path,
+        authorization,
+        content_type,
+        idempotency_key,
+        content_length,
+        keep_alive,
+        head_len,
+    })
 }
 
 fn parse_decimal(v: &[u8]) -> Option<usize> {
