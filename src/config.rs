@@ -5,12 +5,25 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use esh3ar_shards::limits::{
+    check_body_and_segment, BLOCK_BYTES, BODY_BYTES_MAX, BODY_BYTES_MIN, CLIENT_ID_BYTES_MAX, HTTP_HEAD_BYTES_MAX,
+    MESH_CHANNEL_CAPACITY_MAX, MESH_CHANNEL_CAPACITY_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WS_MESSAGE_BYTES_MAX,
+    WS_MESSAGE_BYTES_MIN,
+};
 use serde::Deserialize;
 
 /// Default request body limit.
 pub const MAX_BODY_BYTES_DEFAULT: usize = 64 * 1024;
-/// Hard upper bound for `max_body_bytes` (a journal record holds at most 4 MiB).
-pub const MAX_BODY_BYTES_LIMIT: usize = 4 << 20;
+/// Hard upper bound for `max_body_bytes`: the one in `esh3ar_shards::limits`,
+/// where the journal record that must hold such a body is sized from it.
+pub const MAX_BODY_BYTES_LIMIT: usize = BODY_BYTES_MAX;
+
+/// A shard's memory budget must hold at least this many requests at
+/// `business.max_body_bytes` (`Config::validate`).
+pub const BUDGET_REQUESTS_AT_BODY_MAX_MIN: usize = 4;
+
+/// Default bound on every wait for another shard's answer.
+pub const MESH_REPLY_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +65,11 @@ pub struct EngineConfig {
     /// Most connections a shard serves at once (business + mobile); more are refused.
     #[serde(default = "default_connections_max")]
     pub connections_per_shard_max: usize,
+    /// The longest a request waits for another shard: for room in the mesh
+    /// channel to it and for its answer. Past it the request gets
+    /// `503 shard_timeout` (docs/API.md).
+    #[serde(default = "default_mesh_reply_timeout_ms")]
+    pub mesh_reply_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +154,9 @@ fn default_mesh_capacity() -> usize {
 fn default_connections_max() -> usize {
     16_384
 }
+fn default_mesh_reply_timeout_ms() -> u64 {
+    MESH_REPLY_TIMEOUT_MS_DEFAULT
+}
 fn default_memory_limit_bytes() -> usize {
     1 << 30
 }
@@ -181,6 +202,11 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: String, message: String },
 }
 
+/// A refusal of `key`, for `Config::validate`.
+fn bad(key: &str, message: String) -> Result<(), (String, String)> {
+    Err((key.to_owned(), message))
+}
+
 /// Addresses after parsing.
 #[derive(Debug, Clone, Copy)]
 pub struct Listeners {
@@ -204,19 +230,34 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Checks every key; Err names the first bad one.
     fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
+        self.validate_engine()?;
+        self.validate_business()?;
+        self.validate_memory_for_bodies()?;
+        self.validate_mobile()?;
+        self.validate_tiers()?;
+        self.validate_clients()
+    }
+
+    fn validate_engine(&self) -> Result<(), (String, String)> {
         if self.engine.shards > 1024 {
             return bad("engine.shards", format!("is {}, at most 1024", self.engine.shards));
         }
-        if self.engine.segment_bytes < (64 << 10) || self.engine.segment_bytes > (1 << 40) {
-            return bad("engine.segment_bytes", "must be between 65536 and 2^40".into());
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.engine.segment_bytes) {
+            return bad("engine.segment_bytes", format!("must be between {SEGMENT_BYTES_MIN} and {SEGMENT_BYTES_MAX}"));
         }
-        if !self.engine.segment_bytes.is_multiple_of(4096) {
-            return bad("engine.segment_bytes", "must be a multiple of 4096".into());
+        if !self.engine.segment_bytes.is_multiple_of(BLOCK_BYTES) {
+            return bad("engine.segment_bytes", format!("must be a multiple of {BLOCK_BYTES}"));
         }
-        if !(16..=1 << 20).contains(&self.engine.mesh_channel_capacity) {
-            return bad("engine.mesh_channel_capacity", "must be between 16 and 1048576".into());
+        if !(MESH_CHANNEL_CAPACITY_MIN..=MESH_CHANNEL_CAPACITY_MAX).contains(&self.engine.mesh_channel_capacity) {
+            return bad(
+                "engine.mesh_channel_capacity",
+                format!("must be between {MESH_CHANNEL_CAPACITY_MIN} and {MESH_CHANNEL_CAPACITY_MAX}"),
+            );
+        }
+        if !(100..=600_000).contains(&self.engine.mesh_reply_timeout_ms) {
+            return bad("engine.mesh_reply_timeout_ms", "must be between 100 and 600000".into());
         }
         if self.engine.memory_limit_bytes < (64 << 20) {
             return bad("engine.memory_limit_bytes", "must be at least 67108864 (64 MiB)".into());
@@ -224,6 +265,10 @@ impl Config {
         if self.engine.connections_per_shard_max == 0 {
             return bad("engine.connections_per_shard_max", "must be positive".into());
         }
+        Ok(())
+    }
+
+    fn validate_business(&self) -> Result<(), (String, String)> {
         for (key, addr) in [
             ("business.listen", &self.business.listen),
             ("mobile.listen", &self.mobile.listen),
@@ -233,8 +278,13 @@ impl Config {
                 return bad(key, format!("is {addr:?}, expected an address like 127.0.0.1:8080"));
             }
         }
-        if self.business.max_body_bytes < 256 || self.business.max_body_bytes > MAX_BODY_BYTES_LIMIT {
-            return bad("business.max_body_bytes", format!("must be between 256 and {MAX_BODY_BYTES_LIMIT}"));
+        if !(BODY_BYTES_MIN..=BODY_BYTES_MAX).contains(&self.business.max_body_bytes) {
+            return bad("business.max_body_bytes", format!("must be between {BODY_BYTES_MIN} and {BODY_BYTES_MAX}"));
+        }
+        // Checked after both are in range: a message at the body limit must
+        // fit in one journal segment, or its append could never succeed.
+        if let Err(why) = check_body_and_segment(self.business.max_body_bytes, self.engine.segment_bytes) {
+            return bad("engine.segment_bytes", format!("is too small for business.max_body_bytes: {why}"));
         }
         if self.business.request_timeout_ms < 100 || self.business.idle_timeout_ms < 100 {
             return bad("business.request_timeout_ms", "timeouts must be at least 100 ms".into());
@@ -242,8 +292,35 @@ impl Config {
         if self.business.default_ttl_seconds == 0 || self.business.default_ttl_seconds > self.business.max_ttl_seconds {
             return bad("business.default_ttl_seconds", "must be positive and at most max_ttl_seconds".into());
         }
-        if !(128..=16 << 20).contains(&self.mobile.max_message_bytes) {
-            return bad("mobile.max_message_bytes", "must be between 128 and 16777216".into());
+        Ok(())
+    }
+
+    /// A shard's shedding budget must hold a few requests at the body
+    /// limit; below that, a message at the limit could never be admitted
+    /// (its own buffer would fill the budget).
+    fn validate_memory_for_bodies(&self) -> Result<(), (String, String)> {
+        let shards = self.shard_count();
+        let budget = crate::pressure::shard_share_bytes(self, shards) / 2;
+        let need = BUDGET_REQUESTS_AT_BODY_MAX_MIN * (HTTP_HEAD_BYTES_MAX + self.business.max_body_bytes);
+        if budget < need {
+            return bad(
+                "engine.memory_limit_bytes",
+                format!(
+                    "gives each of the {shards} shards a budget of {budget} bytes, less than \
+                     {BUDGET_REQUESTS_AT_BODY_MAX_MIN} requests at business.max_body_bytes ({need} bytes); \
+                     raise it or lower business.max_body_bytes"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_mobile(&self) -> Result<(), (String, String)> {
+        if !(WS_MESSAGE_BYTES_MIN..=WS_MESSAGE_BYTES_MAX).contains(&self.mobile.max_message_bytes) {
+            return bad(
+                "mobile.max_message_bytes",
+                format!("must be between {WS_MESSAGE_BYTES_MIN} and {WS_MESSAGE_BYTES_MAX}"),
+            );
         }
         if self.mobile.ping_interval_ms < 100
             || self.mobile.write_timeout_ms < 100
@@ -257,6 +334,10 @@ impl Config {
         if self.mobile.token_secret.len() < 32 {
             return bad("mobile.token_secret", "must be at least 32 bytes".into());
         }
+        Ok(())
+    }
+
+    fn validate_tiers(&self) -> Result<(), (String, String)> {
         for (name, tier) in &self.tiers {
             if tier.messages_per_minute == 0 || tier.messages_per_minute > u32::MAX as u64 {
                 return bad(&format!("tiers.{name}.messages_per_minute"), "must be between 1 and 4294967295".into());
@@ -265,15 +346,19 @@ impl Config {
                 return bad(&format!("tiers.{name}.shed_offset_percent"), "must be between 0 and 10".into());
             }
         }
+        Ok(())
+    }
+
+    fn validate_clients(&self) -> Result<(), (String, String)> {
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
             let key = |f: &str| format!("clients[{i}].{f}");
             if c.id.is_empty()
-                || c.id.len() > 128
+                || c.id.len() > CLIENT_ID_BYTES_MAX
                 || !c.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             {
-                return bad(&key("id"), "must be 1-128 characters of A-Z a-z 0-9 - _ .".into());
+                return bad(&key("id"), format!("must be 1-{CLIENT_ID_BYTES_MAX} characters of A-Z a-z 0-9 - _ ."));
             }
             if !ids.insert(&c.id) {
                 return bad(&key("id"), format!("{:?} is used twice", c.id));
@@ -286,6 +371,12 @@ impl Config {
             }
             if !self.tiers.contains_key(&c.tier) {
                 return bad(&key("tier"), format!("{:?} is not a tier defined under [tiers]", c.tier));
+            }
+            if c.webhook_url.is_some() {
+                return bad(
+                    &key("webhook_url"),
+                    "is not supported yet; receipts come in a later release (remove the key)".into(),
+                );
             }
             if c.messages_per_minute == Some(0) {
                 return bad(&key("messages_per_minute"), "must be positive".into());
@@ -364,5 +455,42 @@ tier = "basic"
         assert!(e.contains("business.listen"), "{e}");
         let e = load(&GOOD.replace("0123456789abcdef0123456789abcdef", "short")).unwrap_err().to_string();
         assert!(e.contains("token_secret"), "{e}");
+    }
+
+    #[test]
+    fn body_limit_and_segment_size_are_checked_together() {
+        let with = |engine: &str, business: &str| {
+            GOOD.replace("data_dir = \"d\"", &format!("data_dir = \"d\"\n{engine}"))
+                .replace("[business]\n", &format!("[business]\n{business}\n"))
+        };
+        // The documented maximum body in a segment that can hold it: fine.
+        let c = load(&with("shards = 2\nsegment_bytes = 16777216", "max_body_bytes = 4194304")).unwrap();
+        assert_eq!(c.business.max_body_bytes, BODY_BYTES_MAX);
+        // The same body in a 1 MiB segment could never be appended.
+        let e = load(&with("segment_bytes = 1048576", "max_body_bytes = 4194304")).unwrap_err().to_string();
+        assert!(e.contains("engine.segment_bytes") && e.contains("max_body_bytes"), "{e}");
+        let e = load(&with("", "max_body_bytes = 4194305")).unwrap_err().to_string();
+        assert!(e.contains("business.max_body_bytes"), "{e}");
+        // 64 MiB over 2 shards leaves each a 4 MiB budget: not even one 4 MiB request.
+        let e = load(&with(
+            "shards = 2\nsegment_bytes = 16777216\nmemory_limit_bytes = 67108864",
+            "max_body_bytes = 4194304",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("engine.memory_limit_bytes") && e.contains("business.max_body_bytes"), "{e}");
+        let e = load(&with("mesh_channel_capacity = 8", "")).unwrap_err().to_string();
+        assert!(e.contains("engine.mesh_channel_capacity"), "{e}");
+        let e = load(&with("mesh_reply_timeout_ms = 0", "")).unwrap_err().to_string();
+        assert!(e.contains("engine.mesh_reply_timeout_ms"), "{e}");
+        assert_eq!(load(GOOD).unwrap().engine.mesh_reply_timeout_ms, MESH_REPLY_TIMEOUT_MS_DEFAULT);
+    }
+
+    #[test]
+    fn webhook_url_is_refused_until_receipts_exist() {
+        let e = load(&GOOD.replace("tier = \"basic\"\n", "tier = \"basic\"\nwebhook_url = \"https://x.test/h\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clients[0].webhook_url") && e.contains("not supported yet"), "{e}");
     }
 }

@@ -16,11 +16,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use esh3ar_shards::id::TrackingId;
+use esh3ar_shards::limits::{BODY_BYTES_MAX, CLIENT_ID_BYTES_MAX};
 use esh3ar_shards::record::{Record, StatusChange};
 use esh3ar_shards::{Priority, Status};
 use hashbrown::HashMap;
 
-use crate::business::now_ms;
+use crate::clock::now_ms;
 use crate::http::json_string;
 use crate::shard::Shard;
 
@@ -169,6 +170,39 @@ pub struct Cursor {
 /// How many bodies a session reads ahead in one batch (bounds its memory).
 pub const DELIVERY_BATCH_MAX: usize = 64;
 
+/// Bytes of a delivery frame besides the escaped body and sender: the
+/// field names, the 16-character id, the priority and a 20-digit time
+/// (140 bytes today, rounded up).
+pub const DELIVERY_FRAME_FIXED_BYTES: usize = 192;
+
+/// The largest delivery frame (JSON text) of a message whose request body
+/// was at most `body_bytes_max`. JSON escaping turns one byte into at most
+/// six (`\u001f`), for the body and for the sender's id. The WebSocket
+/// write buffer is sized from this (`mobile::session`): a frame it cannot
+/// hold could never be delivered and would be retried forever.
+pub const fn delivery_frame_bytes_max(body_bytes_max: usize) -> usize {
+    6 * body_bytes_max + 6 * CLIENT_ID_BYTES_MAX + DELIVERY_FRAME_FIXED_BYTES
+}
+
+const _: () = assert!(delivery_frame_bytes_max(BODY_BYTES_MAX) < u32::MAX as usize);
+
+/// The frame a phone receives for one message.
+pub fn encode_frame(id: TrackingId, client: &str, body: &str, priority: Priority, accepted_at_ms: u64) -> Vec<u8> {
+    let mut f = Vec::with_capacity(body.len() + client.len() + DELIVERY_FRAME_FIXED_BYTES);
+    f.extend_from_slice(b"{\"type\":\"message\",\"id\":\"");
+    f.extend_from_slice(&id.encode());
+    f.extend_from_slice(b"\",\"from\":");
+    json_string(&mut f, client);
+    f.extend_from_slice(b",\"body\":");
+    json_string(&mut f, body);
+    f.extend_from_slice(b",\"priority\":\"");
+    f.extend_from_slice(priority.as_str().as_bytes());
+    f.extend_from_slice(b"\",\"accepted_at\":");
+    f.extend_from_slice(itoa::Buffer::new().format(accepted_at_ms).as_bytes());
+    f.push(b'}');
+    f
+}
+
 impl Shard {
     /// The next messages to write to a connection of `user`: durable,
     /// unexpired, after the connection's cursor; `high` first, then
@@ -176,8 +210,8 @@ impl Shard {
     /// within a priority, acceptance order). At most a batch, and never more
     /// than `inflight_max` unacked on the connection.
     pub fn deliverable(&self, user: &str, cursor: &Cursor, inflight_max: usize) -> Vec<(Priority, u64)> {
-        let index = self.index.borrow();
-        let durable = self.journal.durable_generation();
+        let index = self.index().borrow();
+        let durable = self.journal().durable_generation();
         let now = now_ms();
         let mut queues = Vec::with_capacity(3);
         let mut inflight = 0;
@@ -208,32 +242,20 @@ impl Shard {
     /// The delivery frame of message `seq`, or None if it is gone.
     pub async fn message_frame(&self, seq: u64) -> Result<Option<Vec<u8>>, String> {
         let (client, priority, accepted_at, segment, offset, bytes) = {
-            let index = self.index.borrow();
+            let index = self.index().borrow();
             let Some(m) = index.get(seq) else { return Ok(None) };
             if m.status.is_settled() {
                 return Ok(None);
             }
             (m.client.clone(), m.priority, m.accepted_at_ms, m.segment, m.offset, m.record_bytes)
         };
-        let cached = self.bodies.borrow().get(seq);
+        let cached = self.bodies().borrow().get(seq);
         let body: Rc<[u8]> = match cached {
             Some(b) => b,
-            None => Rc::from(self.journal.read_body(segment, offset, bytes).await?),
+            None => Rc::from(self.journal().read_body(segment, offset, bytes).await?),
         };
         let body = std::str::from_utf8(&body).map_err(|_| format!("message {seq} body is not UTF-8"))?;
-        let mut f = Vec::with_capacity(body.len() + client.len() + 120);
-        f.extend_from_slice(b"{\"type\":\"message\",\"id\":\"");
-        f.extend_from_slice(&self.tracking_id(seq).encode());
-        f.extend_from_slice(b"\",\"from\":");
-        json_string(&mut f, &client);
-        f.extend_from_slice(b",\"body\":");
-        json_string(&mut f, body);
-        f.extend_from_slice(b",\"priority\":\"");
-        f.extend_from_slice(priority.as_str().as_bytes());
-        f.extend_from_slice(b"\",\"accepted_at\":");
-        f.extend_from_slice(itoa::Buffer::new().format(accepted_at).as_bytes());
-        f.push(b'}');
-        Ok(Some(f))
+        Ok(Some(encode_frame(self.tracking_id(seq), &client, body, priority, accepted_at)))
     }
 
     /// Journals that `seqs` were written to a connection. Not awaited: a
@@ -244,10 +266,10 @@ impl Shard {
 
     fn record_status(&self, seqs: &[u64], status: Status) {
         let at_ms = now_ms();
-        let mut index = self.index.borrow_mut();
+        let mut index = self.index().borrow_mut();
         for &seq in seqs {
             let record = Record::Status(StatusChange { seq, status, at_ms });
-            if self.journal.append(&record, &mut index).is_err() {
+            if self.journal().append(&record, &mut index).is_err() {
                 return; // journal failed or closing: the message stays pending
             }
         }
@@ -258,10 +280,10 @@ impl Shard {
     pub fn record_acks<'a>(&self, user: &str, ids: impl Iterator<Item = &'a str>) {
         let mut acked = Vec::new();
         {
-            let index = self.index.borrow();
+            let index = self.index().borrow();
             for id in ids {
                 let Some(t) = TrackingId::decode(id.as_bytes()) else { continue };
-                if t.shard as usize != self.id {
+                if t.shard as usize != self.id() {
                     continue;
                 }
                 match index.get(t.seq) {
@@ -271,7 +293,7 @@ impl Shard {
             }
         }
         self.record_status(&acked, Status::Acked);
-        let mut bodies = self.bodies.borrow_mut();
+        let mut bodies = self.bodies().borrow_mut();
         for seq in acked {
             bodies.remove(seq);
         }
@@ -280,20 +302,23 @@ impl Shard {
     /// Once a second: expire messages whose TTL passed, delete journal
     /// segments whose messages are all settled.
     pub async fn run_maintenance(self: Rc<Self>) {
-        while !self.shutdown.is_set() {
+        while !self.shutdown().is_set() {
             glommio::timer::sleep(Duration::from_secs(1)).await;
-            let expired = self.index.borrow().expired(now_ms(), 10_000);
+            let expired = self.index().borrow().expired(now_ms(), 10_000);
             if !expired.is_empty() {
                 self.record_status(&expired, Status::Expired);
-                let mut bodies = self.bodies.borrow_mut();
+                let mut bodies = self.bodies().borrow_mut();
                 for &seq in &expired {
                     bodies.remove(seq);
                 }
-                tracing::debug!(shard = self.id, count = expired.len(), "expired messages");
+                tracing::debug!(shard = self.id(), count = expired.len(), "expired messages");
             }
-            let deleted = self.journal.delete_settled_segments(&mut self.index.borrow_mut());
-            if let Err(e) = deleted {
-                tracing::warn!(shard = self.id, error = %e, "could not delete settled segments");
+            let deleted = self.journal().delete_settled_segments(&mut self.index().borrow_mut());
+            match deleted {
+                // Index entries left with their segments: room for waiting connections.
+                Ok(n) if n > 0 => self.pressure().wake(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(shard = self.id(), error = %e, "could not delete settled segments"),
             }
         }
     }
@@ -316,5 +341,19 @@ mod tests {
         assert!(c.get(99).is_none());
         c.insert(1000, &[0u8; 5000]); // larger than the cache: not kept
         assert!(c.get(1000).is_none());
+    }
+
+    #[test]
+    fn worst_case_frame_fits_its_bound() {
+        // Every body byte escaped to six, the longest sender, the longest
+        // priority name and time: the bound must still hold.
+        let body = "\u{1}".repeat(BODY_BYTES_MAX);
+        let client = "\u{1f}".repeat(CLIENT_ID_BYTES_MAX);
+        let id = TrackingId { shard: u16::MAX, seq: u64::MAX };
+        let f = encode_frame(id, &client, &body, Priority::Normal, u64::MAX);
+        assert!(f.len() <= delivery_frame_bytes_max(BODY_BYTES_MAX), "{} bytes", f.len());
+        assert!(f.len() > 6 * BODY_BYTES_MAX, "the escaping this bound is about did happen");
+        let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v["body"].as_str().unwrap().len(), BODY_BYTES_MAX);
     }
 }

@@ -4,15 +4,20 @@
 //! CLI, runtime bootstrap ([`server`]), and the protocols ([`http`],
 //! [`business`], [`admin`]). docs/ARCHITECTURE.md is the map.
 
+pub mod accept;
 pub mod admin;
 pub mod business;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod dispatch;
 pub mod http;
 pub mod journal_cli;
 pub mod mesh;
+pub mod mesh_msg;
 pub mod mobile;
+pub mod notify;
 pub mod pressure;
 pub mod server;
 pub mod shard;

@@ -10,13 +10,17 @@
 //! by priority: `low` from 80%, `normal` from 90%, `high` only when full;
 //! a tier's `shed_offset_percent` moves its low and normal thresholds up.
 //! When full, connections stop reading (TCP backpressure).
+//!
+//! A connection waiting for room waits for an event that frees some, never
+//! on a timer: a buffer given back ([`Held`] drops and notifies), the
+//! journal's next fdatasync (the waiter awaits it, `Shard::wait_for_room`),
+//! or settled segments deleted (maintenance notifies).
 
-use std::cell::{Cell, RefCell};
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::cell::Cell;
 
 use esh3ar_shards::Priority;
+
+use crate::notify::Notify;
 
 /// Estimated bytes an index entry costs (meta, pending queue slot, maps).
 pub const INDEX_ENTRY_BYTES: usize = 192;
@@ -43,12 +47,12 @@ pub fn threshold_percent(priority: Priority, tier_offset_percent: u8) -> u64 {
 pub struct Pressure {
     budget_bytes: usize,
     inflight_bytes: Cell<usize>,
-    waiters: RefCell<Vec<Waker>>,
+    room: Notify,
 }
 
 impl Pressure {
     pub fn new(budget_bytes: usize) -> Self {
-        Self { budget_bytes: budget_bytes.max(1), inflight_bytes: Cell::new(0), waiters: RefCell::new(Vec::new()) }
+        Self { budget_bytes: budget_bytes.max(1), inflight_bytes: Cell::new(0), room: Notify::default() }
     }
 
     /// The budget in bytes.
@@ -75,19 +79,19 @@ impl Pressure {
 
     /// Wakes connections waiting for room (call when usage dropped).
     pub fn wake(&self) {
-        for w in self.waiters.borrow_mut().drain(..) {
-            w.wake();
+        if self.room.waiting() > 0 {
+            self.room.notify_all();
         }
     }
 
     /// Resolves at the next [`Pressure::wake`].
-    pub fn changed(&self) -> Changed<'_> {
-        Changed { pressure: self, registered: false }
+    pub async fn changed(&self) {
+        self.room.notified().await
     }
 
-    /// True while anyone waits for room.
-    pub fn has_waiters(&self) -> bool {
-        !self.waiters.borrow().is_empty()
+    /// Connections waiting for room now.
+    pub fn waiting(&self) -> usize {
+        self.room.waiting()
     }
 }
 
@@ -101,24 +105,7 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         let p = self.pressure;
         p.inflight_bytes.set(p.inflight_bytes.get() - self.bytes);
-    }
-}
-
-/// Future of [`Pressure::changed`].
-pub struct Changed<'a> {
-    pressure: &'a Pressure,
-    registered: bool,
-}
-
-impl Future for Changed<'_> {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.registered {
-            return Poll::Ready(());
-        }
-        self.pressure.waiters.borrow_mut().push(cx.waker().clone());
-        self.registered = true;
-        Poll::Pending
+        p.wake();
     }
 }
 
@@ -133,6 +120,31 @@ mod tests {
         assert!(threshold_percent(Priority::Low, 8) > threshold_percent(Priority::Low, 0));
         assert_eq!(threshold_percent(Priority::High, 8), 100);
         assert!(threshold_percent(Priority::Normal, 50) < 100, "only high may use the last percent");
+    }
+
+    /// A connection waiting for room wakes when a buffer is given back,
+    /// with no timer; abandoned waits leave nothing registered.
+    #[test]
+    fn giving_a_buffer_back_wakes_the_waiters() {
+        glommio::LocalExecutor::default().run(async {
+            let p = std::rc::Rc::new(Pressure::new(1000));
+            let held = p.hold(1000);
+            assert_eq!(p.percent(0, 0), 100);
+            let waiter = {
+                let p = p.clone();
+                glommio::spawn_local(async move { p.changed().await })
+            };
+            futures_lite::future::yield_now().await;
+            assert_eq!(p.waiting(), 1);
+            drop(held);
+            waiter.await;
+            assert_eq!((p.waiting(), p.percent(0, 0)), (0, 0));
+            for _ in 0..1000 {
+                let mut w = Box::pin(p.changed());
+                assert!(futures_lite::future::poll_once(&mut w).await.is_none());
+            }
+            assert_eq!(p.waiting(), 0);
+        });
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Runtime bootstrap: one glommio executor per shard, the channel mesh,
 //! recovery, the listeners, and graceful shutdown.
 //!
-//! Startup order per shard: join the mesh (which fixes the shard id),
-//! recover the journal, wait until every shard recovered, bind the
-//! listeners (SO_REUSEPORT: the kernel spreads connections), wait until all
-//! are bound, then serve. Listeners open only after recovery, so a client
-//! can never see a shard that has not rebuilt its index.
+//! Startup order per shard ([`shard_main`], one function per phase): join
+//! the mesh (which fixes the shard id), recover the journal, wait until
+//! every shard recovered, bind the listeners (SO_REUSEPORT: the kernel
+//! spreads connections), wait until all are bound, then serve until
+//! shutdown, drain, and flush the journal. Listeners open only after
+//! recovery, so a client can never see a shard that has not rebuilt its
+//! index. Every wait on another thread has a bound, and a panic anywhere
+//! aborts the process ([`install_panic_hook`]): never a half-dead engine.
 
 use std::fs;
 use std::io;
@@ -19,18 +22,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use esh3ar_shards::journal::{Journal, JournalConfig};
-use esh3ar_shards::recovery::{ensure_dir, recover_shard, write_file_durably, Mode};
+use esh3ar_shards::recovery::{ensure_dir, recover_shard, write_file_durably, Mode, Recovered};
+use futures_channel::oneshot;
+use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
-use crate::admin::AdminConn;
-use crate::business::BusinessConn;
+use crate::accept::{accept_business, accept_mobile, serve_admin};
 use crate::clients::ClientTable;
 use crate::config::Config;
-use crate::http::conn::{serve, Limits};
-use crate::http::write_error;
-use crate::shard::{MeshMsg, PendingReplies, Shard, ShardStats};
-use crate::shutdown::{install_signal_flag, Shutdown};
+use crate::mesh::{Mesh, MeshSeed};
+use crate::shard::{MeshMsg, Shard};
+use crate::shutdown::{install_signals, Shutdown};
 
 /// How long the shard executors may take to come up.
 const EXECUTOR_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -41,10 +44,30 @@ const IO_MEMORY_BYTES: usize = 2 << 20;
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Bounds of the cross-thread barriers. Recovery reads every segment, so
+/// its bound is generous; the others only wait for peers doing quick work.
+const RECOVERED_BARRIER_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const BOUND_BARRIER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Peers drain for at most `DRAIN_TIMEOUT`, then arrive.
+const DRAINED_BARRIER_TIMEOUT: Duration = Duration::from_secs(DRAIN_TIMEOUT.as_secs() + 10);
+
 /// A point all shards must reach before any goes on.
-#[derive(Default)]
 struct Barrier {
+    name: &'static str,
     arrived: AtomicUsize,
+}
+
+impl Barrier {
+    const fn new(name: &'static str) -> Self {
+        Self { name, arrived: AtomicUsize::new(0) }
+    }
+}
+
+/// What one shard's executor starts from: its mesh ends and the receiver
+/// the signal thread wakes it through.
+struct ShardSeed {
+    mesh: MeshSeed<MeshMsg>,
+    signal: oneshot::Receiver<()>,
 }
 
 /// Process-wide state shared by the shards: read-only, or atomics used
@@ -58,6 +81,7 @@ struct Shared {
     signal: Arc<AtomicBool>,
     ready: Arc<AtomicBool>,
     failed: AtomicBool,
+    /// Startup only: errors to print when the engine exits.
     errors: Mutex<Vec<String>>,
     /// Shards whose executor came up and began `shard_main`.
     started: AtomicUsize,
@@ -69,15 +93,30 @@ struct Shared {
 impl Shared {
     fn fail(&self, msg: String) {
         tracing::error!("{msg}");
-        self.errors.lock().expect("errors lock").push(msg);
+        if let Ok(mut errors) = self.errors.lock() {
+            errors.push(msg);
+        }
         self.failed.store(true, Ordering::Release);
     }
 
-    /// Waits until all shards arrived; false if startup failed meanwhile.
-    async fn barrier(&self, b: &Barrier, abort_on_failure: bool) -> bool {
+    /// Waits until all shards arrived, at most `bound`; false if startup
+    /// failed meanwhile (with `abort_on_failure`) or the bound passed.
+    /// Cross-thread, so it polls an atomic (startup and shutdown only).
+    async fn barrier(&self, b: &Barrier, abort_on_failure: bool, bound: Duration) -> bool {
         b.arrived.fetch_add(1, Ordering::AcqRel);
+        let deadline = Instant::now() + bound;
         while b.arrived.load(Ordering::Acquire) < self.shards {
             if abort_on_failure && self.failed.load(Ordering::Acquire) {
+                return false;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!(
+                    "only {} of {} shards reached `{}` within {} s",
+                    b.arrived.load(Ordering::Acquire),
+                    self.shards,
+                    b.name,
+                    bound.as_secs()
+                ));
                 return false;
             }
             glommio::timer::sleep(Duration::from_millis(2)).await;
@@ -155,85 +194,92 @@ fn reserve_port(addr: SocketAddr) -> io::Result<(SocketAddr, Option<socket2::Soc
     Ok((bound, Some(sock)))
 }
 
+/// Makes a panic on any thread fatal at once: log it, then abort. A shard
+/// that died would leave its peers waiting for it and SIGTERM unanswered; a
+/// restart is safe (the journal holds every acknowledged message).
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let backtrace = std::backtrace::Backtrace::force_capture();
+        tracing::error!(thread = name, panic = %info, "panic: aborting the process (a restart recovers from the journal)");
+        eprintln!("esh3ar: fatal: panic on thread {name}: {info}; aborting\n{backtrace}");
+        std::process::abort();
+    }));
+}
+
+/// Descriptors the engine keeps for itself beyond connections: listeners,
+/// journal segments, io_uring rings and eventfds, the mesh.
+const FILES_RESERVE: u64 = 1024;
+
+/// Raises the soft open-files limit so that every shard can hold its
+/// `engine.connections_per_shard_max` business connections and as many
+/// WebSocket sessions (the default soft limit, often 1024, would refuse
+/// the 1025th connection). Never above the hard limit: then it warns.
+fn raise_open_files_limit(cfg: &Config, shards: usize) {
+    let wanted = (2 * cfg.engine.connections_per_shard_max * shards) as u64 + FILES_RESERVE;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into a valid struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur >= wanted {
+        return;
+    }
+    let target = wanted.min(lim.rlim_max);
+    let raised = libc::rlimit { rlim_cur: target, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit reads a valid struct; it only changes this process's limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(soft = lim.rlim_cur, wanted, "cannot raise the open-files limit");
+        return;
+    }
+    if target < wanted {
+        tracing::warn!(
+            limit = target,
+            wanted,
+            "the open-files hard limit is below what engine.connections_per_shard_max allows; \
+             connections beyond it will be refused (raise `ulimit -Hn`, or LimitNOFILE= under systemd)"
+        );
+    }
+}
+
 /// Runs the engine until SIGTERM/SIGINT. Returns an error if it could not start.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    install_panic_hook();
     let shards = cfg.shard_count();
+    raise_open_files_limit(&cfg, shards);
     let _data_dir = DataDir::open(&cfg.engine.data_dir, shards)?;
     let listeners = cfg.listeners();
     let (business_addr, placeholder) =
         reserve_port(listeners.business).with_context(|| format!("cannot bind {}", listeners.business))?;
     let (mobile_addr, mobile_placeholder) =
         reserve_port(listeners.mobile).with_context(|| format!("cannot bind {}", listeners.mobile))?;
-    let signal = install_signal_flag().context("cannot install signal handlers")?;
+    let signals = install_signals(shards).context("cannot install signal handlers")?;
+    let seeds: Vec<ShardSeed> = crate::mesh::build::<MeshMsg>(shards, cfg.engine.mesh_channel_capacity)
+        .into_iter()
+        .zip(signals.shards)
+        .map(|(mesh, signal)| ShardSeed { mesh, signal })
+        .collect();
     let shared = Arc::new(Shared {
         clients: Arc::new(ClientTable::from_config(&cfg)),
         cfg: Arc::new(cfg),
         shards,
         business_addr,
         mobile_addr,
-        signal,
+        signal: signals.flag,
         ready: Arc::new(AtomicBool::new(false)),
         failed: AtomicBool::new(false),
         errors: Mutex::new(Vec::new()),
         started: AtomicUsize::new(0),
-        recovered: Barrier::default(),
-        bound: Barrier::default(),
-        drained: Barrier::default(),
+        recovered: Barrier::new("recovered"),
+        bound: Barrier::new("listeners bound"),
+        drained: Barrier::new("drained"),
     });
     tracing::info!(shards, data_dir = %shared.cfg.engine.data_dir.display(), "starting esh3ar");
-    let seeds = Arc::new(Mutex::new(crate::mesh::build::<MeshMsg>(shards, shared.cfg.engine.mesh_channel_capacity)));
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let placement = if shards <= cpus {
-        PoolPlacement::MaxSpread(shards, None)
-    } else {
-        // Known issue: with more shards than CPUs, an executor occasionally
-        // never runs its first task when several engines start at once; the
-        // start watchdog below turns that into a clear exit.
-        tracing::warn!(
-            shards,
-            cpus,
-            "more shards than CPUs: shards share cores (fine for a data dir moved to a smaller host, not for speed)"
-        );
-        PoolPlacement::Unbound(shards)
-    };
-    let pool_shared = shared.clone();
-    let handles = LocalExecutorPoolBuilder::new(placement)
-        .name("shard")
-        // Registered io_uring buffers are pinned memory (RLIMIT_MEMLOCK);
-        // journal writes need little of it.
-        .io_memory(IO_MEMORY_BYTES)
-        .on_all_shards(move || {
-            let shared = pool_shared.clone();
-            let seed = seeds.lock().expect("mesh seeds lock").pop();
-            async move {
-                match seed {
-                    Some(seed) => shard_main(shared, seed).await,
-                    None => shared.fail("more executors than mesh seeds".into()),
-                }
-            }
-        })
-        .map_err(|e| anyhow::anyhow!("cannot start the shard executors: {e}"))?;
-    // An executor that fails to come up (io_uring setup refused, say) leaves
-    // its peers waiting for it forever: detect that and stop with a reason.
-    let deadline = Instant::now() + EXECUTOR_START_TIMEOUT;
-    while shared.started.load(Ordering::Acquire) < shards {
-        if shared.signal.load(Ordering::Relaxed) {
-            // The shards that run cannot shut down cleanly without the missing
-            // ones; nothing was accepted yet, so just stop.
-            eprintln!("error: interrupted while the shard executors were starting");
-            std::process::exit(1);
-        }
-        if Instant::now() > deadline {
-            eprintln!(
-                "error: only {} of {shards} shard executors started within {}s; io_uring setup probably failed \
-                 (check `ulimit -l`, and that the kernel allows io_uring)",
-                shared.started.load(Ordering::Acquire),
-                EXECUTOR_START_TIMEOUT.as_secs()
-            );
-            std::process::exit(1);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    // Startup only: each executor takes its seed once.
+    let seeds = Arc::new(Mutex::new(seeds));
+    let handles = start_executors(&shared, seeds)?;
+    watch_executor_start(&shared);
     // Shards bound their listeners (or failed) once `bound` is complete.
     while shared.bound.arrived.load(Ordering::Acquire) < shards && !shared.failed.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(2));
@@ -245,7 +291,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             shared.fail(format!("shard executor failed: {e}"));
         }
     }
-    let errors = shared.errors.lock().expect("errors lock");
+    let errors = shared.errors.lock().map(|e| e.clone()).unwrap_or_default();
     if !errors.is_empty() {
         bail!("{}", errors.join("\n"));
     }
@@ -253,48 +299,136 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shard_main(shared: Arc<Shared>, seed: crate::mesh::MeshSeed<MeshMsg>) {
+fn start_executors(
+    shared: &Arc<Shared>,
+    seeds: Arc<Mutex<Vec<ShardSeed>>>,
+) -> anyhow::Result<glommio::PoolThreadHandles<()>> {
+    let shards = shared.shards;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let placement = if shards <= cpus {
+        PoolPlacement::MaxSpread(shards, None)
+    } else {
+        // Known issue: with more shards than CPUs, an executor occasionally
+        // never runs its first task when several engines start at once; the
+        // start watchdog turns that into a clear exit.
+        tracing::warn!(
+            shards,
+            cpus,
+            "more shards than CPUs: shards share cores (fine for a data dir moved to a smaller host, not for speed)"
+        );
+        PoolPlacement::Unbound(shards)
+    };
+    let pool_shared = shared.clone();
+    LocalExecutorPoolBuilder::new(placement)
+        .name("shard")
+        // Registered io_uring buffers are pinned memory (RLIMIT_MEMLOCK);
+        // journal writes need little of it.
+        .io_memory(IO_MEMORY_BYTES)
+        .on_all_shards(move || {
+            let shared = pool_shared.clone();
+            let seed = seeds.lock().ok().and_then(|mut s| s.pop());
+            async move {
+                match seed {
+                    Some(seed) => shard_main(shared, seed).await,
+                    None => shared.fail("more executors than mesh seeds".into()),
+                }
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the shard executors: {e}"))
+}
+
+/// An executor that fails to come up (io_uring setup refused, say) leaves
+/// its peers waiting for it forever: detect that and stop with a reason.
+fn watch_executor_start(shared: &Shared) {
+    let deadline = Instant::now() + EXECUTOR_START_TIMEOUT;
+    while shared.started.load(Ordering::Acquire) < shared.shards {
+        if shared.signal.load(Ordering::Relaxed) {
+            // The shards that run cannot shut down cleanly without the missing
+            // ones; nothing was accepted yet, so just stop.
+            eprintln!("error: interrupted while the shard executors were starting");
+            std::process::exit(1);
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "error: only {} of {} shard executors started within {}s; io_uring setup probably failed \
+                 (check `ulimit -l`, and that the kernel allows io_uring)",
+                shared.started.load(Ordering::Acquire),
+                shared.shards,
+                EXECUTOR_START_TIMEOUT.as_secs()
+            );
+            std::process::exit(1);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// One shard's life, phase by phase.
+async fn shard_main(shared: Arc<Shared>, seed: ShardSeed) {
     shared.started.fetch_add(1, Ordering::AcqRel);
-    let seed_id = seed.id;
-    tracing::debug!(shard = seed_id, "connecting the mesh");
-    let (senders, receivers) = seed.connect().await;
+    tracing::debug!(shard = seed.mesh.id, "connecting the mesh");
+    let (senders, receivers) = seed.mesh.connect().await;
     let id = senders.peer_id();
-    tracing::debug!(shard = id, "mesh connected");
-    let cfg = shared.cfg.clone();
-    let ready = shared.ready.clone();
     let admin_shutdown = Rc::new(Shutdown::default());
     if id == 0 {
-        // The admin listener answers /readyz (503) while recovery runs.
-        match TcpListener::bind(cfg.listeners().admin) {
-            Ok(l) => {
-                let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                println!("esh3ar admin={addr}");
-                let s = admin_shutdown.clone();
-                glommio::spawn_local(async move {
-                    accept_loop(l, &s, Limits::admin(), None, move |_| AdminConn { ready: ready.clone() }).await
-                })
-                .detach();
-            }
-            Err(e) => shared.fail(format!("cannot bind admin listener {}: {e}", cfg.admin.listen)),
-        }
+        start_admin(&shared, &admin_shutdown);
     }
-    let dir = shard_dir(&cfg.engine.data_dir, id);
-    let started = Instant::now();
-    let recovered = match ensure_dir(&dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
-        .and_then(|()| recover_shard(&dir, id as u16, Mode::Repair).map_err(|e| e.to_string()))
-    {
-        Ok(r) => Some(r),
-        Err(e) => {
-            shared.fail(format!("shard {id}: {e}"));
-            None
-        }
-    };
-    if !shared.barrier(&shared.recovered, true).await {
+    let recovered = recover(&shared, id);
+    if !shared.barrier(&shared.recovered, true, RECOVERED_BARRIER_TIMEOUT).await {
         admin_shutdown.trigger();
         return;
     }
-    let recovered = recovered.expect("recovery succeeded when the barrier passed");
+    let Some(recovered) = recovered else {
+        return; // unreachable: a failed recovery fails the barrier
+    };
+    let shard = open_shard(&shared, recovered, senders, receivers, seed.signal).await;
+    let listeners = bind_listeners(&shared, id);
+    if !shared.barrier(&shared.bound, true, BOUND_BARRIER_TIMEOUT).await {
+        admin_shutdown.trigger();
+        return;
+    }
+    let Some((business, mobile)) = listeners else {
+        return; // unreachable: a failed bind fails the barrier
+    };
+    if id == 0 {
+        println!(
+            "esh3ar ready business={} mobile={} shards={}",
+            shared.business_addr, shared.mobile_addr, shared.shards
+        );
+        shared.ready.store(true, Ordering::Release);
+    }
+    glommio::spawn_local(accept_mobile(mobile, shard.clone())).detach();
+    accept_business(business, shard.clone()).await;
+    drain_and_stop(&shared, &shard).await;
+    admin_shutdown.trigger();
+}
+
+/// The admin listener (shard 0) answers /readyz (503) while recovery runs.
+fn start_admin(shared: &Arc<Shared>, shutdown: &Rc<Shutdown>) {
+    let cfg = &shared.cfg;
+    match TcpListener::bind(cfg.listeners().admin) {
+        Ok(l) => {
+            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            println!("esh3ar admin={addr}");
+            glommio::spawn_local(serve_admin(l, shutdown.clone(), shared.ready.clone())).detach();
+        }
+        Err(e) => shared.fail(format!("cannot bind admin listener {}: {e}", cfg.admin.listen)),
+    }
+}
+
+/// Reads this shard's journal back (cutting a torn tail); None on failure.
+fn recover(shared: &Shared, id: usize) -> Option<Recovered> {
+    let dir = shard_dir(&shared.cfg.engine.data_dir, id);
+    let started = Instant::now();
+    let recovered = ensure_dir(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+        .and_then(|()| recover_shard(&dir, id as u16, Mode::Repair).map_err(|e| e.to_string()));
+    let recovered = match recovered {
+        Ok(r) => r,
+        Err(e) => {
+            shared.fail(format!("shard {id}: {e}"));
+            return None;
+        }
+    };
     if let Some(t) = &recovered.torn {
         tracing::warn!(shard = id, file = %t.path.display(), offset = t.offset, reason = t.reason,
             damaged_bytes = t.damaged_bytes, "cut a torn journal tail left by a crash (no acknowledged record lies there)");
@@ -308,223 +442,72 @@ async fn shard_main(shared: Arc<Shared>, seed: crate::mesh::MeshSeed<MeshMsg>) {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "journal recovered"
     );
+    Some(recovered)
+}
+
+/// Opens the journal and builds the shard; starts its background tasks
+/// (committer, maintenance, mesh receivers, signal watch).
+async fn open_shard(
+    shared: &Shared,
+    recovered: Recovered,
+    mesh: Mesh<MeshMsg>,
+    receivers: Vec<(usize, ConnectedReceiver<MeshMsg>)>,
+    signal: oneshot::Receiver<()>,
+) -> Rc<Shard> {
+    let id = mesh.peer_id();
+    let cfg = shared.cfg.clone();
+    let dir = shard_dir(&cfg.engine.data_dir, id);
     let journal_cfg = JournalConfig { dir, shard: id as u16, segment_bytes: cfg.engine.segment_bytes };
-    tracing::debug!(shard = id, "probing the journal device");
     if let Err(e) = esh3ar_shards::journal::probe_device(&journal_cfg.dir).await {
         tracing::warn!(shard = id, error = %e, "could not probe the journal device for polled I/O");
     }
-    tracing::debug!(shard = id, "opening the journal");
     let journal = Journal::open(journal_cfg, &recovered);
     glommio::spawn_local(journal.clone().run_committer()).detach();
-    let shard = Rc::new(Shard {
-        id,
-        count: shared.shards,
-        cfg: cfg.clone(),
-        clients: shared.clients.clone(),
-        journal,
-        index: std::cell::RefCell::new(recovered.index),
-        mesh: senders,
-        replies: PendingReplies::default(),
-        shutdown: Shutdown::default(),
-        stats: ShardStats::default(),
-        sessions: crate::delivery::Sessions::default(),
-        bodies: std::cell::RefCell::new(crate::delivery::BodyCache::new(
-            cfg.engine.body_cache_bytes.min(crate::pressure::shard_share_bytes(&cfg, shared.shards) / 4),
-        )),
-        limiter: std::cell::RefCell::new(esh3ar_shards::limiter::RateLimiter::new()),
-        pressure: crate::pressure::Pressure::new(crate::pressure::shard_share_bytes(&cfg, shared.shards) / 2),
-    });
-    glommio::spawn_local(shard.clone().run_pressure_watch()).detach();
+    let shard = Shard::new(shared.shards, cfg, shared.clients.clone(), journal, recovered.index, mesh);
     glommio::spawn_local(shard.clone().run_maintenance()).detach();
     for (_peer, rx) in receivers {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            while let Some(msg) = rx.recv().await {
-                shard.on_mesh(msg);
-            }
-        })
-        .detach();
+        glommio::spawn_local(crate::dispatch::run_receiver(shard.clone(), rx)).detach();
     }
-    {
-        let shard = shard.clone();
-        let flag = shared.signal.clone();
-        glommio::spawn_local(async move { shard.shutdown.watch(flag).await }).detach();
-    }
-    tracing::debug!(shard = id, "binding listeners");
-    let business = match TcpListener::bind(shared.business_addr) {
+    let watcher = shard.clone();
+    glommio::spawn_local(async move { watcher.shutdown().watch(signal).await }).detach();
+    shard
+}
+
+/// Binds this shard's business and mobile listeners (SO_REUSEPORT).
+fn bind_listeners(shared: &Shared, id: usize) -> Option<(TcpListener, TcpListener)> {
+    let bind = |addr: SocketAddr, what: &str| match TcpListener::bind(addr) {
         Ok(l) => Some(l),
         Err(e) => {
-            shared.fail(format!("shard {id}: cannot bind business listener {}: {e}", shared.business_addr));
+            shared.fail(format!("shard {id}: cannot bind {what} listener {addr}: {e}"));
             None
         }
     };
-    let mobile = match TcpListener::bind(shared.mobile_addr) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            shared.fail(format!("shard {id}: cannot bind mobile listener {}: {e}", shared.mobile_addr));
-            None
-        }
-    };
-    tracing::debug!(shard = id, "listeners bound");
-    if !shared.barrier(&shared.bound, true).await {
-        admin_shutdown.trigger();
-        return;
-    }
-    let business = business.expect("bound when the barrier passed");
-    let mobile = mobile.expect("bound when the barrier passed");
-    if id == 0 {
-        println!(
-            "esh3ar ready business={} mobile={} shards={}",
-            shared.business_addr, shared.mobile_addr, shared.shards
-        );
-        shared.ready.store(true, Ordering::Release);
-    }
-    {
-        let shard = shard.clone();
-        glommio::spawn_local(async move { mobile_accept_loop(mobile, shard).await }).detach();
-    }
-    let limits = Limits::business(&cfg);
-    let conn_shard = shard.clone();
-    accept_loop(business, &shard.shutdown, limits, Some(&shard), move |_| BusinessConn::new(conn_shard.clone())).await;
-    // Drain: requests in flight finish; idle connections already closed.
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while (shard.stats.connections.get() > 0 || !shard.sessions.is_empty()) && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-    }
+    let business = bind(shared.business_addr, "business");
+    let mobile = bind(shared.mobile_addr, "mobile");
+    Some((business?, mobile?))
+}
+
+/// After the accept loops stopped: let every connection and session finish
+/// (they hold passes of the shard's gate), wait for the other shards (they
+/// may still forward appends here), and flush the journal. Each wait has a
+/// bound.
+async fn drain_and_stop(shared: &Shared, shard: &Shard) {
+    let id = shard.id();
+    // Not ready from the moment shutdown began: load balancers stop sending.
     shared.ready.store(false, Ordering::Release);
-    // Other shards may still forward appends here until they drained too.
-    shared.barrier(&shared.drained, false).await;
-    if let Err(e) = shard.journal.close().await {
+    if !shard.shutdown().drain(DRAIN_TIMEOUT).await {
+        tracing::warn!(
+            shard = id,
+            connections = shard.stats().connections.get(),
+            sessions = shard.sessions().len(),
+            "drain timed out; closing with connections still open"
+        );
+    }
+    if !shared.barrier(&shared.drained, false, DRAINED_BARRIER_TIMEOUT).await {
+        tracing::warn!(shard = id, "not every shard drained in time; flushing the journal anyway");
+    }
+    if let Err(e) = shard.journal().close().await {
         shared.fail(format!("shard {id}: final journal flush failed: {e}"));
     }
-    admin_shutdown.trigger();
-    tracing::info!(shard = id, accepted = shard.stats.accepted.get(), "shard stopped");
-}
-
-impl Limits {
-    fn business(cfg: &Config) -> Limits {
-        Limits {
-            body_bytes_max: cfg.business.max_body_bytes,
-            request_timeout: Duration::from_millis(cfg.business.request_timeout_ms),
-            idle_timeout: Duration::from_millis(cfg.business.idle_timeout_ms),
-        }
-    }
-    fn admin() -> Limits {
-        Limits { body_bytes_max: 1024, request_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(60) }
-    }
-}
-
-/// Accepts connections until shutdown, serving each in its own task.
-async fn accept_loop<H, F>(
-    listener: TcpListener,
-    shutdown: &Shutdown,
-    limits: Limits,
-    shard: Option<&Rc<Shard>>,
-    mut make: F,
-) where
-    H: crate::http::conn::Handler + 'static,
-    F: FnMut(&glommio::net::TcpStream) -> H,
-{
-    let max = shard.map_or(1024, |s| s.cfg.engine.connections_per_shard_max as u64);
-    let open = Rc::new(std::cell::Cell::new(0u64));
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shutdown.wait().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        if open.get() >= max {
-            let mut out = Vec::new();
-            write_error(&mut out, 503, "too_many_connections", "connection limit reached", "retry-after: 1\r\n", false);
-            glommio::spawn_local(async move {
-                use futures_lite::AsyncWriteExt;
-                let mut s = stream;
-                let _ = s.write_all(&out).await;
-            })
-            .detach();
-            continue;
-        }
-        let mut handler = make(&stream);
-        let guard = ConnGuard::new(open.clone(), shard.cloned());
-        let shutdown_ptr: Rc<Shard>;
-        let task = match shard {
-            Some(s) => {
-                shutdown_ptr = s.clone();
-                glommio::spawn_local(async move {
-                    serve(stream, limits, &mut handler, &shutdown_ptr.shutdown, Some(&shutdown_ptr.pressure)).await;
-                    drop(guard);
-                })
-            }
-            None => {
-                let never = Rc::new(Shutdown::default());
-                glommio::spawn_local(async move {
-                    serve(stream, limits, &mut handler, &never, None).await;
-                    drop(guard);
-                })
-            }
-        };
-        task.detach();
-    }
-}
-
-/// Accepts mobile connections until shutdown; each upgrade request is
-/// checked here and the session handed to the user's home shard.
-async fn mobile_accept_loop(listener: TcpListener, shard: Rc<Shard>) {
-    let max = shard.cfg.engine.connections_per_shard_max;
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.shutdown.wait().await;
-            None
-        })
-        .await;
-        match accepted {
-            None => return,
-            Some(Ok(stream)) => {
-                if shard.sessions.len() >= max {
-                    drop(stream); // over the limit: refuse fast, the client retries elsewhere or later
-                    continue;
-                }
-                glommio::spawn_local(crate::mobile::serve_conn(shard.clone(), stream)).detach();
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "mobile accept failed");
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-}
-
-/// Counts a connection for the limit and for the shutdown drain.
-struct ConnGuard {
-    open: Rc<std::cell::Cell<u64>>,
-    shard: Option<Rc<Shard>>,
-}
-
-impl ConnGuard {
-    fn new(open: Rc<std::cell::Cell<u64>>, shard: Option<Rc<Shard>>) -> Self {
-        open.set(open.get() + 1);
-        if let Some(s) = &shard {
-            s.stats.connections.set(s.stats.connections.get() + 1);
-        }
-        Self { open, shard }
-    }
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.open.set(self.open.get() - 1);
-        if let Some(s) = &self.shard {
-            s.stats.connections.set(s.stats.connections.get() - 1);
-        }
-    }
+    tracing::info!(shard = id, accepted = shard.stats().accepted.get(), "shard stopped");
 }

@@ -1,131 +1,39 @@
-//! One shard at run time: its journal and index, its end of the channel
-//! mesh, and the typed messages shards exchange.
+//! One shard at run time: the state it owns (journal, index, sessions, rate
+//! windows, memory budget) and its end of the channel mesh.
 //!
-//! A shard that accepts a request for a user homed elsewhere sends
-//! [`MeshMsg::Append`] to the home shard and parks the request on a
-//! [`PendingReplies`] slot; the home shard appends, waits for the group
-//! commit and answers [`MeshMsg::Appended`]. The mesh receivers never await
-//! a send (replies go out from their own task), so two shards flooding each
-//! other cannot deadlock.
+//! This module holds state and imports no protocol (a tidy test checks it):
+//! the protocols (`business`, `mobile`, `admin`) call into a [`Shard`], and
+//! `dispatch` routes mesh messages to it.
+//!
+//! Every wait on another shard is bounded by `engine.mesh_reply_timeout_ms`:
+//! the wait for room in the channel to it and the wait for its answer.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::index::MessageIndex;
-use esh3ar_shards::journal::{Journal, JournalError};
+use esh3ar_shards::journal::Journal;
+use esh3ar_shards::limiter::{Decision, RateLimiter};
 use esh3ar_shards::record::{Accepted, Record};
-use esh3ar_shards::{Priority, Status};
 use futures_channel::oneshot;
-use hashbrown::HashMap;
 
 use crate::clients::ClientTable;
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::{BodyCache, Sessions};
-use crate::pressure::{threshold_percent, Pressure};
+pub use crate::mesh_msg::{AppendRefusal, MeshError, MeshMsg, NewMessage, PendingReplies, StatusView};
+use crate::pressure::{shard_share_bytes, threshold_percent, Pressure};
 use crate::shutdown::Shutdown;
-use esh3ar_shards::limiter::{Decision, RateLimiter};
 
-/// A validated message on its way to its home shard.
-#[derive(Debug)]
-pub struct NewMessage {
-    /// Index of the sending client in the [`ClientTable`].
-    pub client: u32,
-    pub to: String,
-    pub body: Vec<u8>,
-    pub priority: Priority,
-    pub expires_at_ms: u64,
-    pub accepted_at_ms: u64,
-}
-
-/// Why a home shard could not take messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppendRefusal {
-    /// The journal failed (disk error): nothing is acknowledged any more.
-    StorageFailed,
-    /// The shard is shutting down.
-    ShuttingDown,
-}
-
-impl From<&JournalError> for AppendRefusal {
-    fn from(e: &JournalError) -> Self {
-        match e {
-            JournalError::Failed(_) => AppendRefusal::StorageFailed,
-            JournalError::Closed => AppendRefusal::ShuttingDown,
-        }
-    }
-}
-
-/// What `GET /v1/messages/{id}` shows.
-#[derive(Debug, Clone)]
-pub struct StatusView {
-    pub to: String,
-    pub status: Status,
-    pub priority: Priority,
-    pub attempts: u32,
-    pub accepted_at_ms: u64,
-    pub delivered_at_ms: u64,
-    pub acked_at_ms: u64,
-}
-
-/// Messages between shards.
-#[derive(Debug)]
-pub enum MeshMsg {
-    /// Append these messages (all homed on the receiver) and answer once durable.
-    Append { from: u16, req: u64, items: Vec<NewMessage> },
-    /// Answer to `Append`: per item, in order, its sequence number or None
-    /// if the home shard shed it (memory pressure).
-    Appended { req: u64, result: Result<Vec<Option<u64>>, AppendRefusal> },
-    /// Count `n` messages of `client` against its rate limit (the receiver
-    /// is the client's home shard); `n = 0` asks for the state only.
-    RateTake { from: u16, req: u64, client: u32, n: u32 },
-    /// Answer to `RateTake`.
-    RateTaken { req: u64, decision: Decision },
-    /// Give back `n` messages counted at `at_sec` that were not accepted.
-    RateRefund { client: u32, n: u32, at_sec: u64 },
-    /// Look up a message for a client.
-    Lookup { from: u16, req: u64, seq: u64, client: u32 },
-    /// Answer to `Lookup`.
-    Found { req: u64, view: Option<Box<StatusView>> },
-    /// A mobile connection whose upgrade request was accepted elsewhere:
-    /// the receiver (the user's home shard) owns the socket from now on,
-    /// answers `101` and serves the session.
-    Adopt(Box<crate::mobile::Adoption>),
-}
-
-/// The mesh channel to a shard had no room (the message was dropped).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChannelFull;
-
-/// Requests this shard sent and awaits answers for.
-#[derive(Default)]
-pub struct PendingReplies {
-    next: Cell<u64>,
-    waiting: RefCell<HashMap<u64, oneshot::Sender<MeshMsg>>>,
-}
-
-impl PendingReplies {
-    /// Registers a request; returns its id and the receiver of its answer.
-    pub fn register(&self) -> (u64, oneshot::Receiver<MeshMsg>) {
-        let req = self.next.get();
-        self.next.set(req + 1);
-        let (tx, rx) = oneshot::channel();
-        self.waiting.borrow_mut().insert(req, tx);
-        (req, rx)
-    }
-
-    /// Forgets a request whose send failed.
-    pub fn cancel(&self, req: u64) {
-        self.waiting.borrow_mut().remove(&req);
-    }
-
-    fn complete(&self, req: u64, msg: MeshMsg) {
-        if let Some(tx) = self.waiting.borrow_mut().remove(&req) {
-            let _ = tx.send(msg);
-        }
-    }
-}
+/// Test hook (docs/ARCHITECTURE.md, "Test hooks"): the home shard panics
+/// when it appends a message whose body is exactly this variable's value.
+pub const TEST_PANIC_ON_BODY_ENV: &str = "ESH3AR_TEST_PANIC_ON_BODY";
+/// Test hook: the home shard holds its answer to a remote `Append` holding
+/// a message with exactly this body for `mesh_reply_timeout_ms` + 1 s.
+pub const TEST_SLOW_REPLY_ON_BODY_ENV: &str = "ESH3AR_TEST_SLOW_REPLY_ON_BODY";
 
 /// Counters of one shard, summed over shards at the edge.
 #[derive(Default)]
@@ -134,25 +42,136 @@ pub struct ShardStats {
     pub connections: Cell<u64>,
 }
 
-/// Everything one shard owns.
+/// Everything one shard owns. Built once by [`Shard::new`].
 pub struct Shard {
-    pub id: usize,
-    pub count: usize,
-    pub cfg: Arc<Config>,
-    pub clients: Arc<ClientTable>,
-    pub journal: Rc<Journal>,
-    pub index: RefCell<MessageIndex>,
-    pub mesh: crate::mesh::Mesh<MeshMsg>,
-    pub replies: PendingReplies,
-    pub shutdown: Shutdown,
-    pub stats: ShardStats,
-    pub sessions: Sessions,
-    pub bodies: RefCell<BodyCache>,
-    pub limiter: RefCell<RateLimiter>,
-    pub pressure: Pressure,
+    id: usize,
+    count: usize,
+    cfg: Arc<Config>,
+    clients: Arc<ClientTable>,
+    journal: Rc<Journal>,
+    index: RefCell<MessageIndex>,
+    mesh: crate::mesh::Mesh<MeshMsg>,
+    replies: PendingReplies,
+    mesh_timeout: Duration,
+    shutdown: Shutdown,
+    stats: ShardStats,
+    sessions: Sessions,
+    bodies: RefCell<BodyCache>,
+    limiter: RefCell<RateLimiter>,
+    pressure: Pressure,
+    panic_on_body: Option<Vec<u8>>,
+    slow_reply_on_body: Option<Vec<u8>>,
+}
+
+/// An answer this shard awaits from another one. Dropping it forgets the
+/// request, so a late answer is discarded.
+pub struct PendingReply<'a> {
+    shard: &'a Shard,
+    req: u64,
+    rx: Option<oneshot::Receiver<MeshMsg>>,
+    deadline: Instant,
+}
+
+impl Drop for PendingReply<'_> {
+    fn drop(&mut self) {
+        self.shard.replies.cancel(self.req);
+    }
+}
+
+impl PendingReply<'_> {
+    /// The answer, or why none came in time.
+    pub async fn answer(mut self) -> Result<MeshMsg, MeshError> {
+        let Some(rx) = self.rx.take() else { return Err(MeshError::Closed) };
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        futures_lite::future::or(async { rx.await.map_err(|_| MeshError::Closed) }, async {
+            glommio::timer::sleep(left).await;
+            Err(MeshError::Timeout)
+        })
+        .await
+    }
 }
 
 impl Shard {
+    /// The shard `mesh.peer_id()` of `count`, over its recovered journal.
+    pub fn new(
+        count: usize,
+        cfg: Arc<Config>,
+        clients: Arc<ClientTable>,
+        journal: Rc<Journal>,
+        index: MessageIndex,
+        mesh: crate::mesh::Mesh<MeshMsg>,
+    ) -> Rc<Shard> {
+        let share = shard_share_bytes(&cfg, count);
+        Rc::new(Shard {
+            id: mesh.peer_id(),
+            count,
+            mesh_timeout: Duration::from_millis(cfg.engine.mesh_reply_timeout_ms),
+            bodies: RefCell::new(BodyCache::new(cfg.engine.body_cache_bytes.min(share / 4))),
+            pressure: Pressure::new(share / 2),
+            cfg,
+            clients,
+            journal,
+            index: RefCell::new(index),
+            mesh,
+            replies: PendingReplies::default(),
+            shutdown: Shutdown::default(),
+            stats: ShardStats::default(),
+            sessions: Sessions::default(),
+            limiter: RefCell::new(RateLimiter::new()),
+            panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
+            slow_reply_on_body: std::env::var_os(TEST_SLOW_REPLY_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
+        })
+    }
+
+    /// This shard's id.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+    /// How many shards the engine runs.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+    /// The engine's configuration.
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+    /// The business clients.
+    pub fn clients(&self) -> &ClientTable {
+        &self.clients
+    }
+    /// This shard's journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+    /// The index rebuilt from the journal.
+    pub fn index(&self) -> &RefCell<MessageIndex> {
+        &self.index
+    }
+    /// This shard's shutdown (signal, connection gate).
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+    /// Counters.
+    pub fn stats(&self) -> &ShardStats {
+        &self.stats
+    }
+    /// Live WebSocket sessions of users homed here.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+    /// Bodies of recent messages.
+    pub fn bodies(&self) -> &RefCell<BodyCache> {
+        &self.bodies
+    }
+    /// The memory budget.
+    pub fn pressure(&self) -> &Pressure {
+        &self.pressure
+    }
+    /// Requests awaiting another shard's answer.
+    pub fn replies(&self) -> &PendingReplies {
+        &self.replies
+    }
+
     /// Appends messages homed on this shard; returns their sequence numbers
     /// and the generation to wait for. Synchronous: no other task runs
     /// between the appends, so the messages of one call stay adjacent.
@@ -164,13 +183,15 @@ impl Shard {
                 seqs.push(None);
                 continue;
             }
+            if self.panic_on_body.as_deref() == Some(m.body.as_slice()) {
+                panic!("test hook {TEST_PANIC_ON_BODY_ENV}: shard {} appends the magic body", self.id);
+            }
             let mut index = self.index.borrow_mut();
             debug_assert_eq!(crate::route(&m.to, self.count), self.id, "message appended on a foreign shard");
             let seq = self.journal.take_seq();
-            let client = self.clients.id(m.client);
             let record = Record::Accepted(Accepted {
                 seq,
-                client,
+                client: self.clients.id(m.client),
                 to: &m.to,
                 priority: m.priority,
                 expires_at_ms: m.expires_at_ms,
@@ -202,21 +223,34 @@ impl Shard {
         self.pressure_percent() >= 100
     }
 
-    /// While connections wait for room, wakes them when there is some.
-    pub async fn run_pressure_watch(self: Rc<Self>) {
-        while !self.shutdown.is_set() {
-            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
-            if self.pressure.has_waiters() && !self.is_full() {
-                self.pressure.wake();
-            }
+    /// Returns once the budget has room (or shutdown began), waking on what
+    /// frees memory: a buffer given back or segments deleted
+    /// ([`Pressure::wake`]), or the journal's next fdatasync.
+    pub async fn wait_for_room(&self) {
+        while self.is_full() && !self.shutdown.is_set() {
+            let j = &self.journal;
+            let flushing = j.failure().is_none() && j.appended_generation() > j.durable_generation();
+            let flushed = async {
+                if flushing {
+                    let _ = j.wait_durable(j.appended_generation()).await;
+                } else {
+                    futures_lite::future::pending::<()>().await;
+                }
+            };
+            let freed = futures_lite::future::or(self.pressure.changed(), flushed);
+            futures_lite::future::or(freed, self.shutdown.wait()).await;
         }
-        self.pressure.wake();
     }
 
     /// Counts `n` messages of `client` (homed here) against its limit.
     pub fn rate_take_local(&self, client: u32, n: u32) -> Decision {
         let limit = self.clients.get(client).messages_per_minute;
-        self.limiter.borrow_mut().take(client, limit, n as u64, crate::business::now_ms() / 1000)
+        self.limiter.borrow_mut().take(client, limit, n as u64, now_ms() / 1000)
+    }
+
+    /// Gives back `n` messages of `client` (homed here) counted at `at_sec`.
+    pub fn rate_refund_local(&self, client: u32, n: u32, at_sec: u64) {
+        self.limiter.borrow_mut().refund(client, n as u64, at_sec, now_ms() / 1000);
     }
 
     /// Appends and waits for durability.
@@ -225,6 +259,33 @@ impl Shard {
         self.journal.wait_durable(generation).await.map_err(|e| AppendRefusal::from(&e))?;
         self.notify_recipients(items);
         Ok(seqs)
+    }
+
+    /// On the home shard: appends messages another shard sent and answers
+    /// it once they are durable, from a task of its own (the mesh receiver
+    /// never waits).
+    pub fn answer_append(self: &Rc<Self>, from: u16, req: u64, items: Vec<NewMessage>) {
+        let appended = self.append_local(&items);
+        let shard = self.clone();
+        let slow = self.slow_reply_on_body.as_deref().is_some_and(|b| items.iter().any(|m| m.body == b));
+        glommio::spawn_local(async move {
+            if slow {
+                glommio::timer::sleep(shard.mesh_timeout + Duration::from_secs(1)).await;
+            }
+            let result = match appended {
+                Ok((seqs, generation)) => match shard.journal.wait_durable(generation).await {
+                    Ok(()) => {
+                        shard.notify_recipients(&items);
+                        Ok(seqs)
+                    }
+                    Err(e) => Err(AppendRefusal::from(&e)),
+                },
+                Err(e) => Err(e),
+            };
+            drop(items);
+            let _ = shard.send(from as usize, MeshMsg::Appended { req, result }).await;
+        })
+        .detach();
     }
 
     /// Looks up a message for `client` (None: unknown, or another client's).
@@ -245,59 +306,50 @@ impl Shard {
         }))
     }
 
-    /// Sends a request to another shard without waiting for channel space:
-    /// a full channel means the peer is overloaded, and the caller answers
-    /// 503 instead of queueing without bound.
-    pub fn try_send(&self, to: usize, msg: MeshMsg) -> Result<(), ChannelFull> {
-        self.mesh.try_send_to(to, msg).map_err(|_| ChannelFull)
+    /// Sends to shard `to`, waiting for room in the channel (a full channel
+    /// holds the sender, which stops reading its connection: backpressure,
+    /// not a refusal), at most `engine.mesh_reply_timeout_ms`.
+    pub async fn send(&self, to: usize, msg: MeshMsg) -> Result<(), MeshError> {
+        self.send_until(to, msg, Instant::now() + self.mesh_timeout).await
     }
 
-    /// Handles a message from shard `peer`. Never awaits: answers that need
-    /// durability or channel space go out from a spawned task.
-    pub fn on_mesh(self: &Rc<Self>, msg: MeshMsg) {
-        match msg {
-            MeshMsg::Append { from, req, items } => {
-                let appended = self.append_local(&items);
-                let shard = self.clone();
-                glommio::spawn_local(async move {
-                    let result = match appended {
-                        Ok((seqs, generation)) => match shard.journal.wait_durable(generation).await {
-                            Ok(()) => {
-                                shard.notify_recipients(&items);
-                                Ok(seqs)
-                            }
-                            Err(e) => Err(AppendRefusal::from(&e)),
-                        },
-                        Err(e) => Err(e),
-                    };
-                    let _ = shard.mesh.send_to(from as usize, MeshMsg::Appended { req, result }).await;
-                })
-                .detach();
-            }
-            MeshMsg::Lookup { from, req, seq, client } => {
-                let view = self.lookup_local(seq, client);
-                self.reply(from, MeshMsg::Found { req, view });
-            }
-            MeshMsg::RateTake { from, req, client, n } => {
-                let decision = self.rate_take_local(client, n);
-                self.reply(from, MeshMsg::RateTaken { req, decision });
-            }
-            MeshMsg::RateRefund { client, n, at_sec } => {
-                self.limiter.borrow_mut().refund(client, n as u64, at_sec, crate::business::now_ms() / 1000);
-            }
-            MeshMsg::Appended { req, .. } | MeshMsg::Found { req, .. } | MeshMsg::RateTaken { req, .. } => {
-                self.replies.complete(req, msg)
-            }
-            MeshMsg::Adopt(adoption) => crate::mobile::adopt(self.clone(), *adoption),
-        }
+    async fn send_until(&self, to: usize, msg: MeshMsg, deadline: Instant) -> Result<(), MeshError> {
+        // Fast path: room now, no timer.
+        let msg = match self.mesh.try_send_to(to, msg) {
+            Ok(()) => return Ok(()),
+            Err(msg) => msg,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let send = async { self.mesh.send_to(to, msg).await.map_err(|_| MeshError::Closed) };
+        futures_lite::future::or(send, async {
+            glommio::timer::sleep(left).await;
+            Err(MeshError::Timeout)
+        })
+        .await
+    }
+
+    /// Sends the request `make(req)` to shard `to` (waiting for room) and
+    /// returns the answer to await; both waits together are bounded by
+    /// `engine.mesh_reply_timeout_ms`.
+    pub async fn request(&self, to: usize, make: impl FnOnce(u64) -> MeshMsg) -> Result<PendingReply<'_>, MeshError> {
+        let deadline = Instant::now() + self.mesh_timeout;
+        let (req, rx) = self.replies.register();
+        let pending = PendingReply { shard: self, req, rx: Some(rx), deadline };
+        self.send_until(to, make(req), deadline).await?;
+        Ok(pending)
+    }
+
+    /// [`Shard::request`] and its answer.
+    pub async fn ask(&self, to: usize, make: impl FnOnce(u64) -> MeshMsg) -> Result<MeshMsg, MeshError> {
+        self.request(to, make).await?.answer().await
     }
 
     /// Sends an answer that is ready now from its own task, so the mesh
     /// receiver never waits for channel space.
-    fn reply(self: &Rc<Self>, to: u16, msg: MeshMsg) {
+    pub fn reply(self: &Rc<Self>, to: u16, msg: MeshMsg) {
         let shard = self.clone();
         glommio::spawn_local(async move {
-            let _ = shard.mesh.send_to(to as usize, msg).await;
+            let _ = shard.send(to as usize, msg).await;
         })
         .detach();
     }

@@ -1,74 +1,179 @@
-//! Graceful shutdown. A signal thread sets a process-wide flag; each shard
-//! polls it and trips its own [`Shutdown`], which wakes every idle
-//! connection so it can close while requests in flight finish.
+//! Graceful shutdown by ownership, in the shape of mini-redis's
+//! `src/shutdown.rs`, built on the runtime's primitives:
+//!
+//! - A signal thread (signal-hook's iterator) *drops* one oneshot sender per
+//!   shard on the first SIGTERM/SIGINT; each shard's receiver resolves and
+//!   trips that shard's [`Shutdown`]. Nothing polls a flag.
+//! - [`Shutdown::wait`] is a [`Latch`] (a glommio `Semaphore` that is closed
+//!   once): every waiter wakes, and a waiter that is dropped first (a
+//!   connection that closed) leaves no trace behind.
+//! - Every connection and session holds a [`Pass`] of the shard's glommio
+//!   `Gate`; draining is closing the gate, which resolves when the last pass
+//!   is dropped, with a bound ([`Shutdown::drain`]).
 
-use std::cell::{Cell, RefCell};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-/// Installs SIGTERM and SIGINT handlers that set the returned flag.
-pub fn install_signal_flag() -> std::io::Result<Arc<AtomicBool>> {
+use futures_channel::oneshot;
+use glommio::sync::{Gate, Pass};
+
+use crate::notify::Latch;
+
+/// What the signal thread hands the process: a flag for the main thread
+/// (read while executors start) and one receiver per shard.
+pub struct Signals {
+    pub flag: Arc<AtomicBool>,
+    pub shards: Vec<oneshot::Receiver<()>>,
+}
+
+/// Starts the thread that turns the first SIGTERM or SIGINT into a
+/// shutdown of every shard (by dropping their senders).
+pub fn install_signals(shards: usize) -> std::io::Result<Signals> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     let flag = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, flag.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, flag.clone())?;
-    Ok(flag)
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| oneshot::channel::<()>()).unzip();
+    let thread_flag = flag.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut senders = senders;
+        for signal in signals.forever() {
+            tracing::info!(signal, "shutting down: finishing requests in flight");
+            thread_flag.store(true, Ordering::Release);
+            senders.clear(); // dropped senders wake every shard
+        }
+    })?;
+    Ok(Signals { flag, shards: receivers })
 }
 
 /// One shard's view of shutdown.
-#[derive(Default)]
 pub struct Shutdown {
-    set: Cell<bool>,
-    wakers: RefCell<Vec<Waker>>,
+    begun: Latch,
+    conns: Gate,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self { begun: Latch::default(), conns: Gate::new() }
+    }
 }
 
 impl Shutdown {
     /// True once shutdown began.
     pub fn is_set(&self) -> bool {
-        self.set.get()
+        self.begun.is_set()
     }
 
     /// Begins shutdown and wakes every waiter.
     pub fn trigger(&self) {
-        self.set.set(true);
-        for w in self.wakers.borrow_mut().drain(..) {
-            w.wake();
+        if !self.is_set() {
+            self.begun.set();
         }
     }
 
     /// Resolves when shutdown begins.
-    pub fn wait(&self) -> WaitShutdown<'_> {
-        WaitShutdown { shutdown: self }
+    pub async fn wait(&self) {
+        self.begun.wait().await
     }
 
-    /// Polls the process flag every 50 ms and trips this shard's shutdown.
-    pub async fn watch(&self, flag: Arc<AtomicBool>) {
-        while !flag.load(Ordering::Relaxed) && !self.is_set() {
-            glommio::timer::sleep(Duration::from_millis(50)).await;
-        }
+    /// Tasks waiting for shutdown now (connections idle between requests,
+    /// sessions, accept loops).
+    pub fn waiting(&self) -> usize {
+        self.begun.waiting()
+    }
+
+    /// Trips this shard's shutdown when the signal thread drops `signal`'s sender.
+    pub async fn watch(&self, signal: oneshot::Receiver<()>) {
+        let _ = signal.await;
         self.trigger();
     }
-}
 
-/// Future of [`Shutdown::wait`].
-pub struct WaitShutdown<'a> {
-    shutdown: &'a Shutdown,
-}
+    /// A pass for a connection: draining waits until it is dropped. None
+    /// once draining began.
+    pub fn enter(&self) -> Option<Pass> {
+        self.conns.enter().ok()
+    }
 
-impl Future for WaitShutdown<'_> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.shutdown.is_set() {
-            Poll::Ready(())
-        } else {
-            let mut wakers = self.shutdown.wakers.borrow_mut();
-            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                wakers.push(cx.waker().clone());
+    /// Closes the gate and waits, at most `bound`, until every pass is
+    /// dropped. True if all were.
+    pub async fn drain(&self, bound: Duration) -> bool {
+        let gate = self.conns.clone();
+        let mut closing = Box::pin(async move { gate.close().await.is_ok() });
+        let finished = futures_lite::future::or(async { Some((&mut closing).await) }, async {
+            glommio::timer::sleep(bound).await;
+            None
+        })
+        .await;
+        match finished {
+            Some(closed) => closed,
+            None => {
+                // glommio's Gate sends "closed" into the closing future's
+                // channel when the last pass leaves, and panics if that
+                // future is gone. Keep it (a few bytes, once per process).
+                std::mem::forget(closing);
+                false
             }
-            Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::future::poll_once;
+    use glommio::LocalExecutor;
+    use std::rc::Rc;
+
+    /// 10,000 connections, each holding a pass and waiting for shutdown
+    /// while idle, then closing: nothing of them stays registered, and the
+    /// drain after them has nothing to wait for.
+    #[test]
+    fn connections_that_end_leave_no_waiter_and_no_pass() {
+        LocalExecutor::default().run(async {
+            let s = Rc::new(Shutdown::default());
+            assert_eq!(s.waiting(), 0);
+            for batch in 0..10 {
+                let mut conns = Vec::new();
+                for _ in 0..1000 {
+                    let s = s.clone();
+                    let pass = s.enter().expect("open gate");
+                    conns.push(glommio::spawn_local(async move {
+                        let _pass = pass;
+                        // An idle connection: its read never completes here.
+                        futures_lite::future::or(s.wait(), futures_lite::future::pending::<()>()).await;
+                    }));
+                }
+                futures_lite::future::yield_now().await;
+                assert_eq!(s.waiting(), 1000, "batch {batch}: every idle connection waits");
+                for c in conns {
+                    c.cancel().await; // the peer closed: the task ends
+                }
+                assert_eq!(s.waiting(), 0, "batch {batch}: ended connections leave nothing");
+            }
+            assert!(s.drain(Duration::from_millis(10)).await, "no pass left to wait for");
+        });
+    }
+
+    #[test]
+    fn drain_waits_for_passes_within_its_bound() {
+        LocalExecutor::default().run(async {
+            let s = Rc::new(Shutdown::default());
+            let pass = s.enter().unwrap();
+            let held = glommio::spawn_local(async move {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                drop(pass);
+            });
+            s.trigger();
+            let mut wait = Box::pin(s.wait());
+            assert!(poll_once(&mut wait).await.is_some(), "waits resolve once set");
+            assert!(s.drain(Duration::from_secs(5)).await);
+            held.await;
+            assert!(s.enter().is_none(), "no new connection after draining");
+
+            let s = Rc::new(Shutdown::default());
+            let stuck = s.enter().unwrap();
+            assert!(!s.drain(Duration::from_millis(20)).await, "the bound holds");
+            drop(stuck); // must not panic after a bounded drain gave up
+        });
     }
 }

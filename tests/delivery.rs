@@ -283,7 +283,8 @@ fn high_priority_overtakes_pending_lower_ones_and_order_holds_within_a_priority(
 
 #[test]
 fn journal_segments_are_deleted_once_every_message_in_them_is_settled() {
-    let setup = Setup::new(&Opts { shards: 1, segment_bytes: 64 * 1024, ..Opts::default() });
+    // A 64 KiB segment holds a message at a body limit of 16 KiB (config refuses 64 KiB).
+    let setup = Setup::new(&Opts { shards: 1, segment_bytes: 64 * 1024, max_body_bytes: 16 * 1024, ..Opts::default() });
     let engine = setup.start();
     let shard_dir = setup.data_dir().join("shard-0");
     let segments = || {

@@ -15,7 +15,7 @@ use crate::{Priority, Status};
 /// Bytes of the frame header (length, CRC, kind).
 pub const HEADER_BYTES: usize = 9;
 /// The largest payload a record may carry. Bounds what recovery will trust.
-pub const PAYLOAD_BYTES_MAX: usize = 4 << 20;
+pub const PAYLOAD_BYTES_MAX: usize = crate::limits::RECORD_PAYLOAD_BYTES_MAX;
 /// Magic number at the start of every segment header payload ("esh3").
 pub const SEGMENT_MAGIC: u32 = 0x6573_6833;
 /// Version of the on-disk format.

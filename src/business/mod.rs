@@ -11,7 +11,6 @@ pub mod json;
 
 use std::fmt::Write as _;
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::limiter::Decision;
@@ -20,14 +19,14 @@ use subtle::ConstantTimeEq;
 use self::json::{
     accepted_json, batch_items, batch_json, check_json_content_type, new_message, parse_json, status_json,
 };
+use crate::clock::now_ms;
 use crate::http::conn::{Handler, Request};
 use crate::http::{write_error, write_response, Method};
-use crate::shard::{AppendRefusal, MeshMsg, NewMessage, Shard};
+use crate::shard::{AppendRefusal, MeshError, MeshMsg, NewMessage, Shard};
 
-/// Longest user id, in bytes.
-pub const USER_ID_BYTES_MAX: usize = 256;
-/// Most messages in one batch.
-pub const BATCH_ITEMS_MAX: usize = 1000;
+// The request limits live with every limit they constrain (a user id is
+// framed into a journal record): `esh3ar_shards::limits`.
+pub use esh3ar_shards::limits::{BATCH_ITEMS_MAX, USER_ID_BYTES_MAX};
 
 /// An authenticated client on this connection.
 #[derive(Clone, Copy)]
@@ -61,8 +60,8 @@ impl BusinessConn {
             }
         }
         let key = strip_bearer(header)?;
-        let client = self.shard.clients.authenticate(key)?;
-        let home = crate::route(self.shard.clients.id(client), self.shard.count);
+        let client = self.shard.clients().authenticate(key)?;
+        let home = crate::route(self.shard.clients().id(client), self.shard.count());
         let authed = Authed { client, home };
         self.auth_cache = Some((header.to_vec(), authed));
         Some(authed)
@@ -118,7 +117,11 @@ impl ApiError {
     }
     fn refusal(r: Refusal) -> Self {
         match r {
-            Refusal::Overloaded => Self::new(503, "overloaded", "the engine is at capacity; retry later"),
+            Refusal::Timeout => Self::new(
+                503,
+                "shard_timeout",
+                "another shard did not answer in time; a send may still be accepted (a retry may duplicate)",
+            ),
             Refusal::Shed => Self::new(503, "overloaded", "the engine is shedding load at this priority; retry later"),
             Refusal::Home(AppendRefusal::StorageFailed) => {
                 Self::new(503, "storage_unavailable", "the journal cannot write; retry later")
@@ -136,8 +139,8 @@ impl ApiError {
 /// Why messages were not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
-    /// The mesh channel to the home shard was full.
-    Overloaded,
+    /// The other shard did not answer within `engine.mesh_reply_timeout_ms`.
+    Timeout,
     /// Memory pressure: this priority is being shed.
     Shed,
     Home(AppendRefusal),
@@ -147,6 +150,15 @@ enum Refusal {
 struct Reply {
     status: u16,
     body: Vec<u8>,
+}
+
+impl From<MeshError> for Refusal {
+    fn from(e: MeshError) -> Self {
+        match e {
+            MeshError::Timeout => Refusal::Timeout,
+            MeshError::Closed => Refusal::Home(AppendRefusal::ShuttingDown),
+        }
+    }
 }
 
 impl Handler for BusinessConn {
@@ -210,9 +222,7 @@ impl Handler for BusinessConn {
     async fn before_read(&mut self) {
         // When this shard's memory budget is used up, stop reading: the
         // clients feel TCP backpressure instead of us buffering more.
-        while self.shard.is_full() && !self.shard.shutdown.is_set() {
-            self.shard.pressure.changed().await;
-        }
+        self.shard.wait_for_room().await;
     }
 }
 
@@ -220,15 +230,15 @@ impl BusinessConn {
     async fn send_one(&mut self, req: Request<'_>, authed: Authed) -> Result<Reply, ApiError> {
         check_json_content_type(&req)?;
         let value = parse_json(req.body)?;
-        let msg = new_message(&value, authed.client, &self.shard.cfg.business, now_ms())?;
-        let offset = self.shard.clients.get(authed.client).shed_offset_percent;
+        let msg = new_message(&value, authed.client, &self.shard.cfg().business, now_ms())?;
+        let offset = self.shard.clients().get(authed.client).shed_offset_percent;
         if !self.shard.admits(msg.priority, offset) {
             return Err(ApiError::refusal(Refusal::Shed));
         }
         if !self.rate(authed, 1).await?.admitted {
             return Err(ApiError::rate_limited());
         }
-        let home = crate::route(&msg.to, self.shard.count);
+        let home = crate::route(&msg.to, self.shard.count());
         let outcome = self.append_on(home, vec![msg]).await;
         match outcome {
             Ok(seqs) => match seqs[0] {
@@ -250,14 +260,14 @@ impl BusinessConn {
         let value = parse_json(req.body)?;
         let items = batch_items(&value)?;
         let now = now_ms();
-        let count = self.shard.count;
-        let offset = self.shard.clients.get(authed.client).shed_offset_percent;
+        let count = self.shard.count();
+        let offset = self.shard.clients().get(authed.client).shed_offset_percent;
         // Validate and shed item by item; group the rest by home shard.
         let mut results: Vec<Result<TrackingId, ApiError>> = Vec::with_capacity(items.len());
         let mut groups: Vec<(Vec<usize>, Vec<NewMessage>)> = (0..count).map(|_| (Vec::new(), Vec::new())).collect();
         let mut wanted = 0u32;
         for (i, item) in items.iter().enumerate() {
-            match new_message(item, authed.client, &self.shard.cfg.business, now) {
+            match new_message(item, authed.client, &self.shard.cfg().business, now) {
                 Ok(m) if !self.shard.admits(m.priority, offset) => results.push(Err(ApiError::refusal(Refusal::Shed))),
                 Ok(m) => {
                     let home = crate::route(&m.to, count);
@@ -280,28 +290,23 @@ impl BusinessConn {
             if msgs.is_empty() {
                 continue;
             }
-            if home == self.shard.id {
+            if home == self.shard.id() {
                 local = Some((positions, msgs));
                 continue;
             }
-            let (req_id, rx) = self.shard.replies.register();
-            let msg = MeshMsg::Append { from: self.shard.id as u16, req: req_id, items: msgs };
-            if self.shard.try_send(home, msg).is_ok() {
-                waits.push((home, positions, Some(rx)));
-            } else {
-                self.shard.replies.cancel(req_id);
-                waits.push((home, positions, None));
-            }
+            let from = self.shard.id() as u16;
+            let sent = self.shard.request(home, |req| MeshMsg::Append { from, req, items: msgs }).await;
+            waits.push((home, positions, sent));
         }
         let mut tally = Tally::default();
         if let Some((positions, msgs)) = local {
             let outcome = self.shard.append_durable(&msgs).await.map_err(Refusal::Home);
-            tally.record(&mut results, &positions, self.shard.id, outcome);
+            tally.record(&mut results, &positions, self.shard.id(), outcome);
         }
-        for (home, positions, rx) in waits {
-            let outcome = match rx {
-                Some(rx) => await_appended(rx).await,
-                None => Err(Refusal::Overloaded),
+        for (home, positions, sent) in waits {
+            let outcome = match sent {
+                Ok(pending) => appended(pending.answer().await),
+                Err(e) => Err(e.into()),
             };
             tally.record(&mut results, &positions, home, outcome);
         }
@@ -318,20 +323,16 @@ impl BusinessConn {
 
     async fn get_status(&mut self, id: &[u8], authed: Authed) -> Result<Reply, ApiError> {
         let not_found = || ApiError::new(404, "not_found", "no such message");
-        let id = TrackingId::decode(id).filter(|t| (t.shard as usize) < self.shard.count).ok_or_else(not_found)?;
+        let id = TrackingId::decode(id).filter(|t| (t.shard as usize) < self.shard.count()).ok_or_else(not_found)?;
         let home = id.shard as usize;
-        let view = if home == self.shard.id {
+        let view = if home == self.shard.id() {
             self.shard.lookup_local(id.seq, authed.client)
         } else {
-            let (req, rx) = self.shard.replies.register();
-            let msg = MeshMsg::Lookup { from: self.shard.id as u16, req, seq: id.seq, client: authed.client };
-            if self.shard.try_send(home, msg).is_err() {
-                self.shard.replies.cancel(req);
-                return Err(ApiError::refusal(Refusal::Overloaded));
-            }
-            match rx.await {
+            let (from, client) = (self.shard.id() as u16, authed.client);
+            match self.shard.ask(home, |req| MeshMsg::Lookup { from, req, seq: id.seq, client }).await {
                 Ok(MeshMsg::Found { view, .. }) => view,
-                _ => return Err(ApiError::refusal(Refusal::Home(AppendRefusal::ShuttingDown))),
+                Ok(_) => return Err(ApiError::refusal(Refusal::Home(AppendRefusal::ShuttingDown))),
+                Err(e) => return Err(ApiError::refusal(e.into())),
             }
         };
         let view = view.ok_or_else(not_found)?;
@@ -342,18 +343,14 @@ impl BusinessConn {
     /// (`n = 0` reads the state) and remembers the decision for the headers.
     async fn rate(&mut self, authed: Authed, n: u32) -> Result<Decision, ApiError> {
         let at_sec = now_ms() / 1000;
-        let decision = if authed.home == self.shard.id {
+        let decision = if authed.home == self.shard.id() {
             self.shard.rate_take_local(authed.client, n)
         } else {
-            let (req, rx) = self.shard.replies.register();
-            let msg = MeshMsg::RateTake { from: self.shard.id as u16, req, client: authed.client, n };
-            if self.shard.try_send(authed.home, msg).is_err() {
-                self.shard.replies.cancel(req);
-                return Err(ApiError::refusal(Refusal::Overloaded));
-            }
-            match rx.await {
+            let (from, client) = (self.shard.id() as u16, authed.client);
+            match self.shard.ask(authed.home, |req| MeshMsg::RateTake { from, req, client, n }).await {
                 Ok(MeshMsg::RateTaken { decision, .. }) => decision,
-                _ => return Err(ApiError::refusal(Refusal::Home(AppendRefusal::ShuttingDown))),
+                Ok(_) => return Err(ApiError::refusal(Refusal::Home(AppendRefusal::ShuttingDown))),
+                Err(e) => return Err(ApiError::refusal(e.into())),
             }
         };
         self.decision = Some((decision, at_sec));
@@ -365,26 +362,26 @@ impl BusinessConn {
         let Some((d, at_sec)) = self.decision.as_mut() else { return };
         d.remaining = (d.remaining + n as u64).min(d.limit);
         let at_sec = *at_sec;
-        if authed.home == self.shard.id {
-            let now = now_ms() / 1000;
-            self.shard.limiter.borrow_mut().refund(authed.client, n as u64, at_sec, now);
+        if authed.home == self.shard.id() {
+            self.shard.rate_refund_local(authed.client, n, at_sec);
         } else {
-            // Best effort: a refund lost to a full channel only undercounts.
-            let _ = self.shard.try_send(authed.home, MeshMsg::RateRefund { client: authed.client, n, at_sec });
+            // From its own task: the answer need not wait for channel room.
+            // Best effort: a refund lost to a timeout only undercounts.
+            let shard = self.shard.clone();
+            let msg = MeshMsg::RateRefund { client: authed.client, n, at_sec };
+            glommio::spawn_local(async move {
+                let _ = shard.send(authed.home, msg).await;
+            })
+            .detach();
         }
     }
 
     async fn append_on(&self, home: usize, items: Vec<NewMessage>) -> Result<Vec<Option<u64>>, Refusal> {
-        if home == self.shard.id {
+        if home == self.shard.id() {
             return self.shard.append_durable(&items).await.map_err(Refusal::Home);
         }
-        let (req, rx) = self.shard.replies.register();
-        let msg = MeshMsg::Append { from: self.shard.id as u16, req, items };
-        if self.shard.try_send(home, msg).is_err() {
-            self.shard.replies.cancel(req);
-            return Err(Refusal::Overloaded);
-        }
-        await_appended(rx).await
+        let from = self.shard.id() as u16;
+        appended(self.shard.ask(home, |req| MeshMsg::Append { from, req, items }).await)
     }
 }
 
@@ -433,15 +430,11 @@ impl Tally {
     }
 }
 
-async fn await_appended(rx: futures_channel::oneshot::Receiver<MeshMsg>) -> Result<Vec<Option<u64>>, Refusal> {
-    match rx.await {
+/// The outcome of an `Append` from the home shard's answer.
+fn appended(answer: Result<MeshMsg, MeshError>) -> Result<Vec<Option<u64>>, Refusal> {
+    match answer {
         Ok(MeshMsg::Appended { result, .. }) => result.map_err(Refusal::Home),
-        // The home shard dropped the request: it is going away.
-        _ => Err(Refusal::Home(AppendRefusal::ShuttingDown)),
+        Ok(_) => Err(Refusal::Home(AppendRefusal::ShuttingDown)),
+        Err(e) => Err(e.into()),
     }
-}
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

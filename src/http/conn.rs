@@ -9,7 +9,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::{parse_head, write_error, Framing, RequestHead, HEAD_BYTES_MAX};
-use crate::pressure::Pressure;
+use crate::pressure::{Held, Pressure};
 use crate::shutdown::Shutdown;
 
 /// Limits of one listener.
@@ -62,7 +62,7 @@ const READ_CHUNK_BYTES: usize = 4096;
 /// With `pressure`, the connection's buffer counts against the shard's
 /// memory budget for as long as it exists.
 pub async fn serve<H: Handler>(
-    mut stream: TcpStream,
+    stream: TcpStream,
     limits: Limits,
     handler: &mut H,
     shutdown: &Shutdown,
@@ -70,80 +70,129 @@ pub async fn serve<H: Handler>(
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(limits.request_timeout));
-    let buf_max = HEAD_BYTES_MAX + limits.body_bytes_max;
-    let mut buf = vec![0u8; READ_CHUNK_BYTES];
-    let mut held = pressure.map(|p| p.hold(buf.len()));
-    let (mut start, mut end) = (0usize, 0usize);
-    let mut out: Vec<u8> = Vec::with_capacity(512);
-    let mut request_started = Instant::now();
+    let mut conn = Conn::new(stream, limits, pressure);
     loop {
-        // Answer every complete request already buffered (pipelining).
-        let mut need = 0;
-        while start < end {
-            let head = match parse_head(&buf[start..end], limits.body_bytes_max) {
-                Framing::Partial => break,
+        let Some(need) = conn.answer_buffered(handler, shutdown).await else { return };
+        if !conn.write_answers().await {
+            return;
+        }
+        conn.make_room(need);
+        if !conn.read_more(handler, shutdown).await {
+            return;
+        }
+    }
+}
+
+/// One connection's buffers: requests arrive in `buf[start..end]`,
+/// answers collect in `out`.
+struct Conn<'p> {
+    stream: TcpStream,
+    limits: Limits,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    out: Vec<u8>,
+    request_started: Instant,
+    pressure: Option<&'p Pressure>,
+    /// `buf`'s bytes, counted against the shard's budget.
+    held: Option<Held<'p>>,
+}
+
+impl<'p> Conn<'p> {
+    fn new(stream: TcpStream, limits: Limits, pressure: Option<&'p Pressure>) -> Self {
+        let buf = vec![0u8; READ_CHUNK_BYTES];
+        let held = pressure.map(|p| p.hold(buf.len()));
+        let out = Vec::with_capacity(512);
+        Conn { stream, limits, buf, start: 0, end: 0, out, request_started: Instant::now(), pressure, held }
+    }
+
+    /// Answers every complete request already buffered (pipelining).
+    /// Returns the bytes the next request needs in all (0: unknown yet), or
+    /// None once the connection must close (its last answer written).
+    async fn answer_buffered<H: Handler>(&mut self, handler: &mut H, shutdown: &Shutdown) -> Option<usize> {
+        while self.start < self.end {
+            let head = match parse_head(&self.buf[self.start..self.end], self.limits.body_bytes_max) {
+                Framing::Partial => return Some(0),
                 Framing::Error(e) => {
-                    write_error(&mut out, e.status, e.code, e.message, "", false);
-                    let _ = stream.write_all(&out).await;
-                    return;
+                    write_error(&mut self.out, e.status, e.code, e.message, "", false);
+                    let _ = self.stream.write_all(&self.out).await;
+                    return None;
                 }
                 Framing::Head(h) => h,
             };
             let total = head.head_len + head.content_length;
-            if end - start < total {
-                need = total;
-                break;
+            if self.end - self.start < total {
+                return Some(total);
             }
-            let (head_bytes, body) = buf[start..start + total].split_at_mut(head.head_len);
+            let (head_bytes, body) = self.buf[self.start..self.start + total].split_at_mut(head.head_len);
             let keep_alive = head.keep_alive;
-            let keep = handler.handle(Request { head: &head, head_bytes, body }, &mut out).await;
-            start += total;
-            request_started = Instant::now();
+            let keep = handler.handle(Request { head: &head, head_bytes, body }, &mut self.out).await;
+            self.start += total;
+            self.request_started = Instant::now();
             if !keep || !keep_alive || shutdown.is_set() {
-                let _ = stream.write_all(&out).await;
-                return;
+                let _ = self.stream.write_all(&self.out).await;
+                return None;
             }
         }
-        if start == end {
-            (start, end) = (0, 0);
-            if buf.len() > 4 * READ_CHUNK_BYTES {
-                buf = vec![0u8; READ_CHUNK_BYTES]; // give back a large body's buffer
-                held = pressure.map(|p| p.hold(buf.len()));
+        Some(0)
+    }
+
+    /// Writes the answers collected so far; gives back a large body's
+    /// buffer once it is consumed. False if the peer is gone.
+    async fn write_answers(&mut self) -> bool {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+            if self.buf.len() > 4 * READ_CHUNK_BYTES {
+                self.buf = vec![0u8; READ_CHUNK_BYTES];
+                self.held = self.pressure.map(|p| p.hold(self.buf.len()));
             }
         }
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                return;
+        if !self.out.is_empty() {
+            if self.stream.write_all(&self.out).await.is_err() {
+                return false;
             }
-            out.clear();
+            self.out.clear();
         }
-        // Make room for the rest of the request.
-        let want = need.max(end - start + READ_CHUNK_BYTES).min(buf_max);
-        if buf.len() - start < want {
-            buf.copy_within(start..end, 0);
-            (start, end) = (0, end - start);
-            if buf.len() < want {
-                buf.resize(want, 0);
-                drop(held.take());
-                held = pressure.map(|p| p.hold(buf.len()));
+        true
+    }
+
+    /// Makes room for the rest of the request (`need` bytes in all if known).
+    fn make_room(&mut self, need: usize) {
+        let buf_max = HEAD_BYTES_MAX + self.limits.body_bytes_max;
+        let want = need.max(self.end - self.start + READ_CHUNK_BYTES).min(buf_max);
+        if self.buf.len() - self.start < want {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+                drop(self.held.take());
+                self.held = self.pressure.map(|p| p.hold(self.buf.len()));
             }
         }
-        let idle = start == end;
+    }
+
+    /// Reads more bytes, within the idle or request deadline. False when
+    /// the connection ends (peer closed, error, timeout, or shutdown while
+    /// idle).
+    async fn read_more<H: Handler>(&mut self, handler: &mut H, shutdown: &Shutdown) -> bool {
+        let idle = self.start == self.end;
         if idle {
             // Only between requests: a request already started is read to
             // its end (its buffer is allocated and counted), so the gate can
             // never stall every connection mid-request.
             handler.before_read().await;
-        }
-        if idle && shutdown.is_set() {
-            return;
+            if shutdown.is_set() {
+                return false;
+            }
         }
         let timeout = if idle {
-            limits.idle_timeout
+            self.limits.idle_timeout
         } else {
-            limits.request_timeout.saturating_sub(request_started.elapsed()).max(Duration::from_millis(1))
+            let left = self.limits.request_timeout.saturating_sub(self.request_started.elapsed());
+            left.max(Duration::from_millis(1))
         };
-        let _ = stream.set_read_timeout(Some(timeout));
+        let _ = self.stream.set_read_timeout(Some(timeout));
+        let (stream, buf, end) = (&mut self.stream, &mut self.buf, self.end);
         let read = if idle {
             let read = async { Some(stream.read(&mut buf[end..]).await) };
             futures_lite::future::or(read, async {
@@ -155,19 +204,20 @@ pub async fn serve<H: Handler>(
             Some(stream.read(&mut buf[end..]).await)
         };
         match read {
-            None | Some(Ok(0)) => return,
+            None | Some(Ok(0)) => false,
             Some(Ok(n)) => {
                 if idle {
-                    request_started = Instant::now();
+                    self.request_started = Instant::now();
                 }
-                end += n;
+                self.end += n;
+                true
             }
             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut && !idle => {
-                write_error(&mut out, 408, "request_timeout", "request not completed in time", "", false);
-                let _ = stream.write_all(&out).await;
-                return;
+                write_error(&mut self.out, 408, "request_timeout", "request not completed in time", "", false);
+                let _ = self.stream.write_all(&self.out).await;
+                false
             }
-            Some(Err(_)) => return,
+            Some(Err(_)) => false,
         }
     }
 }

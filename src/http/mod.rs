@@ -14,9 +14,9 @@ use std::fmt::Write as _;
 use std::ops::Range;
 
 /// Most bytes of a request head (request line + headers).
-pub const HEAD_BYTES_MAX: usize = 8 * 1024;
+pub const HEAD_BYTES_MAX: usize = esh3ar_shards::limits::HTTP_HEAD_BYTES_MAX;
 /// Most header fields of a request.
-pub const HEADERS_MAX: usize = 64;
+pub const HEADERS_MAX: usize = esh3ar_shards::limits::HTTP_HEADERS_MAX;
 
 /// Request method, as far as routing cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -124,7 +124,7 @@ pub fn check_upgrade(buf: &[u8], secret: &[u8], now_secs: u64) -> Handshake {
 /// upgrade request, then serve the session here or hand it to the home shard.
 pub async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + Duration::from_millis(shard.cfg.mobile.handshake_timeout_ms);
+    let deadline = Instant::now() + Duration::from_millis(shard.cfg().mobile.handshake_timeout_ms);
     let mut buf = vec![0u8; 2048];
     let mut len = 0;
     let upgrade = loop {
@@ -144,16 +144,16 @@ pub async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream) {
             Ok(0) | Err(_) => return,
             Ok(n) => len += n,
         }
-        let now = crate::business::now_ms() / 1000;
-        match check_upgrade(&buf[..len], shard.cfg.mobile.token_secret.as_bytes(), now) {
+        let now = crate::clock::now_ms() / 1000;
+        match check_upgrade(&buf[..len], shard.cfg().mobile.token_secret.as_bytes(), now) {
             Handshake::Partial => continue,
             Handshake::Refuse(e) => return refuse_conn(stream, &e).await,
             Handshake::Upgrade(u) => break u,
         }
     };
     let _ = stream.set_read_timeout(None);
-    let home = crate::route(&upgrade.user, shard.count);
-    if home == shard.id {
+    let home = crate::route(&upgrade.user, shard.count());
+    if home == shard.id() {
         return session::start(shard, stream, upgrade.user, &upgrade.accept_key).await;
     }
     // SAFETY: dup of a descriptor we own; the copy is owned by the Adoption.
@@ -162,8 +162,10 @@ pub async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream) {
         return refuse_conn(stream, &HttpError::closing(503, "overloaded", "cannot hand the connection over")).await;
     }
     let adoption = Adoption { fd, user: upgrade.user, accept_key: upgrade.accept_key };
-    if shard.try_send(home, MeshMsg::Adopt(Box::new(adoption))).is_err() {
-        // The Adoption (and its fd) was dropped with the refused message.
+    // Waits for room in the channel (bounded): a full channel is
+    // backpressure, not a reason to refuse the phone.
+    if shard.send(home, MeshMsg::Adopt(Box::new(adoption))).await.is_err() {
+        // The Adoption (and its fd) was dropped with the unsent message.
         return refuse_conn(stream, &HttpError::closing(503, "overloaded", "the engine is at capacity; retry later"))
             .await;
     }
@@ -173,7 +175,7 @@ pub async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream) {
 
 /// Runs on the home shard: take over a socket handed over by another shard.
 pub fn adopt(shard: Rc<Shard>, mut adoption: Adoption) {
-    if shard.shutdown.is_set() {
+    if shard.shutdown().is_set() {
         return; // dropping the adoption closes the socket
     }
     let fd = adoption.take_fd();

@@ -115,7 +115,21 @@ impl Engine {
 
     /// Starts the engine; Err(stderr) if it exits before becoming ready.
     pub fn try_start(config: &Path) -> Result<Engine, String> {
-        let mut child = Command::new(bin())
+        Self::try_start_with_env(config, &[])
+    }
+
+    /// Starts the engine with extra environment variables (test hooks).
+    pub fn try_start_with_env(config: &Path, env: &[(&str, &str)]) -> Result<Engine, String> {
+        Self::try_start_with(config, |cmd| {
+            cmd.envs(env.iter().copied());
+        })
+    }
+
+    /// Starts the engine after `customize` adjusted its command.
+    pub fn try_start_with(config: &Path, customize: impl FnOnce(&mut Command)) -> Result<Engine, String> {
+        let mut cmd = Command::new(bin());
+        customize(&mut cmd);
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(config)
             .env("ESH3AR_LOG", "warn")
@@ -172,6 +186,20 @@ impl Engine {
                 let _ = child.kill();
                 return Err("no ready line within 30 s".into());
             }
+        }
+    }
+
+    /// Waits up to `wait` for the process to exit on its own.
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -476,6 +504,22 @@ impl Phone {
             }
         }
     }
+}
+
+/// Raises this process's soft open-files limit to its hard limit (children
+/// inherit it); returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
 }
 
 /// Resident set size of a process, in bytes (from /proc).
