@@ -456,3 +456,30 @@ pub fn run_args(args: &[&str]) -> anyhow::Result<RunArgs> {
         _ => bail!("not a run command"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_all_defaults_to_10000_connections_and_4_gib() {
+        let a = run_args(&["--scenario", "accept-all", "--require-all-accepted"]).unwrap();
+        assert!(a.require_all_accepted);
+        let p = plan(&a, Vec::new());
+        assert_eq!((p.connections, p.body_bytes), (10_000, 64));
+        assert_eq!(p.memory_limit_bytes, engine::DEFAULT_MEMORY_LIMIT);
+        assert_eq!(engine::DEFAULT_MEMORY_LIMIT, 4 << 30);
+        assert_eq!(
+            plan(&run_args(&["--scenario", "accept-all", "--connections", "15000"]).unwrap(), vec![]).connections,
+            15_000
+        );
+        assert_eq!(plan(&run_args(&[]).unwrap(), vec![]).connections, 64);
+    }
+
+    #[test]
+    fn open_files_beyond_the_hard_limit_fail_clearly() {
+        let e = crate::net::raise_open_files(usize::MAX / 2).unwrap_err().to_string();
+        assert!(e.contains("hard RLIMIT_NOFILE"), "{e}");
+        crate::net::raise_open_files(10).unwrap();
+    }
+}
