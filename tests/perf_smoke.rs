@@ -85,3 +85,24 @@ fn many_connections_closed_loop_on_two_shards_are_all_accepted() {
     check_all_accepted(&r).unwrap_or_else(|e| panic!("{e:#}\n{}", r.human()));
     assert!(r.accepted > 300, "{}", r.human());
 }
+
+#[test]
+fn accept_all_counts_every_answer_by_status() {
+    // The harness's side only: the engine's zero-503 guarantee is checked
+    // by the integration tests, not here.
+    let r = perf(&["--scenario", "accept-all", "--connections", "200", "--duration", "2s"]);
+    assert_eq!(r.scenario, "accept-all");
+    assert_eq!(r.connections, 200, "{}", r.human());
+    let p = r.overload.as_ref().expect("accept-all reports answers by status");
+    assert_eq!(p.memory_limit_bytes, 4 << 30, "{}", r.human());
+    assert!(p.rss_max_bytes > 0, "{}", r.human());
+    let accepted = p.totals.get("202").and_then(|by| by.get("normal")).copied().unwrap_or(0);
+    assert!(accepted >= r.accepted && r.accepted > 0, "{}", r.human());
+    let refused: u64 = p.totals.iter().filter(|(k, _)| *k != "202").flat_map(|(_, by)| by.values()).sum();
+    let errors: u64 = r.errors.iter().filter(|(k, _)| !k.starts_with("connect")).map(|(_, v)| v).sum();
+    assert!(refused >= errors, "every measured error is in the totals\n{}", r.human());
+    assert_eq!(r.not_accepted(), refused + (r.error_count() - errors), "{}", r.human());
+    let per_s: u64 = p.per_s.iter().flat_map(|m| m.values()).flat_map(|by| by.values()).sum();
+    assert_eq!(per_s, accepted + refused, "per-second rows add up to the totals\n{}", r.human());
+    assert!(r.extra.contains_key("server_rss_max_bytes"), "{}", r.human());
+}

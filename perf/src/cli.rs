@@ -101,7 +101,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub rate: Option<f64>,
     /// Sender connections (each has one request in flight); default 64,
-    /// 800 for overload.
+    /// 800 for overload, 10000 for accept-all.
     #[arg(long)]
     pub connections: Option<usize>,
     /// Receivers (WebSocket users or queue consumers); default 1000 for
@@ -154,9 +154,14 @@ pub struct RunArgs {
     /// The esh3ar binary to start (default: next to esh3ar-perf).
     #[arg(long)]
     pub engine_bin: Option<PathBuf>,
-    /// Shards of a started engine (or executors of a started ceiling).
-    #[arg(long, default_value_t = 1)]
-    pub server_threads: usize,
+    /// Shards of a started engine (or executors of a started ceiling);
+    /// default 1, 2 for accept-all.
+    #[arg(long)]
+    pub server_threads: Option<usize>,
+    /// Exit non-zero if any answer is not a 202 (timeouts, resets and
+    /// connect failures included): a gate for operators and CI.
+    #[arg(long)]
+    pub require_all_accepted: bool,
     /// Where a started engine's data dir goes (default: the temp dir).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -179,21 +184,16 @@ pub struct RunArgs {
     /// A label for tables and plots (default: the system).
     #[arg(long)]
     pub label: Option<String>,
-    /// Exit non-zero unless every answer was a 202 (ingest and batch): the
-    /// gate of "every client accepted" runs, e.g. `--connections 10000
-    /// --server-threads 2` (docs/PERFORMANCE.md).
-    #[arg(long)]
-    pub require_all_accepted: bool,
 }
 
 /// Fails with the answers that were not a 202 (or transport errors), if any.
 pub fn check_all_accepted(r: &Report) -> anyhow::Result<()> {
-    if r.errors.is_empty() {
+    let total = r.not_accepted();
+    if total == 0 {
         return Ok(());
     }
-    let total: u64 = r.errors.values().sum();
     let by: Vec<String> = r.errors.iter().map(|(k, v)| format!("{v} × {k}")).collect();
-    bail!("{total} answers were not 202 ({}) out of {} requests measured", by.join(", "), r.requests)
+    bail!("--require-all-accepted: {total} requests were not answered 202 ({})", by.join(", "))
 }
 
 /// Entry point of the binary; returns the exit code.
@@ -287,12 +287,15 @@ fn spawn_ceiling(threads: usize, cpus: Option<&str>) -> anyhow::Result<(Spawned,
 /// Runs one scenario as `args` say and returns its report (also saved to
 /// `--out`). Used by the binary and by the smoke tests.
 pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
+    let sockets = args.connections.unwrap_or(0) + args.receivers.unwrap_or(0);
+    crate::net::raise_open_files(sockets.max(default_connections(args.scenario)))?;
+    let server_threads = args.server_threads.unwrap_or(if args.scenario == Scenario::AcceptAll { 2 } else { 1 });
     let mut spawned: Option<Spawned> = None;
     let target = match (args.system, args.addr) {
         (System::Esh3ar, None) => {
             let bin = args.engine_bin.clone().unwrap_or_else(engine::default_engine_bin);
             let limit = memory_limit(args);
-            let (s, t) = engine::spawn_engine(&bin, args.server_threads, args.data_dir.as_deref(), limit)?;
+            let (s, t) = engine::spawn_engine(&bin, server_threads, args.data_dir.as_deref(), limit)?;
             spawned = Some(s);
             t
         }
@@ -303,7 +306,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             token_secret: args.token_secret.clone(),
         },
         (System::Ceiling, None) => {
-            let (s, t) = spawn_ceiling(args.server_threads, args.server_cpus.as_deref())?;
+            let (s, t) = spawn_ceiling(server_threads, args.server_cpus.as_deref())?;
             spawned = Some(s);
             t
         }
@@ -406,7 +409,7 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
     let receivers = args.receivers.unwrap_or(match args.scenario {
         Scenario::E2e | Scenario::OfflineDrain => 1000,
         Scenario::IdleConnections => 10_000,
-        Scenario::Ingest | Scenario::Batch | Scenario::Overload => 0,
+        Scenario::Ingest | Scenario::Batch | Scenario::Overload | Scenario::AcceptAll => 0,
     });
     let overload = args.scenario == Scenario::Overload;
     Plan {
@@ -415,7 +418,7 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
             LoadModel::Closed => Model::Closed,
             LoadModel::Open => Model::Open { rate: args.rate.unwrap_or(0.0) },
         },
-        connections: args.connections.unwrap_or(if overload { 800 } else { 64 }),
+        connections: args.connections.unwrap_or(default_connections(args.scenario)),
         receivers,
         users: args.users,
         duration: args.duration,
@@ -430,6 +433,15 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
         connects_in_flight: 64,
         spin_before_park: Duration::from_micros(args.spin_us),
         memory_limit_bytes: if args.addr.is_none() { memory_limit(args) } else { 0 },
+    }
+}
+
+/// Sender connections unless `--connections` says otherwise.
+fn default_connections(scenario: Scenario) -> usize {
+    match scenario {
+        Scenario::Overload => 800,
+        Scenario::AcceptAll => 10_000,
+        _ => 64,
     }
 }
 
@@ -449,5 +461,32 @@ pub fn run_args(args: &[&str]) -> anyhow::Result<RunArgs> {
     match cli.command {
         Some(Cmd::Run(a)) => Ok(*a),
         _ => bail!("not a run command"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_all_defaults_to_10000_connections_and_4_gib() {
+        let a = run_args(&["--scenario", "accept-all", "--require-all-accepted"]).unwrap();
+        assert!(a.require_all_accepted);
+        let p = plan(&a, Vec::new());
+        assert_eq!((p.connections, p.body_bytes), (10_000, 64));
+        assert_eq!(p.memory_limit_bytes, engine::DEFAULT_MEMORY_LIMIT);
+        assert_eq!(engine::DEFAULT_MEMORY_LIMIT, 4 << 30);
+        assert_eq!(
+            plan(&run_args(&["--scenario", "accept-all", "--connections", "15000"]).unwrap(), vec![]).connections,
+            15_000
+        );
+        assert_eq!(plan(&run_args(&[]).unwrap(), vec![]).connections, 64);
+    }
+
+    #[test]
+    fn open_files_beyond_the_hard_limit_fail_clearly() {
+        let e = crate::net::raise_open_files(usize::MAX / 2).unwrap_err().to_string();
+        assert!(e.contains("hard RLIMIT_NOFILE"), "{e}");
+        crate::net::raise_open_files(10).unwrap();
     }
 }

@@ -38,6 +38,37 @@ pub fn source_for(sources: &[Ipv4Addr], i: usize) -> Option<Ipv4Addr> {
     (!sources.is_empty()).then(|| sources[i % sources.len()])
 }
 
+/// File descriptors kept free beyond the connections (engine pipes,
+/// io_uring, the report, the data dir).
+const SPARE_FILES: u64 = 256;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, so one generator
+/// process holds `sockets` connections; fails clearly when even the hard
+/// limit is too low.
+pub fn raise_open_files(sockets: usize) -> anyhow::Result<()> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into a valid, owned struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        anyhow::bail!("getrlimit(RLIMIT_NOFILE): {}", io::Error::last_os_error());
+    }
+    let needed = sockets as u64 + SPARE_FILES;
+    if lim.rlim_max < needed {
+        anyhow::bail!(
+            "{sockets} connections need {needed} open files, but the hard RLIMIT_NOFILE is {}: \
+             raise it (ulimit -Hn, limits.conf or LimitNOFILE=) or use fewer --connections",
+            lim.rlim_max
+        );
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads one valid rlimit; soft <= hard always holds here.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            anyhow::bail!("setrlimit(RLIMIT_NOFILE, {}): {}", lim.rlim_max, io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Connects to `dst`, from `src` when given. TCP_NODELAY is set.
 pub async fn connect(dst: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
     let stream = match src {

@@ -113,6 +113,19 @@ impl Report {
     }
 
     /// The human table.
+    /// Requests not answered 202: every non-202 status, timeout, reset,
+    /// I/O or connect failure (all counted in `errors`, warm-up included
+    /// in the profiled scenarios' totals).
+    pub fn not_accepted(&self) -> u64 {
+        match &self.overload {
+            Some(p) => {
+                p.totals.iter().filter(|(k, _)| *k != "202").flat_map(|(_, by)| by.values()).sum::<u64>()
+                    + self.errors.iter().filter(|(k, _)| k.starts_with("connect")).map(|(_, v)| v).sum::<u64>()
+            }
+            None => self.error_count(),
+        }
+    }
+
     pub fn human(&self) -> String {
         let mut s = String::new();
         let rate = self.rate_per_s.map(|r| format!(" rate={r:.0}/s")).unwrap_or_default();
@@ -166,6 +179,11 @@ impl Report {
         }
         if let Some(p) = &self.overload {
             s.push_str(&p.table());
+            let _ = writeln!(
+                s,
+                "  not accepted {}   (answers other than 202, timeouts, resets, failed connects; warm-up included)",
+                self.not_accepted()
+            );
         }
         s
     }

@@ -258,7 +258,7 @@ async fn lane(ctx: Rc<ThreadCtx>, j: usize, mut sender: Sender, gate: Rc<Semapho
         }
         sleep_until(intended).await;
         Progress::add(&ctx.progress().sent, per_request);
-        let result = if plan.scenario == Scenario::Overload {
+        let result = if plan.scenario.profiled() {
             // Far above capacity: a request that never gets an answer is a
             // `timeout`, not a hung lane.
             futures_lite::future::or(sender.send(&ctx, intended, first, per_request), async {
@@ -270,7 +270,9 @@ async fn lane(ctx: Rc<ThreadCtx>, j: usize, mut sender: Sender, gate: Rc<Semapho
             sender.send(&ctx, intended, first, per_request).await
         };
         let done = now_ns();
-        if let Some(p) = sender.priority() {
+        // accept-all sends no priority header: its answers count as "normal".
+        let counted = sender.priority().or((plan.scenario == Scenario::AcceptAll).then_some("normal"));
+        if let Some(p) = counted {
             let cause = match &result {
                 Ok(Ok(_)) => "202".to_owned(),
                 Ok(Err(code)) => code.clone(),
@@ -280,7 +282,7 @@ async fn lane(ctx: Rc<ThreadCtx>, j: usize, mut sender: Sender, gate: Rc<Semapho
             *ctx.stats.borrow_mut().answers.entry((sec, cause, p)).or_default() += 1;
         }
         let broken = result.is_err() || sender.needs_reconnect();
-        let overload = plan.scenario == Scenario::Overload;
+        let overload = plan.scenario.profiled();
         let measured = offline || intended >= start;
         let in_window = offline || (done >= start && done < end);
         let r =

@@ -46,6 +46,10 @@ pub enum Scenario {
     /// Far above capacity with a small memory limit and mixed priorities:
     /// the shedding profile and the engine's RSS over time (esh3ar only).
     Overload,
+    /// N connections (default 10,000) closed loop against 2 shards and a
+    /// 4 GiB memory limit: every answer must be a 202 (answers by status,
+    /// timeouts and resets counted; `--require-all-accepted` gates on it).
+    AcceptAll,
 }
 
 impl Scenario {
@@ -57,7 +61,14 @@ impl Scenario {
             Scenario::OfflineDrain => "offline-drain",
             Scenario::IdleConnections => "idle-connections",
             Scenario::Overload => "overload",
+            Scenario::AcceptAll => "accept-all",
         }
+    }
+
+    /// Scenarios that count every answer by second and status, time out
+    /// unanswered requests and sample the engine's RSS.
+    pub fn profiled(self) -> bool {
+        matches!(self, Scenario::Overload | Scenario::AcceptAll)
     }
 }
 
@@ -132,7 +143,10 @@ impl Default for Plan {
 impl Plan {
     pub fn check(&self, target: &Target) -> anyhow::Result<()> {
         let system = target.system();
-        let esh3ar_only = matches!(self.scenario, Scenario::Batch | Scenario::IdleConnections | Scenario::Overload);
+        let esh3ar_only = matches!(
+            self.scenario,
+            Scenario::Batch | Scenario::IdleConnections | Scenario::Overload | Scenario::AcceptAll
+        );
         if esh3ar_only && system != "esh3ar" {
             bail!("scenario {} runs against esh3ar only", self.scenario.name());
         }
@@ -294,9 +308,7 @@ pub fn run(plan: &Plan, target: &Target, engine_pid: Option<u32>) -> anyhow::Res
     })?;
     let stop_rss = Arc::new(AtomicBool::new(false));
     let rss = match engine_pid {
-        Some(pid) if plan.scenario == Scenario::Overload => {
-            Some(overload::sample_rss(pid, shared.clone(), stop_rss.clone()))
-        }
+        Some(pid) if plan.scenario.profiled() => Some(overload::sample_rss(pid, shared.clone(), stop_rss.clone())),
         _ => None,
     };
     let idle = watch(&shared, engine_pid);
@@ -306,8 +318,8 @@ pub fn run(plan: &Plan, target: &Target, engine_pid: Option<u32>) -> anyhow::Res
     for r in handles.join_all() {
         merged.merge(r.map_err(|e| anyhow::anyhow!("generator thread failed: {e}"))?);
     }
-    let profile = (plan.scenario == Scenario::Overload)
-        .then(|| overload::Profile::build(&merged.answers, &rss, plan.memory_limit_bytes));
+    let profile =
+        plan.scenario.profiled().then(|| overload::Profile::build(&merged.answers, &rss, plan.memory_limit_bytes));
     if let Some(p) = &profile {
         merged.extra.insert("server_rss_max_bytes".into(), p.rss_max_bytes as f64);
         merged.extra.insert("transport_errors".into(), p.transport_errors as f64);
@@ -378,7 +390,7 @@ async fn thread_main(ctx: Rc<ThreadCtx>) {
     let plan = &shared.plan;
     let n = shared.threads;
     match plan.scenario {
-        Scenario::Ingest | Scenario::Batch | Scenario::E2e | Scenario::Overload => {
+        Scenario::Ingest | Scenario::Batch | Scenario::E2e | Scenario::Overload | Scenario::AcceptAll => {
             let receivers = if plan.scenario == Scenario::E2e { receivers::spawn_all(&ctx).await } else { Vec::new() };
             let gate = Rc::new(glommio::sync::Semaphore::new(0));
             let (lanes, connected) = lanes::spawn_all(&ctx, gate.clone()).await;
