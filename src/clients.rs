@@ -8,7 +8,7 @@ use hashbrown::HashMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use esh3ar_shards::EventSet;
+use esh3ar_shards::{EventSet, ALL_EVENTS};
 
 use crate::config::Config;
 use crate::outbound::{Endpoint, EndpointId};
@@ -36,9 +36,6 @@ pub struct Webhook {
     /// The events it wants (bit `1 << status`).
     pub events: EventSet,
 }
-
-/// Every event a webhook can get.
-pub const ALL_EVENTS: EventSet = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5);
 
 /// All clients, indexed by position (the index travels between shards).
 #[derive(Debug)]

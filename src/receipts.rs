@@ -26,7 +26,7 @@ use bytes::Bytes;
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::index::MessageIndex;
 use esh3ar_shards::record::{EventChange, EventOutcome, Record, EVENT_ERROR_BYTES_MAX};
-use esh3ar_shards::Status;
+use esh3ar_shards::{Status, EVENT_STATUSES};
 use futures_lite::StreamExt;
 
 use crate::clock::now_ms;
@@ -40,9 +40,7 @@ const RETRY_HANDOVER: Duration = Duration::from_millis(100);
 
 /// The status whose event is called `name` (`message.acked` → Acked).
 pub fn event_status(name: &str) -> Option<Status> {
-    [Status::Delivered, Status::Acked, Status::Expired, Status::Rejected, Status::Failed]
-        .into_iter()
-        .find(|s| s.event_type() == Some(name))
+    EVENT_STATUSES.into_iter().find(|s| s.event_type() == Some(name))
 }
 
 /// The `webhook-id` of an event, stable across attempts and restarts; also
@@ -61,9 +59,7 @@ pub fn parse_event_id(s: &str) -> Option<(TrackingId, Status)> {
     let rest = s.strip_prefix("evt_")?;
     let (id, status) = rest.split_once('_')?;
     let id = TrackingId::decode(id.as_bytes())?;
-    let status = [Status::Delivered, Status::Acked, Status::Expired, Status::Rejected, Status::Failed]
-        .into_iter()
-        .find(|st| st.as_str() == status)?;
+    let status = EVENT_STATUSES.into_iter().find(|st| st.as_str() == status)?;
     Some((id, status))
 }
 
@@ -230,14 +226,14 @@ impl Outbox {
         let Some((seq, status)) = job_event(report.job()) else { return };
         match report {
             Report::Delivered { attempts, .. } => {
-                self.in_flight.remove(&report_job(seq, status));
+                self.in_flight.remove(&job_id(seq, status));
                 self.settle(seq, status, EventOutcome::Delivered, attempts, "");
             }
             Report::Failed { attempts, error, .. } => {
                 self.settle(seq, status, EventOutcome::AttemptFailed, attempts, &error.to_string());
             }
             Report::Exhausted { attempts, error, .. } => {
-                self.in_flight.remove(&report_job(seq, status));
+                self.in_flight.remove(&job_id(seq, status));
                 let error = error.map_or_else(|| "attempts exhausted".to_owned(), |e| e.to_string());
                 tracing::warn!(
                     shard = self.shard.id(),
@@ -255,10 +251,6 @@ impl Outbox {
     fn settle(&self, seq: u64, status: Status, outcome: EventOutcome, attempts: u32, error: &str) {
         record_event(&self.shard, seq, status, outcome, attempts, error);
     }
-}
-
-fn report_job(seq: u64, status: Status) -> u64 {
-    job_id(seq, status)
 }
 
 /// Appends an `Event` record for message `seq` (not waiting for durability).
@@ -346,7 +338,7 @@ mod tests {
     #[test]
     fn event_ids_roundtrip_and_name_their_event() {
         let id = TrackingId { shard: 3, seq: 12345 };
-        for s in [Status::Delivered, Status::Acked, Status::Expired, Status::Rejected, Status::Failed] {
+        for s in EVENT_STATUSES {
             let e = event_id(id, s);
             assert!(crate::outbound::is_valid_webhook_id(&e), "{e}");
             assert_eq!(parse_event_id(&e), Some((id, s)));

@@ -97,7 +97,7 @@ fn every_outcome_reaches_the_sender_signed() {
 }
 
 #[test]
-fn the_breaker_opens_sends_nothing_while_open_probes_once_and_closes() {
+fn the_breaker_opens_sends_nothing_while_open_then_closes() {
     let receiver = Receiver::start();
     let setup = setup(
         &receiver,
@@ -132,10 +132,9 @@ fn the_breaker_opens_sends_nothing_while_open_probes_once_and_closes() {
         let ok: HashSet<&str> = d[opened..].iter().map(|d| d.id.as_str()).collect();
         ok.contains(format!("evt_{id}_delivered").as_str()) && ok.contains(format!("evt_{id}_acked").as_str())
     });
-    // One probe first; the second event only after the probe's answer closed the breaker.
+    // (That the half-open breaker lets exactly one probe out is asserted by
+    // tests/outbound_webhooks.rs, which counts the requests a failing probe gets.)
     assert!(got.len() - opened >= 2);
-    let probe_at = got[opened].at;
-    assert!(got[opened + 1..].iter().all(|d| d.at >= probe_at));
     let h = Client::connect(engine.admin).request("GET", "/healthz", None, None).json();
     assert_eq!(h, serde_json::json!({"status": "ok", "breakers": {"webhook:hooked": "closed"}}));
 }

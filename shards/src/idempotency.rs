@@ -69,7 +69,7 @@ impl IdempotencyKeys {
 
     /// The answer remembered for `key` of `client`, if any.
     pub fn get(&self, client: &str, key: &str) -> Option<&KeyEntry> {
-        self.map.get(&(Rc::from(client), Rc::from(key)))
+        self.map.get(&Borrowed(client, key)) // no allocation per lookup
     }
 
     /// Forgets the entries answered before `before_ms`; returns how many.
@@ -120,6 +120,16 @@ impl IdempotencyKeys {
     /// Memory the entries hold, about.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+}
+
+/// A lookup key borrowing the client and key: hashes like the owned pair.
+#[derive(Hash)]
+struct Borrowed<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(Rc<str>, Rc<str>)> for Borrowed<'_> {
+    fn equivalent(&self, k: &(Rc<str>, Rc<str>)) -> bool {
+        self.0 == &*k.0 && self.1 == &*k.1
     }
 }
 

@@ -135,6 +135,21 @@ impl Status {
 /// A set of statuses whose events are owed (bit `1 << status`).
 pub type EventSet = u8;
 
+/// Every status whose change owes the sender an event.
+pub const EVENT_STATUSES: [Status; 5] =
+    [Status::Delivered, Status::Acked, Status::Expired, Status::Rejected, Status::Failed];
+
+/// The set of every event.
+pub const ALL_EVENTS: EventSet = {
+    let mut set = 0;
+    let mut i = 0;
+    while i < EVENT_STATUSES.len() {
+        set |= 1 << (EVENT_STATUSES[i] as u8);
+        i += 1;
+    }
+    set
+};
+
 /// Why a message was rejected or failed. The numeric value is the on-disk code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]

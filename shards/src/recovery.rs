@@ -446,7 +446,7 @@ pub fn repair_shard(dir: &Path, shard: u16) -> Result<Vec<Repaired>, RecoveryErr
                     from: offset,
                     to: damaged_end,
                     quarantine: Some(q),
-                    records_inside: count_records(&data[offset as usize..damaged_end as usize]),
+                    records_inside: crate::scan::count_loose_records(&data[offset as usize..damaged_end as usize]),
                     reason: reason.to_owned(),
                 });
             }
@@ -465,21 +465,6 @@ pub fn repair_shard(dir: &Path, shard: u16) -> Result<Vec<Repaired>, RecoveryErr
         }
     }
     Err(RecoveryError::BadSegment { path: dir.to_owned(), reason: "too many damaged ranges to repair".to_owned() })
-}
-
-fn count_records(bytes: &[u8]) -> u64 {
-    let mut n = 0;
-    let mut pos = 0;
-    while pos + crate::record::HEADER_BYTES <= bytes.len() {
-        match crate::record::decode(&bytes[pos..]) {
-            crate::record::Decoded::Record { bytes: len, .. } => {
-                n += 1;
-                pos += len;
-            }
-            _ => pos += 1,
-        }
-    }
-    n
 }
 
 /// Reads the clean-shutdown marker of a shard, if one is there. A marker

@@ -157,7 +157,7 @@ fn count_records_from(segment: &[u8], mut at: usize) -> u64 {
 }
 
 /// Records with a valid record checksum anywhere in `bytes` (best effort).
-fn count_loose_records(bytes: &[u8]) -> u64 {
+pub fn count_loose_records(bytes: &[u8]) -> u64 {
     let mut n = 0;
     let mut pos = 0;
     while pos + crate::record::HEADER_BYTES <= bytes.len() {
