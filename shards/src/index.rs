@@ -111,6 +111,10 @@ pub struct MessageIndex {
     users: HashMap<Rc<str>, UserEntry>,
     /// Idempotency keys of the clients homed here.
     idempotency: IdempotencyKeys,
+    /// Messages accepted and not settled yet (`/metrics`, kept in step by `apply`).
+    unsettled_messages: usize,
+    /// Events in the dead-letter queue (`/metrics`).
+    dead_events: usize,
 }
 
 impl MessageIndex {
@@ -160,6 +164,7 @@ impl MessageIndex {
                 }
                 let previous = self.messages.insert(a.seq, meta);
                 assert!(previous.is_none(), "sequence {} accepted twice", a.seq);
+                self.unsettled_messages += 1;
             }
             Record::Status(s) => self.apply_status(s),
             Record::Event(e) => self.apply_event(e),
@@ -207,6 +212,7 @@ impl MessageIndex {
                     meta.acked_at_ms = s.at_ms;
                 }
                 let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
+                self.unsettled_messages -= 1;
                 self.expiries.remove(&(expires, s.seq));
                 self.remove_pending(s.seq, &to, priority);
             }
@@ -238,6 +244,7 @@ impl MessageIndex {
         let bit = e.event.event_bit();
         match e.outcome {
             EventOutcome::Delivered | EventOutcome::Dropped => {
+                self.dead_events -= usize::from(event.dead_at_ms != 0);
                 meta.events_owed &= !bit;
                 meta.events_dead &= !bit;
                 self.outbox.remove(&key);
@@ -249,11 +256,13 @@ impl MessageIndex {
             EventOutcome::DeadLettered => {
                 event.attempts = e.attempts;
                 event.last_error = Some(Rc::from(e.error));
+                self.dead_events += usize::from(event.dead_at_ms == 0);
                 event.dead_at_ms = e.at_ms;
                 meta.events_owed &= !bit;
                 meta.events_dead |= bit;
             }
             EventOutcome::Replayed => {
+                self.dead_events -= usize::from(event.dead_at_ms != 0);
                 event.attempts = 0;
                 event.dead_at_ms = 0;
                 meta.events_dead &= !bit;
@@ -380,6 +389,16 @@ impl MessageIndex {
     /// Events owed or dead-lettered.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Messages accepted and not settled (acked, expired, failed, rejected).
+    pub fn unsettled_messages(&self) -> usize {
+        self.unsettled_messages
+    }
+
+    /// Events in the dead-letter queue.
+    pub fn dead_events(&self) -> usize {
+        self.dead_events
     }
 
     /// Number of messages indexed.
@@ -594,6 +613,35 @@ mod tests {
         assert_eq!(ix.deletable_segments(3), vec![1, 2]);
         // Events of a settled-and-forgotten message are ignored.
         event(&mut ix, 0, Status::Acked, EventOutcome::Delivered, 1);
+    }
+
+    /// The O(1) gauges `/metrics` reads agree with a count over the index
+    /// through every transition (settle, late delivery, dead letter, replay, drop).
+    #[test]
+    fn unsettled_and_dead_counters_follow_every_transition() {
+        let mut ix = MessageIndex::new();
+        let counted = |ix: &MessageIndex| {
+            let unsettled = (0..10).filter(|&s| ix.get(s).is_some_and(|m| !m.status.is_settled())).count();
+            (ix.unsettled_messages(), ix.dead_events(), unsettled, ix.dead_letters(None, 100).len())
+        };
+        for seq in 0..4 {
+            accept(&mut ix, 1, seq, "a");
+        }
+        assert_eq!(counted(&ix), (4, 0, 4, 0));
+        notify(&mut ix, 0, Status::Delivered);
+        status(&mut ix, 0, Status::Acked);
+        status(&mut ix, 0, Status::Acked); // twice: settled once
+        status(&mut ix, 1, Status::Expired);
+        status(&mut ix, 1, Status::Delivered); // late: never un-settles
+        assert_eq!(counted(&ix), (2, 0, 2, 0));
+        event(&mut ix, 0, Status::Delivered, EventOutcome::DeadLettered, 3);
+        event(&mut ix, 0, Status::Delivered, EventOutcome::DeadLettered, 4); // again: one dead letter
+        assert_eq!(counted(&ix), (2, 1, 2, 1));
+        event(&mut ix, 0, Status::Delivered, EventOutcome::Replayed, 0);
+        assert_eq!(counted(&ix), (2, 0, 2, 0));
+        event(&mut ix, 0, Status::Delivered, EventOutcome::DeadLettered, 5);
+        event(&mut ix, 0, Status::Delivered, EventOutcome::Dropped, 0);
+        assert_eq!(counted(&ix), (2, 0, 2, 0));
     }
 
     #[test]

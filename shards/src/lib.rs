@@ -12,6 +12,7 @@
 pub mod commit;
 pub mod directory;
 pub mod group_commit;
+pub mod histogram;
 pub mod id;
 pub mod idempotency;
 pub mod index;
