@@ -275,6 +275,7 @@ impl Shard {
             for &seq in seqs {
                 let notify = crate::receipts::owes_event(self, &index, seq, status);
                 let record = Record::Status(StatusChange { seq, status, at_ms, notify, reason: Reason::None });
+                self.metrics().status_change(status, index.get(seq), at_ms);
                 if self.journal().append(&record, &mut index).is_err() {
                     break; // journal failed or closing: the message stays pending
                 }

@@ -69,5 +69,10 @@ pub fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
         }
         MeshMsg::IdemAbort(r) => crate::idempotency::abort_local(shard, r.client, &r.key),
         MeshMsg::IdemBegun { req, .. } | MeshMsg::IdemFinished { req, .. } => shard.replies().complete(req, msg),
+        MeshMsg::MetricsGet { from, req } => {
+            let snapshot = Box::new(crate::metrics::snapshot_local(shard));
+            shard.reply(from, MeshMsg::Metrics { req, snapshot });
+        }
+        MeshMsg::Metrics { req, .. } => shard.replies().complete(req, msg),
     }
 }

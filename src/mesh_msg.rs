@@ -125,6 +125,10 @@ pub enum MeshMsg {
     IdemFinished { req: u64, result: Result<(), AppendRefusal> },
     /// Release the reservation of a keyed request that did not end in a 202.
     IdemAbort(Box<IdemRequest>),
+    /// Send this shard's metrics (a scrape of `/metrics` on shard 0).
+    MetricsGet { from: u16, req: u64 },
+    /// Answer to `MetricsGet`. Boxed: a snapshot is a few KiB.
+    Metrics { req: u64, snapshot: Box<crate::metrics::ShardSnapshot> },
 }
 
 /// What `PutUser` sets: the user and their contact fields.

@@ -26,6 +26,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::{BodyCache, Sessions};
 pub use crate::mesh_msg::{AppendRefusal, MeshError, MeshMsg, NewMessage, PendingReplies, StatusView};
+use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
 use crate::pressure::{shard_share_bytes, threshold_percent, Pressure};
 use crate::shutdown::Shutdown;
@@ -61,6 +62,7 @@ pub struct Shard {
     mesh_timeout: Duration,
     shutdown: Shutdown,
     stats: ShardStats,
+    metrics: ShardMetrics,
     sessions: Sessions,
     bodies: RefCell<BodyCache>,
     limiter: RefCell<RateLimiter>,
@@ -118,6 +120,7 @@ impl Shard {
         mesh: crate::mesh::Mesh<MeshMsg>,
     ) -> Rc<Shard> {
         let share = shard_share_bytes(&cfg, count);
+        let metrics = ShardMetrics::new(clients.len());
         Rc::new(Shard {
             id: mesh.peer_id(),
             count,
@@ -132,6 +135,7 @@ impl Shard {
             replies: PendingReplies::default(),
             shutdown: Shutdown::default(),
             stats: ShardStats::default(),
+            metrics,
             sessions: Sessions::default(),
             limiter: RefCell::new(RateLimiter::new()),
             panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
@@ -174,6 +178,10 @@ impl Shard {
     pub fn stats(&self) -> &ShardStats {
         &self.stats
     }
+    /// What `/metrics` counts on this shard.
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.metrics
+    }
     /// Live WebSocket sessions of users homed here.
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
@@ -211,6 +219,7 @@ impl Shard {
         let mut generation = 0;
         for m in items {
             if !self.admits(m.priority, self.clients.get(m.client).shed_offset_percent) {
+                self.metrics.shed(m.priority);
                 seqs.push(None);
                 continue;
             }
@@ -233,6 +242,7 @@ impl Shard {
             generation = appended.generation;
             seqs.push(Some(seq));
             self.stats.accepted.set(self.stats.accepted.get() + 1);
+            self.metrics.messages(esh3ar_shards::Status::Accepted, 1);
             // Asynchronous validation: refused now, in the same commit, but
             // still accepted (202) for the sender (docs/API.md, "Asynchronous validation").
             let known_only = self.cfg.validation.known_recipients_only;
