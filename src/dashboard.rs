@@ -27,7 +27,8 @@ pub const PAGE: &str = include_str!("dashboard.html");
 pub const FRAME_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The head of the event stream; the connection closes when it ends.
-pub const STREAM_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\nconnection: close\r\n\r\n";
+pub const STREAM_HEAD: &str =
+    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\nconnection: close\r\n\r\n";
 
 /// What every frame sums over shards.
 struct Totals {
@@ -67,7 +68,13 @@ fn ms(q: Option<f64>) -> String {
 }
 
 /// One frame: rates over `elapsed` since `before`, gauges now.
-fn frame(shards: &[ShardSnapshot], now: &Totals, before: &Totals, elapsed: f64, outbound: Option<&OutboundStatus>) -> String {
+fn frame(
+    shards: &[ShardSnapshot],
+    now: &Totals,
+    before: &Totals,
+    elapsed: f64,
+    outbound: Option<&OutboundStatus>,
+) -> String {
     let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / elapsed.max(0.001);
     let accept = now.accept.since(&before.accept);
     let delivery = now.delivery.since(&before.delivery);
@@ -109,7 +116,12 @@ fn frame(shards: &[ShardSnapshot], now: &Totals, before: &Totals, elapsed: f64, 
         let mut name = Vec::new();
         crate::http::json_string(&mut name, &target);
         let name = String::from_utf8_lossy(&name);
-        let _ = write!(f, "{}{{\"target\":{name},\"state\":\"{state}\",\"value\":{}}}", if i > 0 { "," } else { "" }, breaker_value(state));
+        let _ = write!(
+            f,
+            "{}{{\"target\":{name},\"state\":\"{state}\",\"value\":{}}}",
+            if i > 0 { "," } else { "" },
+            breaker_value(state)
+        );
     }
     // The archive does not exist yet: its lag is shown as "not built".
     f.push_str("],\"archive_lag_records\":null}");
