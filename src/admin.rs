@@ -168,7 +168,7 @@ impl AdminConn {
             shards: &shards,
             clients: shard.clients(),
             outbound: self.state.outbound.as_deref(),
-            process: crate::metrics::ProcessStats::read(),
+            process: crate::metrics::ProcessStats::read(&shard.cfg().engine.data_dir),
         };
         Ok(crate::metrics_text::render(&scrape))
     }

@@ -199,18 +199,21 @@ pub async fn gather(shard: &Rc<Shard>) -> Option<Vec<ShardSnapshot>> {
 }
 
 /// The process as the kernel sees it (`/proc/self`): resident bytes, open
-/// descriptors, CPU seconds. Small blocking reads of procfs, on the admin
-/// path only.
+/// descriptors, CPU seconds; and how full the data_dir's filesystem is.
+/// Small blocking reads of procfs and one statvfs, on the admin path only.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessStats {
     pub resident_bytes: u64,
     pub open_fds: u64,
     pub cpu_seconds: f64,
+    /// Used fraction of the data_dir's filesystem, as `df` counts it.
+    pub disk_used_ratio: f64,
 }
 
 impl ProcessStats {
-    /// Reads `/proc/self`; a field that cannot be read stays 0.
-    pub fn read() -> ProcessStats {
+    /// Reads `/proc/self` and the filesystem of `data_dir`; a field that
+    /// cannot be read stays 0.
+    pub fn read(data_dir: &std::path::Path) -> ProcessStats {
         // SAFETY: sysconf only reads a system constant.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
         // SAFETY: as above.
@@ -229,8 +232,28 @@ impl ProcessStats {
             })
             .unwrap_or(0);
         let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
-        ProcessStats { resident_bytes: resident_pages * page, open_fds, cpu_seconds: cpu_ticks as f64 / ticks }
+        ProcessStats {
+            resident_bytes: resident_pages * page,
+            open_fds,
+            cpu_seconds: cpu_ticks as f64 / ticks,
+            disk_used_ratio: disk_used_ratio(data_dir).unwrap_or(0.0),
+        }
     }
+}
+
+/// `(blocks - free) / (blocks - free + available)`, the `Use%` of `df`.
+fn disk_used_ratio(dir: &std::path::Path) -> Option<f64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `st` a valid, writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let used = st.f_blocks.saturating_sub(st.f_bfree) as f64;
+    let total = used + st.f_bavail as f64;
+    (total > 0.0).then(|| used / total)
 }
 
 #[cfg(test)]
@@ -251,7 +274,8 @@ mod tests {
 
     #[test]
     fn process_stats_are_read_from_procfs() {
-        let p = ProcessStats::read();
+        let p = ProcessStats::read(std::path::Path::new("/"));
         assert!(p.resident_bytes > 0 && p.open_fds > 0, "{p:?}");
+        assert!(p.disk_used_ratio > 0.0 && p.disk_used_ratio <= 1.0, "{p:?}");
     }
 }

@@ -177,4 +177,6 @@ fn process(out: &mut String, p: &ProcessStats) {
     let _ = writeln!(out, "process_open_fds {}", p.open_fds);
     header(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.");
     let _ = writeln!(out, "process_cpu_seconds_total {}", num(p.cpu_seconds));
+    header(out, "esh3ar_journal_disk_used_ratio", "gauge", "Used fraction of the data_dir's filesystem.");
+    let _ = writeln!(out, "esh3ar_journal_disk_used_ratio {}", num(p.disk_used_ratio));
 }

@@ -209,6 +209,7 @@ fn metrics_agree_with_the_load_exactly() {
         ("process_resident_memory_bytes", "gauge"),
         ("process_open_fds", "gauge"),
         ("process_cpu_seconds", "counter"),
+        ("esh3ar_journal_disk_used_ratio", "gauge"),
     ];
     for (name, kind) in types {
         let got = f.get(*name).map(|(t, _)| t.as_str());
@@ -270,6 +271,8 @@ fn metrics_agree_with_the_load_exactly() {
     assert!(gauge("process_resident_memory_bytes") > 1e6);
     assert!(gauge("process_open_fds") >= 5.0);
     assert!(value(&f, "process_cpu_seconds", "process_cpu_seconds_total", &[], false) > 0.0);
+    let disk = gauge("esh3ar_journal_disk_used_ratio");
+    assert!(disk > 0.0 && disk <= 1.0, "disk used ratio {disk}");
 
     // Counters move with load: ten more 202s, and nothing else changes.
     for i in 0..10 {
