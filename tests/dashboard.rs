@@ -189,7 +189,7 @@ fn load(
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     // Every tenth message of the first connection goes to the watching phone.
-                    let to = if c == 0 && i % 10 == 0 { "watcher".to_owned() } else { format!("dash-{c}-{}", i % 50) };
+                    let to = if c == 0 && i % 10 == 1 { "watcher".to_owned() } else { format!("dash-{c}-{}", i % 50) };
                     assert_eq!(client.send(&to, "live").status, 202);
                     sent.fetch_add(1, Ordering::Relaxed);
                     i += 1;

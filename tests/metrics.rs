@@ -48,9 +48,7 @@ fn parse(text: &str) -> Families {
         "the Prometheus parser refused the exposition (or prometheus_client is missing: run scripts/test.sh): {}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let json: BTreeMap<String, (String, Vec<(String, BTreeMap<String, String>, f64)>)> =
-        serde_json::from_slice(&out.stdout).unwrap();
-    json
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn scrape(engine: &Engine) -> (String, Families) {
