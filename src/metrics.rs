@@ -102,18 +102,17 @@ impl ShardMetrics {
         bump(&self.messages[status as usize], n);
     }
 
-    /// A status change about to be journaled on the home shard: counts it,
+    /// A status change journaled on the home shard at `at_ms`: counts it,
     /// and times a first delivery (since acceptance) or an ack (since the
-    /// last delivery). `meta` is the message before the change.
-    pub fn status_change(&self, status: Status, meta: Option<&MessageMeta>, at_ms: u64) {
+    /// last delivery) from the message as it was before the change.
+    pub fn status_change(&self, status: Status, before: StatusTiming, at_ms: u64) {
         self.messages(status, 1);
-        let Some(m) = meta else { return };
         let since = |from_ms: u64| at_ms.saturating_sub(from_ms) as f64 / 1000.0;
-        match status {
-            Status::Delivered if m.attempts == 0 => self.delivery.observe(since(m.accepted_at_ms)),
-            Status::Acked if m.delivered_at_ms > 0 && !m.status.is_settled() => {
-                self.ack.observe(since(m.delivered_at_ms))
+        match (status, before) {
+            (Status::Delivered, StatusTiming::FirstDelivery { accepted_at_ms }) => {
+                self.delivery.observe(since(accepted_at_ms))
             }
+            (Status::Acked, StatusTiming::Delivered { delivered_at_ms }) => self.ack.observe(since(delivered_at_ms)),
             _ => {}
         }
     }
@@ -127,6 +126,29 @@ impl ShardMetrics {
     pub fn rate_limited(&self, client: u32) {
         if let Some(c) = self.rate_limited.get(client as usize) {
             bump(c, 1);
+        }
+    }
+}
+
+/// What a status change is timed from: the message before the change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusTiming {
+    /// Never delivered yet: a delivery now is its first.
+    FirstDelivery { accepted_at_ms: u64 },
+    /// Delivered and not settled: an ack now ends it.
+    Delivered { delivered_at_ms: u64 },
+    /// Settled, unknown, or nothing to time.
+    Untimed,
+}
+
+impl StatusTiming {
+    /// Read from the index entry before the change is applied.
+    pub fn of(meta: Option<&MessageMeta>) -> StatusTiming {
+        match meta {
+            Some(m) if m.status.is_settled() => StatusTiming::Untimed,
+            Some(m) if m.attempts == 0 => StatusTiming::FirstDelivery { accepted_at_ms: m.accepted_at_ms },
+            Some(m) if m.delivered_at_ms > 0 => StatusTiming::Delivered { delivered_at_ms: m.delivered_at_ms },
+            _ => StatusTiming::Untimed,
         }
     }
 }
