@@ -8,6 +8,8 @@
 #
 #   scripts/metrics_cost.sh                      # 3 rounds of 10 s
 #   ROUNDS=5 DURATION=15s scripts/metrics_cost.sh
+#   GEN_CPUS=4-7 GEN_THREADS=4 scripts/metrics_cost.sh   # pin the generator
+#   ENGINE=... PERF=... scripts/metrics_cost.sh  # prebuilt binaries, no cargo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,18 +19,23 @@ WARMUP=${WARMUP:-2s}
 CONNS=${CONNS:-256}
 SHARDS=${SHARDS:-2}
 PORT_BASE=${PORT_BASE:-27400}
+GEN_CPUS=${GEN_CPUS:-none}
+GEN_THREADS=${GEN_THREADS:-1}
 OUT=${OUT:-target/metrics-cost/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+DATA_DIR=${DATA_DIR:-$OUT/data}
 
-cargo build --release --locked -p esh3ar -p esh3ar-perf >&2
-ENGINE=target/release/esh3ar
-PERF=target/release/esh3ar-perf
+if [ -z "${ENGINE:-}" ] || [ -z "${PERF:-}" ]; then
+  cargo build --release --locked -p esh3ar -p esh3ar-perf >&2
+  ENGINE=target/release/esh3ar PERF=target/release/esh3ar-perf
+fi
 BUSINESS=$PORT_BASE MOBILE=$((PORT_BASE + 1)) ADMIN=$((PORT_BASE + 2))
 
 cat >"$OUT/engine.toml" <<EOF
 [engine]
 shards = $SHARDS
-data_dir = "$PWD/$OUT/data"
+data_dir = "$DATA_DIR"
 memory_limit_bytes = 4294967296
 
 [business]
@@ -76,11 +83,17 @@ scrape_every_second() { # counts scrapes and the bytes of each
   done
 }
 
+field() { # field NAME FILE: the first number of "NAME": in a report
+  grep -o "\"$1\": *[0-9.e+-]*" "$2" | head -n 1 | sed 's/.*: *//'
+}
+median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
 run() { # run NAME: one ingest report
   "$PERF" run --system esh3ar --addr "127.0.0.1:$BUSINESS" --mobile "127.0.0.1:$MOBILE" \
-    --scenario ingest --connections "$CONNS" --duration "$DURATION" --warmup "$WARMUP" --cpus none \
+    --scenario ingest --connections "$CONNS" --duration "$DURATION" --warmup "$WARMUP" --cpus "$GEN_CPUS" --threads "$GEN_THREADS" \
     --out "$OUT/$1.json" >"$OUT/$1.log" 2>&1
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{sys.argv[2]:<14} {r['throughput_per_s']:>10.0f} msg/s  p50 {r['acceptance']['p50_ms']:.2f} ms  p99 {r['acceptance']['p99_ms']:.2f} ms  errors {sum(r['errors'].values())}\")" "$OUT/$1.json" "$1"
+  printf '%-12s %10.0f msg/s  accept p50 %s ms  p99 %s ms\n' "$1" "$(field throughput_per_s "$OUT/$1.json")" \
+    "$(field p50_ms "$OUT/$1.json")" "$(field p99_ms "$OUT/$1.json")"
 }
 
 for i in $(seq 1 "$ROUNDS"); do
@@ -93,14 +106,8 @@ for i in $(seq 1 "$ROUNDS"); do
   SCRAPER_PID=""
 done
 
-python3 - "$OUT" "$ROUNDS" <<'EOF'
-import json, statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
-tp = lambda k: [json.load(open(f"{out}/{k}-{i}.json"))["throughput_per_s"] for i in range(1, rounds + 1)]
-without, with_ = tp("without"), tp("with")
-sizes = [int(l) for l in open(f"{out}/scrapes.txt")]
-print(f"median without {statistics.median(without):.0f} msg/s, with a scrape every second {statistics.median(with_):.0f} msg/s:"
-      f" ratio {statistics.median(with_) / statistics.median(without):.3f}")
-print(f"{len(sizes)} scrapes, {min(sizes)}..{max(sizes)} bytes each (HTTP head included)")
-EOF
+without=$(for i in $(seq 1 "$ROUNDS"); do field throughput_per_s "$OUT/without-$i.json"; done | median)
+with=$(for i in $(seq 1 "$ROUNDS"); do field throughput_per_s "$OUT/with-$i.json"; done | median)
+echo "median without ${without} msg/s, with a scrape every second ${with} msg/s: ratio $(awk "BEGIN {printf \"%.3f\", $with / $without}")"
+echo "$(wc -l <"$OUT/scrapes.txt") scrapes of $(sort -n "$OUT/scrapes.txt" | head -n 1)..$(sort -n "$OUT/scrapes.txt" | tail -n 1) bytes (HTTP head included)"
 echo "reports in $OUT"
