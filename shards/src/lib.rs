@@ -11,6 +11,7 @@
 
 pub mod commit;
 pub mod directory;
+pub mod feed;
 pub mod group_commit;
 pub mod id;
 pub mod idempotency;
