@@ -43,6 +43,33 @@ pub struct Config {
     /// Asynchronous validation on the recipient's home shard, after the 202.
     #[serde(default)]
     pub validation: ValidationConfig,
+    /// The event feed (`GET /v1/events`) of clients with `event_feed = true`.
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// Fewest seconds the event feed may keep events.
+pub const EVENTS_RETENTION_SECONDS_MIN: u64 = 60;
+/// Most seconds the event feed may keep events (a year).
+pub const EVENTS_RETENTION_SECONDS_MAX: u64 = 366 * 86_400;
+
+/// `[events]`: the event feed's retention.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events stay readable at least this long (default 7 days).
+    #[serde(default = "default_events_retention_seconds")]
+    pub retention_seconds: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { retention_seconds: default_events_retention_seconds() }
+    }
+}
+
+fn default_events_retention_seconds() -> u64 {
+    7 * 86_400
 }
 
 /// `[validation]`: checks made on the home shard after acceptance; a
@@ -166,9 +193,13 @@ pub struct ClientConfig {
     /// `whsec_<base64 of 24 to 64 bytes>`; required with `webhook_url`.
     #[serde(default)]
     pub webhook_secret: Option<String>,
-    /// Which events go to the webhook (default: all of them).
+    /// Which events go to the webhook or the feed (default: all of them).
     #[serde(default)]
     pub webhook_events: Option<Vec<String>>,
+    /// Keep this client's events in the event feed (`GET /v1/events`)
+    /// instead of sending them to a webhook.
+    #[serde(default)]
+    pub event_feed: bool,
     /// Overrides the tier's limit for this client.
     #[serde(default)]
     pub messages_per_minute: Option<u64>,
@@ -373,6 +404,12 @@ impl Config {
             return bad("admin.token", "must be at least 16 characters".into());
         }
         self.webhooks.validate()?;
+        if !(EVENTS_RETENTION_SECONDS_MIN..=EVENTS_RETENTION_SECONDS_MAX).contains(&self.events.retention_seconds) {
+            return bad(
+                "events.retention_seconds",
+                format!("must be between {EVENTS_RETENTION_SECONDS_MIN} and {EVENTS_RETENTION_SECONDS_MAX}"),
+            );
+        }
         Ok(())
     }
 
@@ -412,9 +449,16 @@ impl Config {
                 return bad(&key("tier"), format!("{:?} is not a tier defined under [tiers]", c.tier));
             }
             crate::outbound::parse_client_webhook(i, c.webhook_url.as_deref(), c.webhook_secret.as_deref())?;
+            if c.event_feed && c.webhook_url.is_some() {
+                return bad(
+                    &key("event_feed"),
+                    "a client's events go to its webhook or to the feed, not both: remove webhook_url or event_feed"
+                        .into(),
+                );
+            }
             if let Some(events) = &c.webhook_events {
-                if c.webhook_url.is_none() {
-                    return bad(&key("webhook_events"), "is set but webhook_url is not".into());
+                if c.webhook_url.is_none() && !c.event_feed {
+                    return bad(&key("webhook_events"), "is set but neither webhook_url nor event_feed is".into());
                 }
                 if let Some(bad_name) = events.iter().find(|e| crate::receipts::event_status(e).is_none()) {
                     return bad(
@@ -557,5 +601,22 @@ tier = "basic"
         assert!(e.to_string().contains("admin.token"), "{e}");
         let e = load(&format!("{GOOD}\n[webhooks]\ntimeout_ms = 0\n")).unwrap_err();
         assert!(e.to_string().contains("webhooks.timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn event_feed_keys_are_checked_naming_the_key() {
+        let with = |extra: &str| load(&GOOD.replace("tier = \"basic\"\n", &format!("tier = \"basic\"\n{extra}\n")));
+        assert!(with("event_feed = true").is_ok());
+        assert!(with("event_feed = true\nwebhook_events = [\"message.acked\"]").is_ok());
+        let secret = "webhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"";
+        let both = format!("event_feed = true\nwebhook_url = \"https://x.test/h\"\n{secret}");
+        assert!(with(&both).unwrap_err().to_string().contains("clients[0].event_feed"));
+        let e = with("webhook_events = [\"message.acked\"]").unwrap_err().to_string();
+        assert!(e.contains("clients[0].webhook_events"), "{e}");
+        for bad in ["0", "59", "31622401"] {
+            let e = load(&format!("{GOOD}\n[events]\nretention_seconds = {bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("events.retention_seconds"), "{bad}: {e}");
+        }
+        assert!(load(&format!("{GOOD}\n[events]\nretention_seconds = 3600\n")).is_ok());
     }
 }

@@ -9,6 +9,7 @@
 
 use std::cell::{Cell, RefCell};
 
+use esh3ar_shards::feed::{FeedEvent, FeedPos};
 use esh3ar_shards::journal::JournalError;
 use esh3ar_shards::limiter::Decision;
 use esh3ar_shards::{Priority, Reason, Status};
@@ -125,6 +126,20 @@ pub enum MeshMsg {
     IdemFinished { req: u64, result: Result<(), AppendRefusal> },
     /// Release the reservation of a keyed request that did not end in a 202.
     IdemAbort(Box<IdemRequest>),
+    /// Read at most `limit` events of `client`'s feed on the receiver,
+    /// after `after`.
+    FeedRead { from: u16, req: u64, client: u32, after: FeedPos, limit: u32 },
+    /// Answer to `FeedRead` (Err: the feed could not be read; logged there).
+    FeedPageRead { req: u64, page: Result<Box<FeedPage>, ()> },
+}
+
+/// One shard's page of a client's event feed.
+#[derive(Debug)]
+pub struct FeedPage {
+    /// The events, in the shard's order.
+    pub events: Vec<FeedEvent>,
+    /// Where to resume on this shard.
+    pub next: FeedPos,
 }
 
 /// What `PutUser` sets: the user and their contact fields.

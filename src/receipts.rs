@@ -64,15 +64,17 @@ pub fn parse_event_id(s: &str) -> Option<(TrackingId, Status)> {
 }
 
 /// Whether a change of message `seq` to `status` owes its sender an event:
-/// the client has a webhook that wants it, and (for `delivered`) it is the
-/// first delivery.
+/// the client has a webhook or a feed that wants it, and (for `delivered`)
+/// it is the first delivery.
 pub fn owes_event(shard: &Shard, index: &MessageIndex, seq: u64, status: Status) -> bool {
     let Some(meta) = index.get(seq) else { return false };
     if status == Status::Delivered && meta.attempts > 0 {
         return false;
     }
     let Some(client) = shard.clients().index_of(&meta.client) else { return false };
-    shard.clients().get(client).webhook.is_some_and(|w| w.events & status.event_bit() != 0)
+    let client = shard.clients().get(client);
+    let wanted = client.webhook.map(|w| w.events).or(client.feed).unwrap_or(0);
+    wanted & status.event_bit() != 0
 }
 
 /// The event's JSON body: `{"type", "timestamp", "data"}`, where `data` is
@@ -102,6 +104,30 @@ fn job_event(job: u64) -> Option<(u64, Status)> {
     Some((job >> 3, Status::from_u8((job & 7) as u8)?))
 }
 
+/// An event's entry in the event feed: the webhook body with its id first,
+/// `{"id", "type", "timestamp", "data"}`.
+pub fn feed_entry(shard: &Shard, seq: u64, status: Status, since_ms: u64) -> Option<Vec<u8>> {
+    let body = event_body(shard, seq, status, since_ms)?;
+    let mut e = Vec::with_capacity(body.len() + 48);
+    e.extend_from_slice(b"{\"id\":");
+    json_string(&mut e, &event_id(shard.tracking_id(seq), status));
+    e.push(b',');
+    e.extend_from_slice(&body[1..]);
+    Some(e)
+}
+
+/// How often the feed's expired files are looked for.
+const FEED_EXPIRY_EVERY: Duration = Duration::from_secs(60);
+
+/// An owed event on its way into the feed.
+struct FeedItem {
+    seq: u64,
+    status: Status,
+    attempts: u32,
+    client: Rc<str>,
+    entry: Vec<u8>,
+}
+
 /// What this shard's outbox task holds.
 struct Outbox {
     shard: Rc<Shard>,
@@ -110,13 +136,17 @@ struct Outbox {
     waiting: VecDeque<(u64, Status)>,
     /// Handed over, no final report yet.
     in_flight: HashSet<u64>,
+    /// Events of feed clients, to append to the feed next.
+    feed: Vec<FeedItem>,
 }
 
 /// Runs the outbox of `shard` until shutdown: hands owed events over and
 /// journals the reports about them.
 pub async fn run(shard: Rc<Shard>, link: ShardLink) {
     let ShardLink { jobs, mut reports } = link;
-    let mut outbox = Outbox { shard: shard.clone(), jobs, waiting: VecDeque::new(), in_flight: HashSet::new() };
+    let mut outbox =
+        Outbox { shard: shard.clone(), jobs, waiting: VecDeque::new(), in_flight: HashSet::new(), feed: Vec::new() };
+    glommio::spawn_local(expire_feed(shard.clone())).detach();
     enum Wake {
         Report(Option<Report>),
         Fresh,
@@ -127,6 +157,16 @@ pub async fn run(shard: Rc<Shard>, link: ShardLink) {
         let fresh = shard.index().borrow_mut().take_fresh_events();
         outbox.waiting.extend(fresh);
         outbox.hand_over();
+        if !outbox.feed.is_empty() {
+            // Appending awaits the disk, and a wake-up while it does would
+            // be missed: look for fresh events (and ready reports) again
+            // before sleeping.
+            outbox.append_to_feed().await;
+            while let Some(Some(r)) = futures_lite::future::poll_once(reports.next()).await {
+                outbox.on_report(r);
+            }
+            continue;
+        }
         let tick = !outbox.waiting.is_empty();
         let wake = futures_lite::future::or(
             futures_lite::future::or(async { Wake::Report(reports.next().await) }, async {
@@ -176,6 +216,12 @@ impl Outbox {
                 self.waiting.pop_front();
                 continue;
             }
+            if let Some(item) = self.feed_item(seq, status, event.since_ms, event.attempts) {
+                self.in_flight.insert(id);
+                self.feed.push(item);
+                self.waiting.pop_front();
+                continue;
+            }
             let Some(job) = self.job(seq, status, event.since_ms, event.attempts) else {
                 self.waiting.pop_front();
                 continue;
@@ -192,6 +238,43 @@ impl Outbox {
                     self.settle(seq, status, EventOutcome::Dropped, event.attempts, "invalid job");
                     self.waiting.pop_front();
                 }
+            }
+        }
+    }
+
+    /// The feed entry of an owed event, if its client reads the feed.
+    fn feed_item(&self, seq: u64, status: Status, since_ms: u64, attempts: u32) -> Option<FeedItem> {
+        let client = {
+            let index = self.shard.index().borrow();
+            index.get(seq)?.client.clone()
+        };
+        let c = self.shard.clients().index_of(&client)?;
+        self.shard.clients().get(c).feed?;
+        let entry = feed_entry(&self.shard, seq, status, since_ms)?;
+        Some(FeedItem { seq, status, attempts, client, entry })
+    }
+
+    /// Appends the collected feed events and, once they are durable,
+    /// journals them delivered. On a disk error they wait for the next try.
+    async fn append_to_feed(&mut self) {
+        if self.feed.is_empty() {
+            return;
+        }
+        let items = std::mem::take(&mut self.feed);
+        let batch: Vec<(&str, &[u8])> = items.iter().map(|i| (&*i.client, i.entry.as_slice())).collect();
+        let result = self.shard.feed().append(now_ms(), &batch).await;
+        for i in &items {
+            self.in_flight.remove(&job_id(i.seq, i.status));
+        }
+        match result {
+            Ok(()) => {
+                for i in &items {
+                    self.settle(i.seq, i.status, EventOutcome::Delivered, i.attempts + 1, "");
+                }
+            }
+            Err(e) => {
+                tracing::error!(shard = self.shard.id(), error = %e, events = items.len(), "event feed append failed; retrying");
+                self.waiting.extend(items.iter().map(|i| (i.seq, i.status)));
             }
         }
     }
@@ -250,6 +333,30 @@ impl Outbox {
     /// Journals a step of an owed event (without waiting for its fdatasync).
     fn settle(&self, seq: u64, status: Status, outcome: EventOutcome, attempts: u32, error: &str) {
         record_event(&self.shard, seq, status, outcome, attempts, error);
+    }
+}
+
+/// Deletes the feed's expired files now and then, until shutdown.
+async fn expire_feed(shard: Rc<Shard>) {
+    loop {
+        let removed = shard.feed().expire(now_ms());
+        if removed > 0 {
+            tracing::info!(shard = shard.id(), files = removed, "expired event feed files deleted");
+        }
+        let stop = futures_lite::future::or(
+            async {
+                glommio::timer::sleep(FEED_EXPIRY_EVERY).await;
+                false
+            },
+            async {
+                shard.shutdown().wait().await;
+                true
+            },
+        )
+        .await;
+        if stop {
+            return;
+        }
     }
 }
 

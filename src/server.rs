@@ -21,8 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use esh3ar_shards::feed::{FeedConfig, FeedStore};
 use esh3ar_shards::journal::{Journal, JournalConfig};
 use esh3ar_shards::recovery::{ensure_dir, recover_shard, write_file_durably, Mode, Recovered};
+use esh3ar_shards::storage::DmaStorage;
 use futures_channel::oneshot;
 use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::net::TcpListener;
@@ -494,7 +496,18 @@ async fn open_shard(
         }
     };
     glommio::spawn_local(journal.clone().run_committer()).detach();
-    let shard = Shard::new(shared.shards, cfg, shared.clients.clone(), journal, recovered.index, mesh);
+    let feed_cfg = FeedConfig::new(
+        shard_dir(&cfg.engine.data_dir, id).join("events"),
+        cfg.events.retention_seconds.saturating_mul(1000),
+    );
+    let feed = match FeedStore::open(DmaStorage::default(), feed_cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            shared.fail(format!("shard {id}: cannot open the event feed: {e}"));
+            return None;
+        }
+    };
+    let shard = Shard::new(shared.shards, cfg, shared.clients.clone(), journal, recovered.index, feed, mesh);
     glommio::spawn_local(shard.clone().run_maintenance()).detach();
     for (_peer, rx) in receivers {
         glommio::spawn_local(crate::dispatch::run_receiver(shard.clone(), rx)).detach();

@@ -13,11 +13,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use esh3ar_shards::feed::FeedStore;
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::index::MessageIndex;
 use esh3ar_shards::journal::Journal;
 use esh3ar_shards::limiter::{Decision, RateLimiter};
 use esh3ar_shards::record::{Accepted, Record};
+use esh3ar_shards::storage::DmaStorage;
 use futures_channel::oneshot;
 use hashbrown::HashMap;
 
@@ -69,6 +71,8 @@ pub struct Shard {
     slow_reply_on_body: Option<Vec<u8>>,
     /// Woken when an event became owed (the receipts task waits on it).
     events_ready: Notify,
+    /// Events of clients that read them with `GET /v1/events`.
+    feed: FeedStore<DmaStorage>,
     /// Generation of the last `User` record appended: segments are deleted
     /// only once it is durable, so a directory entry moved to a newer
     /// segment never loses its old copy before the new one is on disk.
@@ -115,6 +119,7 @@ impl Shard {
         clients: Arc<ClientTable>,
         journal: Rc<Journal>,
         index: MessageIndex,
+        feed: FeedStore<DmaStorage>,
         mesh: crate::mesh::Mesh<MeshMsg>,
     ) -> Rc<Shard> {
         let share = shard_share_bytes(&cfg, count);
@@ -137,6 +142,7 @@ impl Shard {
             panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             slow_reply_on_body: std::env::var_os(TEST_SLOW_REPLY_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             events_ready: Notify::default(),
+            feed,
             idempotency_in_flight: RefCell::new(HashMap::new()),
             user_generation: Cell::new(0),
         })
@@ -193,6 +199,10 @@ impl Shard {
     /// Woken when an event became owed to a sender.
     pub fn events_ready(&self) -> &Notify {
         &self.events_ready
+    }
+    /// This shard's part of the event feed.
+    pub fn feed(&self) -> &FeedStore<DmaStorage> {
+        &self.feed
     }
     /// Generation of the last directory record appended (see `users.rs`).
     pub fn user_generation(&self) -> &Cell<u64> {

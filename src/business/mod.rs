@@ -1,5 +1,5 @@
 //! The business API: `POST /v1/messages`, `POST /v1/messages/batch`,
-//! `GET /v1/messages/{id}` (docs/API.md is the contract).
+//! `GET /v1/messages/{id}`, `GET /v1/events` (docs/API.md is the contract).
 //!
 //! The accepting shard authenticates, validates, sheds under memory
 //! pressure, counts the messages against the client's rate limit (kept on
@@ -7,6 +7,7 @@
 //! its recipient, which journals it. A `202` is written only after the home
 //! shard's group commit holding the message has been fdatasynced.
 
+pub mod events;
 pub mod json;
 
 use std::fmt::Write as _;
@@ -79,6 +80,7 @@ fn strip_bearer(header: &[u8]) -> Option<&[u8]> {
 enum Route<'a> {
     Send,
     Batch,
+    Events,
     Get(&'a [u8]),
     NotFound,
     MethodNotAllowed(&'static str),
@@ -90,6 +92,8 @@ fn route(path: &[u8], method: Method) -> Route<'_> {
         (b"/v1/messages", _) => Route::MethodNotAllowed("POST"),
         (b"/v1/messages/batch", Method::Post) => Route::Batch,
         (b"/v1/messages/batch", _) => Route::MethodNotAllowed("POST"),
+        (b"/v1/events", Method::Get) => Route::Events,
+        (b"/v1/events", _) => Route::MethodNotAllowed("GET"),
         (p, m) => match p.strip_prefix(b"/v1/messages/") {
             Some(id) if !id.is_empty() && !id.contains(&b'/') => {
                 if m == Method::Get {
@@ -230,6 +234,7 @@ impl Handler for BusinessConn {
                 let id = id.to_vec();
                 self.get_status(&id, authed).await
             }
+            Route::Events => events::get_events(&self.shard, &req, authed).await,
             Route::NotFound | Route::MethodNotAllowed(_) => unreachable!("answered above"),
         };
         // A keyed 202 is written only once its answer is durable on the
