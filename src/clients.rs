@@ -25,6 +25,8 @@ pub struct Client {
     pub shed_offset_percent: u8,
     /// Where its receipts go, if it has a webhook.
     pub webhook: Option<Webhook>,
+    /// Default fallback of its messages (`fallback_after_seconds`).
+    pub fallback: Option<crate::fallback::FallbackSpec>,
 }
 
 /// A client's webhook, as the shards see it (the URL and secret live on
@@ -75,6 +77,16 @@ impl ClientTable {
                 messages_per_minute: limit,
                 shed_offset_percent: cfg.tiers[&c.tier].shed_offset_percent,
                 webhook,
+                fallback: c.fallback_after_seconds.map(|after| crate::fallback::FallbackSpec {
+                    after_seconds: after.min(u32::MAX as u64) as u32,
+                    channels: match &c.fallback_channels {
+                        Some(names) => {
+                            crate::fallback::parse_channels(names.iter().map(String::as_str), &cfg.providers)
+                                .unwrap_or_default()
+                        }
+                        None => crate::fallback::default_channels(&cfg.providers),
+                    },
+                }),
             });
         }
         Self { clients, by_key_digest, by_id }
