@@ -195,7 +195,9 @@ async fn hand_over(fb: &Fallbacks, jobs: &mut JobSender, seq: u64) -> bool {
                 continue;
             }
             Choice::Exhausted => {
-                exhaust(fb, seq, "every channel failed");
+                let last = fb.shard.index().borrow().fallback(seq).and_then(|s| s.last_error.clone());
+                let error = format!("every channel failed; last error: {}", last.as_deref().unwrap_or("none"));
+                exhaust(fb, seq, &error);
                 return true;
             }
             Choice::Send { channel, contact, yields } => (channel, contact, yields),

@@ -285,7 +285,8 @@ fn permanent_errors_fail_the_message_into_the_dead_letter_queue_and_replay_deliv
     let setup = setup(&wa.config("max_attempts = 5"));
     let engine = setup.start();
     put_user(&engine, "omar", Some("+966500000003"), None);
-    let id = send(&engine, json!({"to": "omar", "body": "x", "fallback": {"after_seconds": 0, "channels": ["whatsapp"]}}));
+    let id =
+        send(&engine, json!({"to": "omar", "body": "x", "fallback": {"after_seconds": 0, "channels": ["whatsapp"]}}));
     let s = wait_status(&engine, &id, "failed", WAIT);
     assert_eq!(s["reason"], "channels_exhausted", "{s}");
     assert_eq!(wa.requests().len(), 1, "a 400 is permanent: no retry");
@@ -298,7 +299,7 @@ fn permanent_errors_fail_the_message_into_the_dead_letter_queue_and_replay_deliv
     // 429 with Retry-After is retried, not permanent; replay tries again.
     wa.set(429);
     let dl = items[0]["id"].as_str().unwrap().to_owned();
-    let r = admin(&engine, "POST", &format!("/v1/dead-letters/{dl}/replay"), None);
+    let r = admin(&engine, "POST", &format!("/v1/dead-letters/{dl}/replay"), Some(""));
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let deadline = Instant::now() + WAIT;
     while wa.requests().len() < 2 {
@@ -380,7 +381,8 @@ fn bad_fallback_inputs_get_400_naming_the_field() {
         let message = r.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
         assert!(message.contains(field), "{body}: {message}");
     }
-    let batch = json!({"messages": [{"to": "a", "body": "x", "fallback": {"after_seconds": 1, "channels": ["pigeon"]}}]});
+    let batch =
+        json!({"messages": [{"to": "a", "body": "x", "fallback": {"after_seconds": 1, "channels": ["pigeon"]}}]});
     let r = engine.client().request("POST", "/v1/messages/batch", Some(API_KEY), Some(&batch.to_string()));
     assert!(String::from_utf8_lossy(&r.body).contains("fallback.channels"), "{}", String::from_utf8_lossy(&r.body));
     // A phone not in E.164 form is refused by the directory.
@@ -404,7 +406,9 @@ fn config_check_names_the_key_and_never_prints_secrets() {
              password = \"hunter2-secret\"\nfrom = \"Esh3ar <noreply@example.com>\"\n"
         )
     };
-    let client = |extra: &str| format!("[[clients]]\nid = \"fb\"\napi_key = \"fb-key-0123456789abcdef\"\ntier = \"basic\"\n{extra}\n");
+    let client = |extra: &str| {
+        format!("[[clients]]\nid = \"fb\"\napi_key = \"fb-key-0123456789abcdef\"\ntier = \"basic\"\n{extra}\n")
+    };
     let cases = [
         (wa("max_attempts = 0"), "providers.whatsapp.max_attempts"),
         (wa("kind2 = 1"), "kind2"),
@@ -420,8 +424,9 @@ fn config_check_names_the_key_and_never_prints_secrets() {
         (client("fallback_after_seconds = 5"), "clients[2].fallback_after_seconds"),
     ];
     for (extra, key) in cases {
-        let config = write_config(dir.path(), &dir.path().join("data"), &Opts { extra_toml: extra.clone(), ..Opts::default() });
-        let (code, out, err) = run_cli(&["config", "check", config.to_str().unwrap()]);
+        let config =
+            write_config(dir.path(), &dir.path().join("data"), &Opts { extra_toml: extra.clone(), ..Opts::default() });
+        let (code, out, err) = run_cli(&["config", "check", "--config", config.to_str().unwrap()]);
         let all = format!("{out}{err}");
         assert_ne!(code, 0, "{extra}");
         assert!(all.contains(key), "{key} not named: {all}");
@@ -429,7 +434,7 @@ fn config_check_names_the_key_and_never_prints_secrets() {
     }
     let ok = format!("{}{}", wa(""), email("smtp.example.com", true));
     let config = write_config(dir.path(), &dir.path().join("data"), &Opts { extra_toml: ok, ..Opts::default() });
-    let (code, out, err) = run_cli(&["config", "check", config.to_str().unwrap()]);
+    let (code, out, err) = run_cli(&["config", "check", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!format!("{out}{err}").contains(WA_TOKEN) && !format!("{out}{err}").contains("hunter2"));
 }
