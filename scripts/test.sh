@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of esh3ar: unit, property, integration (real binary over
 # real sockets), crash and damage tests. Needs only Rust (cargo) on Linux
-# with io_uring (kernel 5.8+); nothing else to install or start.
+# with io_uring (kernel 5.8+); installs Python's aiosmtpd when missing
+# (the fallback tests run it as a real SMTP server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,16 @@ fi
 memlock=$(ulimit -l)
 if [ "$memlock" != "unlimited" ] && [ "$memlock" -lt 512 ]; then
   echo "warning: 'ulimit -l' is ${memlock} KiB; io_uring may need more (try: ulimit -l 8192)" >&2
+fi
+
+# tests/fallback.rs runs a real SMTP server: Python 3 with aiosmtpd.
+if ! command -v python3 >/dev/null; then
+  echo "== installing python3 (tests/fallback.rs needs it)"
+  apt-get update -q && apt-get install -y -q python3 python3-pip
+fi
+if ! python3 -c "import aiosmtpd" 2>/dev/null; then
+  echo "== installing aiosmtpd (tests/fallback.rs runs it as a real SMTP server)"
+  python3 -m pip install -q aiosmtpd || python3 -m pip install -q --break-system-packages aiosmtpd
 fi
 
 echo "== cargo test (workspace)"

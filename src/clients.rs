@@ -28,6 +28,8 @@ pub struct Client {
     /// The events kept in its event feed, if it reads them there
     /// (`event_feed = true`; never together with a webhook).
     pub feed: Option<EventSet>,
+    /// Default fallback of its messages (`fallback_after_seconds`).
+    pub fallback: Option<crate::fallback::FallbackSpec>,
 }
 
 /// A client's webhook, as the shards see it (the URL and secret live on
@@ -79,6 +81,16 @@ impl ClientTable {
                 shed_offset_percent: cfg.tiers[&c.tier].shed_offset_percent,
                 webhook,
                 feed,
+                fallback: c.fallback_after_seconds.map(|after| crate::fallback::FallbackSpec {
+                    after_seconds: after.min(u32::MAX as u64) as u32,
+                    channels: match &c.fallback_channels {
+                        Some(names) => {
+                            crate::fallback::parse_channels(names.iter().map(String::as_str), &cfg.providers)
+                                .unwrap_or_default()
+                        }
+                        None => crate::fallback::default_channels(&cfg.providers),
+                    },
+                }),
             });
         }
         Self { clients, by_key_digest, by_id }

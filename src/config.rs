@@ -46,6 +46,9 @@ pub struct Config {
     /// The event feed (`GET /v1/events`) of clients with `event_feed = true`.
     #[serde(default)]
     pub events: EventsConfig,
+    /// Fallback channels' providers (`[providers.whatsapp]`, `[providers.email]`).
+    #[serde(default)]
+    pub providers: crate::outbound::ProvidersConfig,
 }
 
 /// Fewest seconds the event feed may keep events.
@@ -203,6 +206,13 @@ pub struct ClientConfig {
     /// Overrides the tier's limit for this client.
     #[serde(default)]
     pub messages_per_minute: Option<u64>,
+    /// Default fallback of this client's messages: after how many seconds
+    /// without an app ack (absent: no fallback).
+    #[serde(default)]
+    pub fallback_after_seconds: Option<u64>,
+    /// The fallback channels, in order (default: every configured provider).
+    #[serde(default)]
+    pub fallback_channels: Option<Vec<String>>,
 }
 
 fn default_segment_bytes() -> u64 {
@@ -300,6 +310,7 @@ impl Config {
         self.validate_memory_for_bodies()?;
         self.validate_mobile()?;
         self.validate_tiers()?;
+        self.providers.validate()?;
         self.validate_clients()
     }
 
@@ -425,6 +436,31 @@ impl Config {
         Ok(())
     }
 
+    fn validate_client_fallback(&self, i: usize, c: &ClientConfig) -> Result<(), (String, String)> {
+        let key = |f: &str| format!("clients[{i}].{f}");
+        if let Some(after) = c.fallback_after_seconds {
+            if after > self.business.max_ttl_seconds {
+                return bad(
+                    &key("fallback_after_seconds"),
+                    format!("must be from 0 to business.max_ttl_seconds ({})", self.business.max_ttl_seconds),
+                );
+            }
+        }
+        match (&c.fallback_channels, c.fallback_after_seconds) {
+            (Some(_), None) => bad(&key("fallback_channels"), "is set but fallback_after_seconds is not".into()),
+            (Some(names), Some(_)) => {
+                crate::fallback::parse_channels(names.iter().map(String::as_str), &self.providers)
+                    .map(|_| ())
+                    .map_err(|m| (key("fallback_channels"), m))
+            }
+            (None, Some(_)) if self.providers.channels().next().is_none() => bad(
+                &key("fallback_after_seconds"),
+                "is set but no provider is configured ([providers.whatsapp] or [providers.email])".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
     fn validate_clients(&self) -> Result<(), (String, String)> {
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
@@ -473,6 +509,7 @@ impl Config {
             if c.messages_per_minute == Some(0) {
                 return bad(&key("messages_per_minute"), "must be positive".into());
             }
+            self.validate_client_fallback(i, c)?;
         }
         Ok(())
     }

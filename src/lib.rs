@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
+pub mod fallback;
 pub mod http;
 pub mod idempotency;
 pub mod journal_cli;

@@ -26,6 +26,8 @@ pub struct NewMessage {
     pub priority: Priority,
     pub expires_at_ms: u64,
     pub accepted_at_ms: u64,
+    /// The message's own `fallback` (None: the client's default, if any).
+    pub fallback: Option<crate::fallback::FallbackSpec>,
 }
 
 /// Why a home shard could not take messages.
@@ -58,6 +60,10 @@ pub struct StatusView {
     pub acked_at_ms: u64,
     /// Why it was rejected or failed.
     pub reason: Reason,
+    /// Where it was delivered (app or a fallback channel), once delivered.
+    pub channel: Option<&'static str>,
+    /// The fallback provider's id for it.
+    pub provider_message_id: Option<String>,
 }
 
 impl StatusView {
@@ -72,6 +78,8 @@ impl StatusView {
             delivered_at_ms: m.delivered_at_ms,
             acked_at_ms: m.acked_at_ms,
             reason: m.reason,
+            channel: (m.delivered_at_ms != 0).then(|| m.channel.as_str()),
+            provider_message_id: m.provider_message_id.as_deref().map(str::to_owned),
         }
     }
 }

@@ -63,6 +63,16 @@ pub fn parse_event_id(s: &str) -> Option<(TrackingId, Status)> {
     Some((id, status))
 }
 
+/// Parses a dead-letter id: an event's ([`event_id`]) or a failed
+/// delivery's (`dlv_<message id>`, given as status `Accepted`, which owes
+/// no event).
+pub fn parse_dead_letter_id(s: &str) -> Option<(TrackingId, Status)> {
+    match crate::fallback::parse_dead_letter_id(s) {
+        Some(id) => Some((id, Status::Accepted)),
+        None => parse_event_id(s),
+    }
+}
+
 /// Whether a change of message `seq` to `status` owes its sender an event:
 /// the client has a webhook or a feed that wants it, and (for `delivered`)
 /// it is the first delivery.
@@ -138,14 +148,22 @@ struct Outbox {
     in_flight: HashSet<u64>,
     /// Events of feed clients, to append to the feed next.
     feed: Vec<FeedItem>,
+    /// The shard's fallback task: reports about its jobs go there.
+    fallback: Option<Rc<crate::fallback::Fallbacks>>,
 }
 
 /// Runs the outbox of `shard` until shutdown: hands owed events over and
 /// journals the reports about them.
-pub async fn run(shard: Rc<Shard>, link: ShardLink) {
+pub async fn run(shard: Rc<Shard>, link: ShardLink, fallback: Option<Rc<crate::fallback::Fallbacks>>) {
     let ShardLink { jobs, mut reports } = link;
-    let mut outbox =
-        Outbox { shard: shard.clone(), jobs, waiting: VecDeque::new(), in_flight: HashSet::new(), feed: Vec::new() };
+    let mut outbox = Outbox {
+        shard: shard.clone(),
+        jobs,
+        waiting: VecDeque::new(),
+        in_flight: HashSet::new(),
+        feed: Vec::new(),
+        fallback,
+    };
     glommio::spawn_local(expire_feed(shard.clone())).detach();
     enum Wake {
         Report(Option<Report>),
@@ -302,10 +320,18 @@ impl Outbox {
             body: Bytes::from(body),
             attempts,
             not_before_unix_ms: 0,
+            to: String::new(),
+            yield_when_open: false,
         })
     }
 
     fn on_report(&mut self, report: Report) {
+        if crate::fallback::is_fallback_job(report.job()) {
+            if let Some(fallback) = &self.fallback {
+                crate::fallback::on_report(fallback, report);
+            }
+            return;
+        }
         let Some((seq, status)) = job_event(report.job()) else { return };
         match report {
             Report::Delivered { attempts, .. } => {
@@ -327,6 +353,7 @@ impl Outbox {
                 );
                 self.settle(seq, status, EventOutcome::DeadLettered, attempts, &error);
             }
+            Report::Accepted { .. } => {} // provider jobs only (above)
         }
     }
 
@@ -388,6 +415,60 @@ pub fn dead_letters_local(
     after: Option<(u64, u8)>,
     limit: usize,
 ) -> Vec<DeadLetter> {
+    let mut items = event_dead_letters_local(shard, client, after, limit);
+    items.extend(delivery_dead_letters_local(shard, client, after, limit));
+    items.sort_by_key(|d| d.key);
+    items.truncate(limit);
+    items
+}
+
+/// Failed fallback deliveries (kind `delivery`, key status code 0).
+fn delivery_dead_letters_local(
+    shard: &Shard,
+    client: Option<&str>,
+    after: Option<(u64, u8)>,
+    limit: usize,
+) -> Vec<DeadLetter> {
+    let index = shard.index().borrow();
+    let mut out = Vec::new();
+    let mut cursor = after.map(|(seq, _)| seq);
+    // (seq, 0) sorts before the events of the same message, so a cursor on
+    // an event of `seq` excludes `seq`'s delivery too: exclusive on seq.
+    loop {
+        let page = index.fallback_dead_letters(cursor, 256);
+        let Some(&(last, _)) = page.last() else { break };
+        for (seq, state) in page {
+            let Some(meta) = index.get(seq) else { continue };
+            if client.is_some_and(|c| c != &*meta.client) {
+                continue;
+            }
+            let id = shard.tracking_id(seq);
+            out.push(DeadLetter {
+                id: crate::fallback::dead_letter_id(id),
+                kind: "delivery",
+                message_id: id.to_string_id(),
+                client: meta.client.to_string(),
+                event_type: "message.failed",
+                attempts: state.attempts,
+                last_error: state.last_error.as_deref().unwrap_or("").to_owned(),
+                dead_at_ms: state.dead_at_ms,
+                key: (shard.id() as u16, seq, 0),
+            });
+            if out.len() >= limit {
+                return out;
+            }
+        }
+        cursor = Some(last);
+    }
+    out
+}
+
+fn event_dead_letters_local(
+    shard: &Shard,
+    client: Option<&str>,
+    after: Option<(u64, u8)>,
+    limit: usize,
+) -> Vec<DeadLetter> {
     let index = shard.index().borrow();
     let after = after.and_then(|(seq, code)| Some((seq, Status::from_u8(code)?)));
     let mut out = Vec::new();
@@ -426,6 +507,9 @@ pub fn dead_letters_local(
 /// Replays (attempts reset) or drops a dead letter of this shard; false if
 /// there is none.
 pub fn dead_letter_action_local(shard: &Shard, seq: u64, status: Status, replay: bool) -> bool {
+    if status == Status::Accepted {
+        return crate::fallback::dead_letter_action_local(shard, seq, replay);
+    }
     let dead = shard.index().borrow().event(seq, status).map(|e| (e.dead_at_ms != 0, e.attempts));
     let Some((true, attempts)) = dead else { return false };
     let outcome = if replay { EventOutcome::Replayed } else { EventOutcome::Dropped };

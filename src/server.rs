@@ -82,6 +82,8 @@ struct Shared {
     cfg: Arc<Config>,
     /// Breaker states of the webhook thread, for /healthz.
     outbound_status: Arc<OutboundStatus>,
+    /// The fallback providers' endpoints on the offload thread.
+    provider_endpoints: Vec<(esh3ar_shards::Channel, crate::outbound::EndpointId)>,
     clients: Arc<ClientTable>,
     shards: usize,
     business_addr: SocketAddr,
@@ -263,8 +265,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (mobile_addr, mobile_placeholder) =
         reserve_port(listeners.mobile).with_context(|| format!("cannot bind {}", listeners.mobile))?;
     let signals = install_signals(shards).context("cannot install signal handlers")?;
-    let (outbound, links) = crate::outbound::spawn(&cfg.webhooks, ClientTable::endpoints(&cfg), shards)
-        .map_err(|e| anyhow::anyhow!("cannot start the webhook thread: {e}"))?;
+    let webhook_endpoints = ClientTable::endpoints(&cfg);
+    let provider_endpoints = crate::outbound::provider_endpoints(webhook_endpoints.len(), &cfg.providers);
+    let (outbound, links) =
+        crate::outbound::spawn_with_providers(&cfg.webhooks, webhook_endpoints, &cfg.providers, shards)
+            .map_err(|e| anyhow::anyhow!("cannot start the webhook thread: {e}"))?;
     let seeds: Vec<ShardSeed> = crate::mesh::build::<MeshMsg>(shards, cfg.engine.mesh_channel_capacity)
         .into_iter()
         .zip(signals.shards)
@@ -273,6 +278,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .collect();
     let shared = Arc::new(Shared {
         outbound_status: outbound.status(),
+        provider_endpoints,
         clients: Arc::new(ClientTable::from_config(&cfg)),
         cfg: Arc::new(cfg),
         shards,
@@ -399,7 +405,17 @@ async fn shard_main(shared: Arc<Shared>, seed: ShardSeed) {
         admin_shutdown.trigger();
         return;
     };
-    glommio::spawn_local(crate::receipts::run(shard.clone(), seed.outbound)).detach();
+    let fallback = (!shared.provider_endpoints.is_empty()).then(|| {
+        let providers = crate::fallback::Providers {
+            endpoints: shared.provider_endpoints.clone(),
+            status: Some(shared.outbound_status.clone()),
+        };
+        crate::fallback::Fallbacks::new(shard.clone(), seed.outbound.jobs.duplicate(), providers)
+    });
+    if let Some(fallback) = &fallback {
+        glommio::spawn_local(crate::fallback::run(fallback.clone())).detach();
+    }
+    glommio::spawn_local(crate::receipts::run(shard.clone(), seed.outbound, fallback)).detach();
     if let Some(admin) = admin {
         admin.set_shard(shard.clone());
     }

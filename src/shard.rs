@@ -248,7 +248,14 @@ impl Shard {
             let known_only = self.cfg.validation.known_recipients_only;
             match index.refusal(&m.to, self.clients.id(m.client), known_only) {
                 Some(reason) => generation = self.reject(&mut index, &[seq], reason)?,
-                None => self.bodies.borrow_mut().insert(seq, &m.body),
+                None => {
+                    self.bodies.borrow_mut().insert(seq, &m.body);
+                    // The fallback plan is born in the same commit (docs/ARCHITECTURE.md, "Fallback channels").
+                    if let Some(spec) = m.fallback.or(self.clients.get(m.client).fallback) {
+                        generation = crate::fallback::plan(self, &mut index, seq, m.accepted_at_ms, spec)
+                            .map_err(|e| AppendRefusal::from(&e))?;
+                    }
+                }
             }
         }
         Ok((seqs, generation))

@@ -350,7 +350,8 @@ impl BusinessConn {
     async fn send_one(&mut self, req: Request<'_>, authed: Authed) -> Result<Reply, ApiError> {
         check_json_content_type(&req)?;
         let value = parse_json(req.body)?;
-        let msg = new_message(&value, authed.client, &self.shard.cfg().business, now_ms())?;
+        let msg =
+            new_message(&value, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now_ms())?;
         let offset = self.shard.clients().get(authed.client).shed_offset_percent;
         if !self.shard.admits(msg.priority, offset) {
             return Err(ApiError::refusal(Refusal::Shed));
@@ -387,7 +388,7 @@ impl BusinessConn {
         let mut groups: Vec<(Vec<usize>, Vec<NewMessage>)> = (0..count).map(|_| (Vec::new(), Vec::new())).collect();
         let mut wanted = 0u32;
         for (i, item) in items.iter().enumerate() {
-            match new_message(item, authed.client, &self.shard.cfg().business, now) {
+            match new_message(item, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now) {
                 Ok(m) if !self.shard.admits(m.priority, offset) => results.push(Err(ApiError::refusal(Refusal::Shed))),
                 Ok(m) => {
                     let home = crate::route(&m.to, count);
