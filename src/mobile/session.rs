@@ -313,7 +313,7 @@ pub async fn start(shard: Rc<Shard>, stream: TcpStream, user: String, accept_key
 pub async fn refuse_hub(shard: Rc<Shard>, stream: TcpStream, accept_key: &str, error: String) {
     let Some(_pass) = shard.shutdown().enter() else { return };
     let Some(mut ws) = upgrade(&shard, stream, accept_key).await else { return };
-    match hub_handshake(&shard, &mut ws).await {
+    match read_handshake(&shard, &mut ws).await {
         Ok(_) => {
             let _ = ws.feed(Message::Text(signalr::handshake_error(&error))).await;
             finish(&mut ws, Wire::Hub, End::Close(CloseCode::Policy, error.into())).await;
@@ -322,34 +322,43 @@ pub async fn refuse_hub(shard: Rc<Shard>, stream: TcpStream, accept_key: &str, e
     }
 }
 
-/// Reads the hub handshake request within `mobile.handshake_timeout_ms`
-/// and accepts it; returns the records that followed it in its message.
-/// A refusal is answered here (handshake response with the error); the
-/// returned end then closes the connection.
+/// Reads the hub handshake request and accepts it; returns the records
+/// that followed it in its message. A refusal is answered here (handshake
+/// response with the error); the returned end then closes the connection.
 async fn hub_handshake(shard: &Shard, ws: &mut WebSocketStream<TcpStream>) -> Result<String, End> {
+    match read_handshake(shard, ws).await? {
+        Ok(rest) => {
+            ws.send(Message::Text(signalr::HANDSHAKE_OK.to_owned())).await.map_err(|_| End::Drop)?;
+            Ok(rest)
+        }
+        Err(error) => {
+            let _ = ws.feed(Message::Text(signalr::handshake_error(&error))).await;
+            Err(End::Close(CloseCode::Policy, error))
+        }
+    }
+}
+
+/// Reads the handshake request within `mobile.handshake_timeout_ms`:
+/// Ok(Ok(what follows it)), Ok(Err(why it is refused)), or Err(end) when
+/// the peer is gone or broke the WebSocket protocol.
+async fn read_handshake(
+    shard: &Shard,
+    ws: &mut WebSocketStream<TcpStream>,
+) -> Result<Result<String, Cow<'static, str>>, End> {
     let wait = Duration::from_millis(shard.cfg().mobile.handshake_timeout_ms);
     let first = futures_lite::future::or(async { Some(ws.next().await) }, async {
         glommio::timer::sleep(wait).await;
         None
     })
     .await;
-    let error = match first {
-        None => Cow::Borrowed("handshake timeout: no handshake request within mobile.handshake_timeout_ms"),
-        Some(incoming) => match incoming_message(incoming)? {
-            Message::Text(text) => match signalr::parse_handshake(&text) {
-                Ok(rest) => {
-                    let rest = rest.to_owned();
-                    ws.send(Message::Text(signalr::HANDSHAKE_OK.to_owned())).await.map_err(|_| End::Drop)?;
-                    return Ok(rest);
-                }
-                Err(e) => Cow::Owned(e.0),
-            },
-            Message::Close(_) => return Err(End::Drop),
-            _ => Cow::Borrowed("malformed handshake: expected a text message with the handshake request"),
-        },
+    let Some(incoming) = first else {
+        return Ok(Err(Cow::Borrowed("handshake timeout: no handshake request within mobile.handshake_timeout_ms")));
     };
-    let _ = ws.feed(Message::Text(signalr::handshake_error(&error))).await;
-    Err(End::Close(CloseCode::Policy, error))
+    Ok(match incoming_message(incoming)? {
+        Message::Text(text) => signalr::parse_handshake(&text).map(str::to_owned).map_err(|e| Cow::Owned(e.0)),
+        Message::Close(_) => return Err(End::Drop),
+        _ => Err(Cow::Borrowed("malformed handshake: expected a text message with the handshake request")),
+    })
 }
 
 /// Ends a session: the hub's close message, then the WebSocket close
