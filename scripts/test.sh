@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of esh3ar: unit, property, integration (real binary over
 # real sockets), crash and damage tests. Needs only Rust (cargo) on Linux
-# with io_uring (kernel 5.8+); nothing else to install or start.
+# with io_uring (kernel 5.8+); installs Node (apt-get) and the SignalR
+# test client (npm ci) when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,20 @@ fi
 memlock=$(ulimit -l)
 if [ "$memlock" != "unlimited" ] && [ "$memlock" -lt 512 ]; then
   echo "warning: 'ulimit -l' is ${memlock} KiB; io_uring may need more (try: ulimit -l 8192)" >&2
+fi
+
+# The SignalR tests (tests/signalr.rs) drive the official @microsoft/signalr
+# client in Node, pinned by tests/signalr/package-lock.json.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "== installing nodejs and npm (needed by tests/signalr.rs)"
+  sudo_cmd=""
+  if [ "$(id -u)" != "0" ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
+fi
+if [ ! -d tests/signalr/node_modules/@microsoft/signalr ]; then
+  echo "== npm ci (tests/signalr)"
+  (cd tests/signalr && npm ci --no-audit --no-fund)
 fi
 
 echo "== cargo test (workspace)"
