@@ -146,7 +146,7 @@ fn parse_record(record: &str) -> Result<ClientAction, HubError> {
 fn invocation(target: &str, args: Vec<Value>, call: Option<String>) -> Result<ClientAction, HubError> {
     match target {
         METHOD_ACK => {
-            let [Value::String(id)] = <[Value; 1]>::try_from(args).unwrap_or_else(|_| [Value::Null]) else {
+            let Ok([Value::String(id)]) = <[Value; 1]>::try_from(args) else {
                 return Err(HubError::new("Ack takes one argument: a message id (string)"));
             };
             Ok(ClientAction::Ack { ids: vec![id], call })
