@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of esh3ar: unit, property, integration (real binary over
 # real sockets), crash and damage tests. Needs only Rust (cargo) on Linux
-# with io_uring (kernel 5.8+); installs Python's aiosmtpd when missing
-# (the fallback tests run it as a real SMTP server).
+# with io_uring (kernel 5.8+); installs what some tests need when it is
+# missing: Python's aiosmtpd (a real SMTP server for the fallback tests),
+# Node (apt-get) and the SignalR test client (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,20 @@ fi
 if ! python3 -c "import aiosmtpd" 2>/dev/null; then
   echo "== installing aiosmtpd (tests/fallback.rs runs it as a real SMTP server)"
   python3 -m pip install -q aiosmtpd || python3 -m pip install -q --break-system-packages aiosmtpd
+fi
+
+# The SignalR tests (tests/signalr.rs) drive the official @microsoft/signalr
+# client in Node, pinned by tests/signalr/package-lock.json.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "== installing nodejs and npm (needed by tests/signalr.rs)"
+  sudo_cmd=""
+  if [ "$(id -u)" != "0" ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
+fi
+if [ ! -d tests/signalr/node_modules/@microsoft/signalr ]; then
+  echo "== npm ci (tests/signalr)"
+  (cd tests/signalr && npm ci --no-audit --no-fund)
 fi
 
 echo "== cargo test (workspace)"

@@ -160,9 +160,18 @@ pub struct MobileConfig {
     /// pauses there until acks arrive.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: usize,
-    /// The upgrade request must be complete within this.
+    /// The upgrade request must be complete within this (and, on `/v1/hub`,
+    /// the SignalR handshake request too).
     #[serde(default = "default_request_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// SignalR hub (`/v1/hub`): the server sends a ping record after this
+    /// long without sending anything (SignalR's KeepAliveInterval, 15 s).
+    #[serde(default = "default_hub_keep_alive_ms")]
+    pub hub_keep_alive_ms: u64,
+    /// SignalR hub: a client silent this long is dropped (SignalR's
+    /// ClientTimeoutInterval, 30 s); must exceed `hub_keep_alive_ms`.
+    #[serde(default = "default_hub_client_timeout_ms")]
+    pub hub_client_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +246,12 @@ fn default_ws_message_bytes() -> usize {
     64 * 1024
 }
 fn default_ping_interval_ms() -> u64 {
+    30_000
+}
+fn default_hub_keep_alive_ms() -> u64 {
+    15_000
+}
+fn default_hub_client_timeout_ms() -> u64 {
     30_000
 }
 fn default_ws_write_timeout_ms() -> u64 {
@@ -404,6 +419,17 @@ impl Config {
             || self.mobile.handshake_timeout_ms < 100
         {
             return bad("mobile.ping_interval_ms", "mobile timeouts must be at least 100 ms".into());
+        }
+        if !(100..=3_600_000).contains(&self.mobile.hub_keep_alive_ms) {
+            return bad("mobile.hub_keep_alive_ms", "must be between 100 and 3600000 ms".into());
+        }
+        if self.mobile.hub_client_timeout_ms <= self.mobile.hub_keep_alive_ms
+            || self.mobile.hub_client_timeout_ms > 7_200_000
+        {
+            return bad(
+                "mobile.hub_client_timeout_ms",
+                "must be greater than mobile.hub_keep_alive_ms and at most 7200000 ms".into(),
+            );
         }
         if !(1..=100_000).contains(&self.mobile.max_inflight) {
             return bad("mobile.max_inflight", "must be between 1 and 100000".into());
@@ -585,6 +611,19 @@ tier = "basic"
         assert!(e.contains("business.listen"), "{e}");
         let e = load(&GOOD.replace("0123456789abcdef0123456789abcdef", "short")).unwrap_err().to_string();
         assert!(e.contains("token_secret"), "{e}");
+    }
+
+    #[test]
+    fn hub_timings_default_to_signalr_and_are_checked() {
+        let c = load(GOOD).unwrap();
+        assert_eq!((c.mobile.hub_keep_alive_ms, c.mobile.hub_client_timeout_ms), (15_000, 30_000));
+        let with = |keys: &str| GOOD.replace("[admin]", &format!("{keys}\n[admin]"));
+        let c = load(&with("hub_keep_alive_ms = 1000\nhub_client_timeout_ms = 3000")).unwrap();
+        assert_eq!((c.mobile.hub_keep_alive_ms, c.mobile.hub_client_timeout_ms), (1000, 3000));
+        let e = load(&with("hub_keep_alive_ms = 50")).unwrap_err().to_string();
+        assert!(e.contains("mobile.hub_keep_alive_ms"), "{e}");
+        let e = load(&with("hub_keep_alive_ms = 30000")).unwrap_err().to_string();
+        assert!(e.contains("mobile.hub_client_timeout_ms"), "{e}");
     }
 
     #[test]

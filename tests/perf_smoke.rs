@@ -46,6 +46,28 @@ fn e2e_closed_loop_delivers_everything_once() {
     assert!(markdown_table(&[back], "ceiling").contains("| esh3ar | e2e |"));
 }
 
+/// The same with the receivers on the SignalR hub (`--mobile-protocol
+/// signalr`): handshake, `ReceiveMessage`, `AckMany`; nothing lost or doubled.
+#[test]
+fn e2e_over_signalr_delivers_everything_once() {
+    let r = perf(&[
+        "--scenario",
+        "e2e",
+        "--connections",
+        "4",
+        "--receivers",
+        "8",
+        "--duration",
+        "1s",
+        "--mobile-protocol",
+        "signalr",
+    ]);
+    assert_clean(&r);
+    assert!(r.accepted > 0, "{}", r.human());
+    let delivery = r.delivery.as_ref().expect("e2e reports delivery latency");
+    assert!(delivery.count > 0 && delivery.p50_ms > 0.0, "{}", r.human());
+}
+
 #[test]
 fn open_loop_batch_drain_and_idle_connections() {
     let open = perf(&["--model", "open", "--rate", "200", "--connections", "4", "--duration", "1s"]);

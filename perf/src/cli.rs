@@ -151,6 +151,10 @@ pub struct RunArgs {
     pub api_key: String,
     #[arg(long, default_value = engine::BENCH_TOKEN_SECRET)]
     pub token_secret: String,
+    /// esh3ar receivers: the raw WebSocket API (`/v1/connect`) or the
+    /// SignalR hub (`/v1/hub`, JSON hub protocol).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub mobile_protocol: crate::ws::MobileProtocol,
     /// The esh3ar binary to start (default: next to esh3ar-perf).
     #[arg(long)]
     pub engine_bin: Option<PathBuf>,
@@ -303,9 +307,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             let bin = args.engine_bin.clone().unwrap_or_else(engine::default_engine_bin);
             let limit = memory_limit(args);
             let webhook = args.webhook_receiver.as_ref().map(|r| r.url());
-            let (s, t) =
+            let (s, mut t) =
                 engine::spawn_engine(&bin, server_threads, args.data_dir.as_deref(), limit, webhook.as_deref())?;
             spawned = Some(s);
+            if let Target::Esh3ar { mobile_protocol, .. } = &mut t {
+                *mobile_protocol = args.mobile_protocol;
+            }
             t
         }
         (System::Esh3ar, Some(business)) => Target::Esh3ar {
@@ -313,6 +320,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             mobile: args.mobile.context("--mobile is needed with --addr for esh3ar")?,
             api_key: args.api_key.clone(),
             token_secret: args.token_secret.clone(),
+            mobile_protocol: args.mobile_protocol,
         },
         (System::Ceiling, None) => {
             let (s, t) = spawn_ceiling(server_threads, args.server_cpus.as_deref())?;

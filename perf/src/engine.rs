@@ -29,6 +29,8 @@ pub enum Target {
         mobile: SocketAddr,
         api_key: String,
         token_secret: String,
+        /// How the receivers speak to the mobile listener.
+        mobile_protocol: crate::ws::MobileProtocol,
     },
     /// The bare HTTP server: same requests as esh3ar, no work.
     Ceiling {
@@ -226,6 +228,7 @@ pub fn spawn_engine(
         mobile: addr("mobile")?,
         api_key: BENCH_API_KEY.to_owned(),
         token_secret: BENCH_TOKEN_SECRET.to_owned(),
+        mobile_protocol: crate::ws::MobileProtocol::Raw,
     };
     Ok((spawned, target))
 }
