@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use esh3ar_shards::limits::USER_ID_BYTES_MAX;
-use esh3ar_shards::Status;
 use subtle::ConstantTimeEq;
 
 use crate::http::conn::{Handler, Request};
 use crate::http::{json_string, write_error, write_response, Method};
 use crate::mesh_msg::{DeadLetter, MeshMsg, UserPut};
 use crate::outbound::OutboundStatus;
-use crate::receipts::{dead_letter_action_local, dead_letters_local, parse_event_id};
+use crate::receipts::{dead_letter_action_local, dead_letters_local, parse_dead_letter_id};
 use crate::shard::Shard;
 use crate::users::{valid_email, valid_phone, UserView};
 
@@ -242,7 +241,7 @@ async fn list_dead_letters(shard: &Rc<Shard>, req: &Request<'_>) -> Result<Answe
     };
     let after = match text("after") {
         None => None,
-        Some(a) => match parse_event_id(&a) {
+        Some(a) => match parse_dead_letter_id(&a) {
             Some((id, status)) => Some((id.shard, id.seq, status as u8)),
             None => return error(400, "invalid_field", "`after` must be a dead-letter id"),
         },
@@ -306,8 +305,8 @@ fn dead_letters_json(items: &[DeadLetter], next: Option<&str>) -> Vec<u8> {
 /// `POST /v1/dead-letters/{id}/replay` (202) and `DELETE /v1/dead-letters/{id}` (204).
 async fn dead_letter_action(shard: &Rc<Shard>, id: &[u8], replay: bool) -> Result<Answer, (u16, &'static str, String)> {
     let not_found = || error(404, "not_found", "no such dead letter");
-    let Some((tid, status)) = std::str::from_utf8(id).ok().and_then(parse_event_id) else { return not_found() };
-    if status == Status::Accepted || tid.shard as usize >= shard.count() {
+    let Some((tid, status)) = std::str::from_utf8(id).ok().and_then(parse_dead_letter_id) else { return not_found() };
+    if tid.shard as usize >= shard.count() {
         return not_found();
     }
     let home = tid.shard as usize;

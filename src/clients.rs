@@ -25,6 +25,11 @@ pub struct Client {
     pub shed_offset_percent: u8,
     /// Where its receipts go, if it has a webhook.
     pub webhook: Option<Webhook>,
+    /// The events kept in its event feed, if it reads them there
+    /// (`event_feed = true`; never together with a webhook).
+    pub feed: Option<EventSet>,
+    /// Default fallback of its messages (`fallback_after_seconds`).
+    pub fallback: Option<crate::fallback::FallbackSpec>,
 }
 
 /// A client's webhook, as the shards see it (the URL and secret live on
@@ -56,18 +61,18 @@ impl ClientTable {
             let limit = c.messages_per_minute.unwrap_or_else(|| cfg.tiers[&c.tier].messages_per_minute);
             by_key_digest.insert(Sha256::digest(c.api_key.as_bytes()).into(), i as u32);
             by_id.insert(c.id.clone(), i as u32);
+            let events = match &c.webhook_events {
+                None => ALL_EVENTS,
+                Some(names) => {
+                    names.iter().filter_map(|n| crate::receipts::event_status(n)).fold(0, |set, s| set | s.event_bit())
+                }
+            };
             let webhook = c.webhook_url.as_ref().map(|_| {
                 let endpoint = EndpointId(endpoints);
                 endpoints += 1;
-                let events = match &c.webhook_events {
-                    None => ALL_EVENTS,
-                    Some(names) => names
-                        .iter()
-                        .filter_map(|n| crate::receipts::event_status(n))
-                        .fold(0, |set, s| set | s.event_bit()),
-                };
                 Webhook { endpoint, events }
             });
+            let feed = c.event_feed.then_some(events);
             clients.push(Client {
                 id: c.id.clone(),
                 api_key: c.api_key.as_bytes().to_vec(),
@@ -75,6 +80,17 @@ impl ClientTable {
                 messages_per_minute: limit,
                 shed_offset_percent: cfg.tiers[&c.tier].shed_offset_percent,
                 webhook,
+                feed,
+                fallback: c.fallback_after_seconds.map(|after| crate::fallback::FallbackSpec {
+                    after_seconds: after.min(u32::MAX as u64) as u32,
+                    channels: match &c.fallback_channels {
+                        Some(names) => {
+                            crate::fallback::parse_channels(names.iter().map(String::as_str), &cfg.providers)
+                                .unwrap_or_default()
+                        }
+                        None => crate::fallback::default_channels(&cfg.providers),
+                    },
+                }),
             });
         }
         Self { clients, by_key_digest, by_id }

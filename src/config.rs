@@ -43,6 +43,36 @@ pub struct Config {
     /// Asynchronous validation on the recipient's home shard, after the 202.
     #[serde(default)]
     pub validation: ValidationConfig,
+    /// The event feed (`GET /v1/events`) of clients with `event_feed = true`.
+    #[serde(default)]
+    pub events: EventsConfig,
+    /// Fallback channels' providers (`[providers.whatsapp]`, `[providers.email]`).
+    #[serde(default)]
+    pub providers: crate::outbound::ProvidersConfig,
+}
+
+/// Fewest seconds the event feed may keep events.
+pub const EVENTS_RETENTION_SECONDS_MIN: u64 = 60;
+/// Most seconds the event feed may keep events (a year).
+pub const EVENTS_RETENTION_SECONDS_MAX: u64 = 366 * 86_400;
+
+/// `[events]`: the event feed's retention.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events stay readable at least this long (default 7 days).
+    #[serde(default = "default_events_retention_seconds")]
+    pub retention_seconds: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { retention_seconds: default_events_retention_seconds() }
+    }
+}
+
+fn default_events_retention_seconds() -> u64 {
+    7 * 86_400
 }
 
 /// `[validation]`: checks made on the home shard after acceptance; a
@@ -130,9 +160,18 @@ pub struct MobileConfig {
     /// pauses there until acks arrive.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: usize,
-    /// The upgrade request must be complete within this.
+    /// The upgrade request must be complete within this (and, on `/v1/hub`,
+    /// the SignalR handshake request too).
     #[serde(default = "default_request_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// SignalR hub (`/v1/hub`): the server sends a ping record after this
+    /// long without sending anything (SignalR's KeepAliveInterval, 15 s).
+    #[serde(default = "default_hub_keep_alive_ms")]
+    pub hub_keep_alive_ms: u64,
+    /// SignalR hub: a client silent this long is dropped (SignalR's
+    /// ClientTimeoutInterval, 30 s); must exceed `hub_keep_alive_ms`.
+    #[serde(default = "default_hub_client_timeout_ms")]
+    pub hub_client_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,12 +205,23 @@ pub struct ClientConfig {
     /// `whsec_<base64 of 24 to 64 bytes>`; required with `webhook_url`.
     #[serde(default)]
     pub webhook_secret: Option<String>,
-    /// Which events go to the webhook (default: all of them).
+    /// Which events go to the webhook or the feed (default: all of them).
     #[serde(default)]
     pub webhook_events: Option<Vec<String>>,
+    /// Keep this client's events in the event feed (`GET /v1/events`)
+    /// instead of sending them to a webhook.
+    #[serde(default)]
+    pub event_feed: bool,
     /// Overrides the tier's limit for this client.
     #[serde(default)]
     pub messages_per_minute: Option<u64>,
+    /// Default fallback of this client's messages: after how many seconds
+    /// without an app ack (absent: no fallback).
+    #[serde(default)]
+    pub fallback_after_seconds: Option<u64>,
+    /// The fallback channels, in order (default: every configured provider).
+    #[serde(default)]
+    pub fallback_channels: Option<Vec<String>>,
 }
 
 fn default_segment_bytes() -> u64 {
@@ -196,6 +246,12 @@ fn default_ws_message_bytes() -> usize {
     64 * 1024
 }
 fn default_ping_interval_ms() -> u64 {
+    30_000
+}
+fn default_hub_keep_alive_ms() -> u64 {
+    15_000
+}
+fn default_hub_client_timeout_ms() -> u64 {
     30_000
 }
 fn default_ws_write_timeout_ms() -> u64 {
@@ -269,6 +325,7 @@ impl Config {
         self.validate_memory_for_bodies()?;
         self.validate_mobile()?;
         self.validate_tiers()?;
+        self.providers.validate()?;
         self.validate_clients()
     }
 
@@ -363,6 +420,17 @@ impl Config {
         {
             return bad("mobile.ping_interval_ms", "mobile timeouts must be at least 100 ms".into());
         }
+        if !(100..=3_600_000).contains(&self.mobile.hub_keep_alive_ms) {
+            return bad("mobile.hub_keep_alive_ms", "must be between 100 and 3600000 ms".into());
+        }
+        if self.mobile.hub_client_timeout_ms <= self.mobile.hub_keep_alive_ms
+            || self.mobile.hub_client_timeout_ms > 7_200_000
+        {
+            return bad(
+                "mobile.hub_client_timeout_ms",
+                "must be greater than mobile.hub_keep_alive_ms and at most 7200000 ms".into(),
+            );
+        }
         if !(1..=100_000).contains(&self.mobile.max_inflight) {
             return bad("mobile.max_inflight", "must be between 1 and 100000".into());
         }
@@ -373,6 +441,12 @@ impl Config {
             return bad("admin.token", "must be at least 16 characters".into());
         }
         self.webhooks.validate()?;
+        if !(EVENTS_RETENTION_SECONDS_MIN..=EVENTS_RETENTION_SECONDS_MAX).contains(&self.events.retention_seconds) {
+            return bad(
+                "events.retention_seconds",
+                format!("must be between {EVENTS_RETENTION_SECONDS_MIN} and {EVENTS_RETENTION_SECONDS_MAX}"),
+            );
+        }
         Ok(())
     }
 
@@ -386,6 +460,31 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_client_fallback(&self, i: usize, c: &ClientConfig) -> Result<(), (String, String)> {
+        let key = |f: &str| format!("clients[{i}].{f}");
+        if let Some(after) = c.fallback_after_seconds {
+            if after > self.business.max_ttl_seconds {
+                return bad(
+                    &key("fallback_after_seconds"),
+                    format!("must be from 0 to business.max_ttl_seconds ({})", self.business.max_ttl_seconds),
+                );
+            }
+        }
+        match (&c.fallback_channels, c.fallback_after_seconds) {
+            (Some(_), None) => bad(&key("fallback_channels"), "is set but fallback_after_seconds is not".into()),
+            (Some(names), Some(_)) => {
+                crate::fallback::parse_channels(names.iter().map(String::as_str), &self.providers)
+                    .map(|_| ())
+                    .map_err(|m| (key("fallback_channels"), m))
+            }
+            (None, Some(_)) if self.providers.channels().next().is_none() => bad(
+                &key("fallback_after_seconds"),
+                "is set but no provider is configured ([providers.whatsapp] or [providers.email])".into(),
+            ),
+            _ => Ok(()),
+        }
     }
 
     fn validate_clients(&self) -> Result<(), (String, String)> {
@@ -412,9 +511,16 @@ impl Config {
                 return bad(&key("tier"), format!("{:?} is not a tier defined under [tiers]", c.tier));
             }
             crate::outbound::parse_client_webhook(i, c.webhook_url.as_deref(), c.webhook_secret.as_deref())?;
+            if c.event_feed && c.webhook_url.is_some() {
+                return bad(
+                    &key("event_feed"),
+                    "a client's events go to its webhook or to the feed, not both: remove webhook_url or event_feed"
+                        .into(),
+                );
+            }
             if let Some(events) = &c.webhook_events {
-                if c.webhook_url.is_none() {
-                    return bad(&key("webhook_events"), "is set but webhook_url is not".into());
+                if c.webhook_url.is_none() && !c.event_feed {
+                    return bad(&key("webhook_events"), "is set but neither webhook_url nor event_feed is".into());
                 }
                 if let Some(bad_name) = events.iter().find(|e| crate::receipts::event_status(e).is_none()) {
                     return bad(
@@ -429,6 +535,7 @@ impl Config {
             if c.messages_per_minute == Some(0) {
                 return bad(&key("messages_per_minute"), "must be positive".into());
             }
+            self.validate_client_fallback(i, c)?;
         }
         Ok(())
     }
@@ -507,6 +614,19 @@ tier = "basic"
     }
 
     #[test]
+    fn hub_timings_default_to_signalr_and_are_checked() {
+        let c = load(GOOD).unwrap();
+        assert_eq!((c.mobile.hub_keep_alive_ms, c.mobile.hub_client_timeout_ms), (15_000, 30_000));
+        let with = |keys: &str| GOOD.replace("[admin]", &format!("{keys}\n[admin]"));
+        let c = load(&with("hub_keep_alive_ms = 1000\nhub_client_timeout_ms = 3000")).unwrap();
+        assert_eq!((c.mobile.hub_keep_alive_ms, c.mobile.hub_client_timeout_ms), (1000, 3000));
+        let e = load(&with("hub_keep_alive_ms = 50")).unwrap_err().to_string();
+        assert!(e.contains("mobile.hub_keep_alive_ms"), "{e}");
+        let e = load(&with("hub_keep_alive_ms = 30000")).unwrap_err().to_string();
+        assert!(e.contains("mobile.hub_client_timeout_ms"), "{e}");
+    }
+
+    #[test]
     fn body_limit_and_segment_size_are_checked_together() {
         let with = |engine: &str, business: &str| {
             GOOD.replace("data_dir = \"d\"", &format!("data_dir = \"d\"\n{engine}"))
@@ -557,5 +677,22 @@ tier = "basic"
         assert!(e.to_string().contains("admin.token"), "{e}");
         let e = load(&format!("{GOOD}\n[webhooks]\ntimeout_ms = 0\n")).unwrap_err();
         assert!(e.to_string().contains("webhooks.timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn event_feed_keys_are_checked_naming_the_key() {
+        let with = |extra: &str| load(&GOOD.replace("tier = \"basic\"\n", &format!("tier = \"basic\"\n{extra}\n")));
+        assert!(with("event_feed = true").is_ok());
+        assert!(with("event_feed = true\nwebhook_events = [\"message.acked\"]").is_ok());
+        let secret = "webhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"";
+        let both = format!("event_feed = true\nwebhook_url = \"https://x.test/h\"\n{secret}");
+        assert!(with(&both).unwrap_err().to_string().contains("clients[0].event_feed"));
+        let e = with("webhook_events = [\"message.acked\"]").unwrap_err().to_string();
+        assert!(e.contains("clients[0].webhook_events"), "{e}");
+        for bad in ["0", "59", "31622401"] {
+            let e = load(&format!("{GOOD}\n[events]\nretention_seconds = {bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("events.retention_seconds"), "{bad}: {e}");
+        }
+        assert!(load(&format!("{GOOD}\n[events]\nretention_seconds = 3600\n")).is_ok());
     }
 }

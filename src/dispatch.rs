@@ -69,6 +69,16 @@ pub fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
         }
         MeshMsg::IdemAbort(r) => crate::idempotency::abort_local(shard, r.client, &r.key),
         MeshMsg::IdemBegun { req, .. } | MeshMsg::IdemFinished { req, .. } => shard.replies().complete(req, msg),
+        MeshMsg::FeedRead { from, req, client, after, limit } => {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                let id = shard.clients().id(client).to_owned();
+                let page = crate::business::events::read_local(&shard, &id, after, limit as usize).await.map(Box::new);
+                let _ = shard.send(from as usize, MeshMsg::FeedPageRead { req, page }).await;
+            })
+            .detach();
+        }
+        MeshMsg::FeedPageRead { req, .. } => shard.replies().complete(req, msg),
         MeshMsg::MetricsGet { from, req } => {
             let snapshot = Box::new(crate::metrics::snapshot_local(shard));
             shard.reply(from, MeshMsg::Metrics { req, snapshot });

@@ -13,6 +13,7 @@ pub mod config;
 pub mod dashboard;
 pub mod delivery;
 pub mod dispatch;
+pub mod fallback;
 pub mod http;
 pub mod idempotency;
 pub mod journal_cli;

@@ -9,6 +9,7 @@
 
 use std::cell::{Cell, RefCell};
 
+use esh3ar_shards::feed::{FeedEvent, FeedPos};
 use esh3ar_shards::journal::JournalError;
 use esh3ar_shards::limiter::Decision;
 use esh3ar_shards::{Priority, Reason, Status};
@@ -25,6 +26,8 @@ pub struct NewMessage {
     pub priority: Priority,
     pub expires_at_ms: u64,
     pub accepted_at_ms: u64,
+    /// The message's own `fallback` (None: the client's default, if any).
+    pub fallback: Option<crate::fallback::FallbackSpec>,
 }
 
 /// Why a home shard could not take messages.
@@ -57,6 +60,10 @@ pub struct StatusView {
     pub acked_at_ms: u64,
     /// Why it was rejected or failed.
     pub reason: Reason,
+    /// Where it was delivered (app or a fallback channel), once delivered.
+    pub channel: Option<&'static str>,
+    /// The fallback provider's id for it.
+    pub provider_message_id: Option<String>,
 }
 
 impl StatusView {
@@ -71,6 +78,8 @@ impl StatusView {
             delivered_at_ms: m.delivered_at_ms,
             acked_at_ms: m.acked_at_ms,
             reason: m.reason,
+            channel: (m.delivered_at_ms != 0).then(|| m.channel.as_str()),
+            provider_message_id: m.provider_message_id.as_deref().map(str::to_owned),
         }
     }
 }
@@ -125,10 +134,24 @@ pub enum MeshMsg {
     IdemFinished { req: u64, result: Result<(), AppendRefusal> },
     /// Release the reservation of a keyed request that did not end in a 202.
     IdemAbort(Box<IdemRequest>),
+    /// Read at most `limit` events of `client`'s feed on the receiver,
+    /// after `after`.
+    FeedRead { from: u16, req: u64, client: u32, after: FeedPos, limit: u32 },
+    /// Answer to `FeedRead` (Err: the feed could not be read; logged there).
+    FeedPageRead { req: u64, page: Result<Box<FeedPage>, ()> },
     /// Send this shard's metrics (a scrape of `/metrics` on shard 0).
     MetricsGet { from: u16, req: u64 },
     /// Answer to `MetricsGet`. Boxed: a snapshot is a few KiB.
     Metrics { req: u64, snapshot: Box<crate::metrics::ShardSnapshot> },
+}
+
+/// One shard's page of a client's event feed.
+#[derive(Debug)]
+pub struct FeedPage {
+    /// The events, in the shard's order.
+    pub events: Vec<FeedEvent>,
+    /// Where to resume on this shard.
+    pub next: FeedPos,
 }
 
 /// What `PutUser` sets: the user and their contact fields.

@@ -22,7 +22,7 @@ use crate::mesh_msg::MeshMsg;
 use crate::shard::Shard;
 
 /// The `route` label of `esh3ar_http_requests_total`, by [`HttpRoute`].
-pub const ROUTES: [&str; 4] = ["/v1/messages", "/v1/messages/batch", "/v1/messages/{id}", "other"];
+pub const ROUTES: [&str; 5] = ["/v1/messages", "/v1/messages/batch", "/v1/messages/{id}", "/v1/events", "other"];
 
 /// The business API's routes, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +30,9 @@ pub enum HttpRoute {
     Send = 0,
     Batch = 1,
     Status = 2,
+    Events = 3,
     /// Unknown paths, and requests refused before routing (framing errors).
-    Other = 3,
+    Other = 4,
 }
 
 /// The status codes the business listener answers; anything else is counted
@@ -181,7 +182,7 @@ pub fn snapshot_local(shard: &Shard) -> ShardSnapshot {
     let journal = shard.journal().stats();
     let (pending, dead_letters) = {
         let index = shard.index().borrow();
-        (index.unsettled_messages() as u64, index.dead_events() as u64)
+        (index.pending_messages() as u64, index.dead_events() as u64)
     };
     ShardSnapshot {
         shard: shard.id(),

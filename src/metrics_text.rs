@@ -100,7 +100,7 @@ pub fn render(s: &Scrape<'_>) -> String {
     for (i, st) in STATUSES.iter().enumerate() {
         let _ = writeln!(out, "esh3ar_messages_total{{status=\"{}\"}} {}", st.as_str(), sum(&|x| x.messages[i]));
     }
-    per_shard(&mut out, s, "esh3ar_pending_messages", "Messages accepted and not settled.", |x| x.pending as f64);
+    per_shard(&mut out, s, "esh3ar_pending_messages", "Messages in the delivery queues.", |x| x.pending as f64);
     per_shard(&mut out, s, "esh3ar_websocket_connections", "Live WebSocket sessions.", |x| x.websockets as f64);
     per_shard(&mut out, s, "esh3ar_business_connections", "Open business HTTP connections.", |x| {
         x.business_connections as f64
@@ -131,7 +131,12 @@ pub fn render(s: &Scrape<'_>) -> String {
         let v = sum(&|x| x.rate_limited.get(c).copied().unwrap_or(0));
         let _ = writeln!(out, "esh3ar_rate_limited_total{{client=\"{}\"}} {v}", escape(s.clients.id(c as u32)));
     }
-    header(&mut out, "esh3ar_dead_letters", "gauge", "Events in the dead-letter queue.");
+    header(
+        &mut out,
+        "esh3ar_dead_letters",
+        "gauge",
+        "Items in the dead-letter queue (webhook events, fallback deliveries).",
+    );
     let _ = writeln!(out, "esh3ar_dead_letters {}", sum(&|x| x.dead_letters));
     outbound(&mut out, s.outbound);
     header(&mut out, "esh3ar_config_version", "gauge", "Version of the configuration in effect.");

@@ -63,16 +63,28 @@ pub fn parse_event_id(s: &str) -> Option<(TrackingId, Status)> {
     Some((id, status))
 }
 
+/// Parses a dead-letter id: an event's ([`event_id`]) or a failed
+/// delivery's (`dlv_<message id>`, given as status `Accepted`, which owes
+/// no event).
+pub fn parse_dead_letter_id(s: &str) -> Option<(TrackingId, Status)> {
+    match crate::fallback::parse_dead_letter_id(s) {
+        Some(id) => Some((id, Status::Accepted)),
+        None => parse_event_id(s),
+    }
+}
+
 /// Whether a change of message `seq` to `status` owes its sender an event:
-/// the client has a webhook that wants it, and (for `delivered`) it is the
-/// first delivery.
+/// the client has a webhook or a feed that wants it, and (for `delivered`)
+/// it is the first delivery.
 pub fn owes_event(shard: &Shard, index: &MessageIndex, seq: u64, status: Status) -> bool {
     let Some(meta) = index.get(seq) else { return false };
     if status == Status::Delivered && meta.attempts > 0 {
         return false;
     }
     let Some(client) = shard.clients().index_of(&meta.client) else { return false };
-    shard.clients().get(client).webhook.is_some_and(|w| w.events & status.event_bit() != 0)
+    let client = shard.clients().get(client);
+    let wanted = client.webhook.map(|w| w.events).or(client.feed).unwrap_or(0);
+    wanted & status.event_bit() != 0
 }
 
 /// The event's JSON body: `{"type", "timestamp", "data"}`, where `data` is
@@ -102,6 +114,30 @@ fn job_event(job: u64) -> Option<(u64, Status)> {
     Some((job >> 3, Status::from_u8((job & 7) as u8)?))
 }
 
+/// An event's entry in the event feed: the webhook body with its id first,
+/// `{"id", "type", "timestamp", "data"}`.
+pub fn feed_entry(shard: &Shard, seq: u64, status: Status, since_ms: u64) -> Option<Vec<u8>> {
+    let body = event_body(shard, seq, status, since_ms)?;
+    let mut e = Vec::with_capacity(body.len() + 48);
+    e.extend_from_slice(b"{\"id\":");
+    json_string(&mut e, &event_id(shard.tracking_id(seq), status));
+    e.push(b',');
+    e.extend_from_slice(&body[1..]);
+    Some(e)
+}
+
+/// How often the feed's expired files are looked for.
+const FEED_EXPIRY_EVERY: Duration = Duration::from_secs(60);
+
+/// An owed event on its way into the feed.
+struct FeedItem {
+    seq: u64,
+    status: Status,
+    attempts: u32,
+    client: Rc<str>,
+    entry: Vec<u8>,
+}
+
 /// What this shard's outbox task holds.
 struct Outbox {
     shard: Rc<Shard>,
@@ -110,13 +146,25 @@ struct Outbox {
     waiting: VecDeque<(u64, Status)>,
     /// Handed over, no final report yet.
     in_flight: HashSet<u64>,
+    /// Events of feed clients, to append to the feed next.
+    feed: Vec<FeedItem>,
+    /// The shard's fallback task: reports about its jobs go there.
+    fallback: Option<Rc<crate::fallback::Fallbacks>>,
 }
 
 /// Runs the outbox of `shard` until shutdown: hands owed events over and
 /// journals the reports about them.
-pub async fn run(shard: Rc<Shard>, link: ShardLink) {
+pub async fn run(shard: Rc<Shard>, link: ShardLink, fallback: Option<Rc<crate::fallback::Fallbacks>>) {
     let ShardLink { jobs, mut reports } = link;
-    let mut outbox = Outbox { shard: shard.clone(), jobs, waiting: VecDeque::new(), in_flight: HashSet::new() };
+    let mut outbox = Outbox {
+        shard: shard.clone(),
+        jobs,
+        waiting: VecDeque::new(),
+        in_flight: HashSet::new(),
+        feed: Vec::new(),
+        fallback,
+    };
+    glommio::spawn_local(expire_feed(shard.clone())).detach();
     enum Wake {
         Report(Option<Report>),
         Fresh,
@@ -127,6 +175,16 @@ pub async fn run(shard: Rc<Shard>, link: ShardLink) {
         let fresh = shard.index().borrow_mut().take_fresh_events();
         outbox.waiting.extend(fresh);
         outbox.hand_over();
+        if !outbox.feed.is_empty() {
+            // Appending awaits the disk, and a wake-up while it does would
+            // be missed: look for fresh events (and ready reports) again
+            // before sleeping.
+            outbox.append_to_feed().await;
+            while let Some(Some(r)) = futures_lite::future::poll_once(reports.next()).await {
+                outbox.on_report(r);
+            }
+            continue;
+        }
         let tick = !outbox.waiting.is_empty();
         let wake = futures_lite::future::or(
             futures_lite::future::or(async { Wake::Report(reports.next().await) }, async {
@@ -176,6 +234,12 @@ impl Outbox {
                 self.waiting.pop_front();
                 continue;
             }
+            if let Some(item) = self.feed_item(seq, status, event.since_ms, event.attempts) {
+                self.in_flight.insert(id);
+                self.feed.push(item);
+                self.waiting.pop_front();
+                continue;
+            }
             let Some(job) = self.job(seq, status, event.since_ms, event.attempts) else {
                 self.waiting.pop_front();
                 continue;
@@ -192,6 +256,43 @@ impl Outbox {
                     self.settle(seq, status, EventOutcome::Dropped, event.attempts, "invalid job");
                     self.waiting.pop_front();
                 }
+            }
+        }
+    }
+
+    /// The feed entry of an owed event, if its client reads the feed.
+    fn feed_item(&self, seq: u64, status: Status, since_ms: u64, attempts: u32) -> Option<FeedItem> {
+        let client = {
+            let index = self.shard.index().borrow();
+            index.get(seq)?.client.clone()
+        };
+        let c = self.shard.clients().index_of(&client)?;
+        self.shard.clients().get(c).feed?;
+        let entry = feed_entry(&self.shard, seq, status, since_ms)?;
+        Some(FeedItem { seq, status, attempts, client, entry })
+    }
+
+    /// Appends the collected feed events and, once they are durable,
+    /// journals them delivered. On a disk error they wait for the next try.
+    async fn append_to_feed(&mut self) {
+        if self.feed.is_empty() {
+            return;
+        }
+        let items = std::mem::take(&mut self.feed);
+        let batch: Vec<(&str, &[u8])> = items.iter().map(|i| (&*i.client, i.entry.as_slice())).collect();
+        let result = self.shard.feed().append(now_ms(), &batch).await;
+        for i in &items {
+            self.in_flight.remove(&job_id(i.seq, i.status));
+        }
+        match result {
+            Ok(()) => {
+                for i in &items {
+                    self.settle(i.seq, i.status, EventOutcome::Delivered, i.attempts + 1, "");
+                }
+            }
+            Err(e) => {
+                tracing::error!(shard = self.shard.id(), error = %e, events = items.len(), "event feed append failed; retrying");
+                self.waiting.extend(items.iter().map(|i| (i.seq, i.status)));
             }
         }
     }
@@ -219,10 +320,18 @@ impl Outbox {
             body: Bytes::from(body),
             attempts,
             not_before_unix_ms: 0,
+            to: String::new(),
+            yield_when_open: false,
         })
     }
 
     fn on_report(&mut self, report: Report) {
+        if crate::fallback::is_fallback_job(report.job()) {
+            if let Some(fallback) = &self.fallback {
+                crate::fallback::on_report(fallback, report);
+            }
+            return;
+        }
         let Some((seq, status)) = job_event(report.job()) else { return };
         match report {
             Report::Delivered { attempts, .. } => {
@@ -244,12 +353,37 @@ impl Outbox {
                 );
                 self.settle(seq, status, EventOutcome::DeadLettered, attempts, &error);
             }
+            Report::Accepted { .. } => {} // provider jobs only (above)
         }
     }
 
     /// Journals a step of an owed event (without waiting for its fdatasync).
     fn settle(&self, seq: u64, status: Status, outcome: EventOutcome, attempts: u32, error: &str) {
         record_event(&self.shard, seq, status, outcome, attempts, error);
+    }
+}
+
+/// Deletes the feed's expired files now and then, until shutdown.
+async fn expire_feed(shard: Rc<Shard>) {
+    loop {
+        let removed = shard.feed().expire(now_ms());
+        if removed > 0 {
+            tracing::info!(shard = shard.id(), files = removed, "expired event feed files deleted");
+        }
+        let stop = futures_lite::future::or(
+            async {
+                glommio::timer::sleep(FEED_EXPIRY_EVERY).await;
+                false
+            },
+            async {
+                shard.shutdown().wait().await;
+                true
+            },
+        )
+        .await;
+        if stop {
+            return;
+        }
     }
 }
 
@@ -276,6 +410,60 @@ pub fn record_event(
 /// This shard's dead letters after `after` (seq, status code), of `client`
 /// only if set, at most `limit`, in (seq, status) order.
 pub fn dead_letters_local(
+    shard: &Shard,
+    client: Option<&str>,
+    after: Option<(u64, u8)>,
+    limit: usize,
+) -> Vec<DeadLetter> {
+    let mut items = event_dead_letters_local(shard, client, after, limit);
+    items.extend(delivery_dead_letters_local(shard, client, after, limit));
+    items.sort_by_key(|d| d.key);
+    items.truncate(limit);
+    items
+}
+
+/// Failed fallback deliveries (kind `delivery`, key status code 0).
+fn delivery_dead_letters_local(
+    shard: &Shard,
+    client: Option<&str>,
+    after: Option<(u64, u8)>,
+    limit: usize,
+) -> Vec<DeadLetter> {
+    let index = shard.index().borrow();
+    let mut out = Vec::new();
+    let mut cursor = after.map(|(seq, _)| seq);
+    // (seq, 0) sorts before the events of the same message, so a cursor on
+    // an event of `seq` excludes `seq`'s delivery too: exclusive on seq.
+    loop {
+        let page = index.fallback_dead_letters(cursor, 256);
+        let Some(&(last, _)) = page.last() else { break };
+        for (seq, state) in page {
+            let Some(meta) = index.get(seq) else { continue };
+            if client.is_some_and(|c| c != &*meta.client) {
+                continue;
+            }
+            let id = shard.tracking_id(seq);
+            out.push(DeadLetter {
+                id: crate::fallback::dead_letter_id(id),
+                kind: "delivery",
+                message_id: id.to_string_id(),
+                client: meta.client.to_string(),
+                event_type: "message.failed",
+                attempts: state.attempts,
+                last_error: state.last_error.as_deref().unwrap_or("").to_owned(),
+                dead_at_ms: state.dead_at_ms,
+                key: (shard.id() as u16, seq, 0),
+            });
+            if out.len() >= limit {
+                return out;
+            }
+        }
+        cursor = Some(last);
+    }
+    out
+}
+
+fn event_dead_letters_local(
     shard: &Shard,
     client: Option<&str>,
     after: Option<(u64, u8)>,
@@ -319,6 +507,9 @@ pub fn dead_letters_local(
 /// Replays (attempts reset) or drops a dead letter of this shard; false if
 /// there is none.
 pub fn dead_letter_action_local(shard: &Shard, seq: u64, status: Status, replay: bool) -> bool {
+    if status == Status::Accepted {
+        return crate::fallback::dead_letter_action_local(shard, seq, replay);
+    }
     let dead = shard.index().borrow().event(seq, status).map(|e| (e.dead_at_ms != 0, e.attempts));
     let Some((true, attempts)) = dead else { return false };
     let outcome = if replay { EventOutcome::Replayed } else { EventOutcome::Dropped };

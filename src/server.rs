@@ -21,8 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use esh3ar_shards::feed::{FeedConfig, FeedStore};
 use esh3ar_shards::journal::{Journal, JournalConfig};
 use esh3ar_shards::recovery::{ensure_dir, recover_shard, write_file_durably, Mode, Recovered};
+use esh3ar_shards::storage::DmaStorage;
 use futures_channel::oneshot;
 use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::net::TcpListener;
@@ -80,6 +82,8 @@ struct Shared {
     cfg: Arc<Config>,
     /// Breaker states of the webhook thread, for /healthz.
     outbound_status: Arc<OutboundStatus>,
+    /// The fallback providers' endpoints on the offload thread.
+    provider_endpoints: Vec<(esh3ar_shards::Channel, crate::outbound::EndpointId)>,
     clients: Arc<ClientTable>,
     shards: usize,
     business_addr: SocketAddr,
@@ -261,8 +265,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (mobile_addr, mobile_placeholder) =
         reserve_port(listeners.mobile).with_context(|| format!("cannot bind {}", listeners.mobile))?;
     let signals = install_signals(shards).context("cannot install signal handlers")?;
-    let (outbound, links) = crate::outbound::spawn(&cfg.webhooks, ClientTable::endpoints(&cfg), shards)
-        .map_err(|e| anyhow::anyhow!("cannot start the webhook thread: {e}"))?;
+    let webhook_endpoints = ClientTable::endpoints(&cfg);
+    let provider_endpoints = crate::outbound::provider_endpoints(webhook_endpoints.len(), &cfg.providers);
+    let (outbound, links) =
+        crate::outbound::spawn_with_providers(&cfg.webhooks, webhook_endpoints, &cfg.providers, shards)
+            .map_err(|e| anyhow::anyhow!("cannot start the webhook thread: {e}"))?;
     let seeds: Vec<ShardSeed> = crate::mesh::build::<MeshMsg>(shards, cfg.engine.mesh_channel_capacity)
         .into_iter()
         .zip(signals.shards)
@@ -271,6 +278,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .collect();
     let shared = Arc::new(Shared {
         outbound_status: outbound.status(),
+        provider_endpoints,
         clients: Arc::new(ClientTable::from_config(&cfg)),
         cfg: Arc::new(cfg),
         shards,
@@ -397,7 +405,17 @@ async fn shard_main(shared: Arc<Shared>, seed: ShardSeed) {
         admin_shutdown.trigger();
         return;
     };
-    glommio::spawn_local(crate::receipts::run(shard.clone(), seed.outbound)).detach();
+    let fallback = (!shared.provider_endpoints.is_empty()).then(|| {
+        let providers = crate::fallback::Providers {
+            endpoints: shared.provider_endpoints.clone(),
+            status: Some(shared.outbound_status.clone()),
+        };
+        crate::fallback::Fallbacks::new(shard.clone(), seed.outbound.jobs.duplicate(), providers)
+    });
+    if let Some(fallback) = &fallback {
+        glommio::spawn_local(crate::fallback::run(fallback.clone())).detach();
+    }
+    glommio::spawn_local(crate::receipts::run(shard.clone(), seed.outbound, fallback)).detach();
     if let Some(admin) = admin {
         admin.set_shard(shard.clone());
     }
@@ -494,7 +512,18 @@ async fn open_shard(
         }
     };
     glommio::spawn_local(journal.clone().run_committer()).detach();
-    let shard = Shard::new(shared.shards, cfg, shared.clients.clone(), journal, recovered.index, mesh);
+    let feed_cfg = FeedConfig::new(
+        shard_dir(&cfg.engine.data_dir, id).join("events"),
+        cfg.events.retention_seconds.saturating_mul(1000),
+    );
+    let feed = match FeedStore::open(DmaStorage::default(), feed_cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            shared.fail(format!("shard {id}: cannot open the event feed: {e}"));
+            return None;
+        }
+    };
+    let shard = Shard::new(shared.shards, cfg, shared.clients.clone(), journal, recovered.index, feed, mesh);
     glommio::spawn_local(shard.clone().run_maintenance()).detach();
     for (_peer, rx) in receivers {
         glommio::spawn_local(crate::dispatch::run_receiver(shard.clone(), rx)).detach();

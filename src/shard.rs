@@ -13,11 +13,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use esh3ar_shards::feed::FeedStore;
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::index::MessageIndex;
 use esh3ar_shards::journal::Journal;
 use esh3ar_shards::limiter::{Decision, RateLimiter};
 use esh3ar_shards::record::{Accepted, Record};
+use esh3ar_shards::storage::DmaStorage;
 use futures_channel::oneshot;
 use hashbrown::HashMap;
 
@@ -71,6 +73,8 @@ pub struct Shard {
     slow_reply_on_body: Option<Vec<u8>>,
     /// Woken when an event became owed (the receipts task waits on it).
     events_ready: Notify,
+    /// Events of clients that read them with `GET /v1/events`.
+    feed: FeedStore<DmaStorage>,
     /// Generation of the last `User` record appended: segments are deleted
     /// only once it is durable, so a directory entry moved to a newer
     /// segment never loses its old copy before the new one is on disk.
@@ -117,6 +121,7 @@ impl Shard {
         clients: Arc<ClientTable>,
         journal: Rc<Journal>,
         index: MessageIndex,
+        feed: FeedStore<DmaStorage>,
         mesh: crate::mesh::Mesh<MeshMsg>,
     ) -> Rc<Shard> {
         let share = shard_share_bytes(&cfg, count);
@@ -141,6 +146,7 @@ impl Shard {
             panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             slow_reply_on_body: std::env::var_os(TEST_SLOW_REPLY_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             events_ready: Notify::default(),
+            feed,
             idempotency_in_flight: RefCell::new(HashMap::new()),
             user_generation: Cell::new(0),
         })
@@ -202,6 +208,10 @@ impl Shard {
     pub fn events_ready(&self) -> &Notify {
         &self.events_ready
     }
+    /// This shard's part of the event feed.
+    pub fn feed(&self) -> &FeedStore<DmaStorage> {
+        &self.feed
+    }
     /// Generation of the last directory record appended (see `users.rs`).
     pub fn user_generation(&self) -> &Cell<u64> {
         &self.user_generation
@@ -248,7 +258,14 @@ impl Shard {
             let known_only = self.cfg.validation.known_recipients_only;
             match index.refusal(&m.to, self.clients.id(m.client), known_only) {
                 Some(reason) => generation = self.reject(&mut index, &[seq], reason)?,
-                None => self.bodies.borrow_mut().insert(seq, &m.body),
+                None => {
+                    self.bodies.borrow_mut().insert(seq, &m.body);
+                    // The fallback plan is born in the same commit (docs/ARCHITECTURE.md, "Fallback channels").
+                    if let Some(spec) = m.fallback.or(self.clients.get(m.client).fallback) {
+                        generation = crate::fallback::plan(self, &mut index, seq, m.accepted_at_ms, spec)
+                            .map_err(|e| AppendRefusal::from(&e))?;
+                    }
+                }
             }
         }
         Ok((seqs, generation))

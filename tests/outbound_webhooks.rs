@@ -42,6 +42,8 @@ fn job(id: u64, endpoint: u32) -> Job {
         body: Bytes::from(format!(r#"{{"type":"message.delivered","n":{id}}}"#)),
         attempts: 0,
         not_before_unix_ms: 0,
+        to: String::new(),
+        yield_when_open: false,
     }
 }
 

@@ -46,6 +46,28 @@ fn e2e_closed_loop_delivers_everything_once() {
     assert!(markdown_table(&[back], "ceiling").contains("| esh3ar | e2e |"));
 }
 
+/// The same with the receivers on the SignalR hub (`--mobile-protocol
+/// signalr`): handshake, `ReceiveMessage`, `AckMany`; nothing lost or doubled.
+#[test]
+fn e2e_over_signalr_delivers_everything_once() {
+    let r = perf(&[
+        "--scenario",
+        "e2e",
+        "--connections",
+        "4",
+        "--receivers",
+        "8",
+        "--duration",
+        "1s",
+        "--mobile-protocol",
+        "signalr",
+    ]);
+    assert_clean(&r);
+    assert!(r.accepted > 0, "{}", r.human());
+    let delivery = r.delivery.as_ref().expect("e2e reports delivery latency");
+    assert!(delivery.count > 0 && delivery.p50_ms > 0.0, "{}", r.human());
+}
+
 #[test]
 fn open_loop_batch_drain_and_idle_connections() {
     let open = perf(&["--model", "open", "--rate", "200", "--connections", "4", "--duration", "1s"]);
@@ -105,4 +127,22 @@ fn accept_all_counts_every_answer_by_status() {
     let per_s: u64 = p.per_s.iter().flat_map(|m| m.values()).flat_map(|by| by.values()).sum();
     assert_eq!(per_s, accepted + refused, "per-second rows add up to the totals\n{}", r.human());
     assert!(r.extra.contains_key("server_rss_max_bytes"), "{}", r.human());
+}
+
+#[test]
+fn receipts_compares_runs_without_and_with_webhooks_and_every_event_arrives() {
+    let r = perf(&["--scenario", "receipts", "--connections", "4", "--receivers", "8", "--duration", "1s"]);
+    assert_clean(&r);
+    assert_eq!(r.scenario, "receipts");
+    let get = |k: &str| *r.extra.get(k).unwrap_or_else(|| panic!("no {k} in\n{}", r.human()));
+    assert!(get("baseline_msg_per_s") > 0.0 && get("ingest_ratio") > 0.0, "{}", r.human());
+    let accepted_all = get("accepted_all");
+    assert!(accepted_all >= r.accepted as f64, "{}", r.human());
+    // Every accepted message owes `delivered` and `acked`: all arrived.
+    assert_eq!(get("events_received"), 2.0 * accepted_all, "{}", r.human());
+    assert_eq!(get("events_owed_at_end"), 0.0, "{}", r.human());
+    for k in ["lag_delivered_p50_ms", "lag_delivered_p99_ms", "lag_acked_p50_ms", "lag_acked_p99_ms"] {
+        assert!(get(k) > 0.0, "{k}\n{}", r.human());
+    }
+    assert!(get("lag_acked_p99_ms") >= get("lag_acked_p50_ms"));
 }

@@ -151,6 +151,10 @@ pub struct RunArgs {
     pub api_key: String,
     #[arg(long, default_value = engine::BENCH_TOKEN_SECRET)]
     pub token_secret: String,
+    /// esh3ar receivers: the raw WebSocket API (`/v1/connect`) or the
+    /// SignalR hub (`/v1/hub`, JSON hub protocol).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub mobile_protocol: crate::ws::MobileProtocol,
     /// The esh3ar binary to start (default: next to esh3ar-perf).
     #[arg(long)]
     pub engine_bin: Option<PathBuf>,
@@ -184,6 +188,10 @@ pub struct RunArgs {
     /// A label for tables and plots (default: the system).
     #[arg(long)]
     pub label: Option<String>,
+    /// Set by the receipts scenario: the started engine's benchmark client
+    /// sends webhooks here, and the run waits for them before stopping it.
+    #[arg(skip)]
+    pub webhook_receiver: Option<std::sync::Arc<crate::receipts::Receiver>>,
 }
 
 /// Fails with the answers that were not a 202 (or transport errors), if any.
@@ -287,6 +295,9 @@ fn spawn_ceiling(threads: usize, cpus: Option<&str>) -> anyhow::Result<(Spawned,
 /// Runs one scenario as `args` say and returns its report (also saved to
 /// `--out`). Used by the binary and by the smoke tests.
 pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
+    if args.scenario == Scenario::Receipts {
+        return crate::receipts::run(args);
+    }
     let sockets = args.connections.unwrap_or(0) + args.receivers.unwrap_or(0);
     crate::net::raise_open_files(sockets.max(default_connections(args.scenario)))?;
     let server_threads = args.server_threads.unwrap_or(if args.scenario == Scenario::AcceptAll { 2 } else { 1 });
@@ -295,8 +306,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         (System::Esh3ar, None) => {
             let bin = args.engine_bin.clone().unwrap_or_else(engine::default_engine_bin);
             let limit = memory_limit(args);
-            let (s, t) = engine::spawn_engine(&bin, server_threads, args.data_dir.as_deref(), limit)?;
+            let webhook = args.webhook_receiver.as_ref().map(|r| r.url());
+            let (s, mut t) =
+                engine::spawn_engine(&bin, server_threads, args.data_dir.as_deref(), limit, webhook.as_deref())?;
             spawned = Some(s);
+            if let Target::Esh3ar { mobile_protocol, .. } = &mut t {
+                *mobile_protocol = args.mobile_protocol;
+            }
             t
         }
         (System::Esh3ar, Some(business)) => Target::Esh3ar {
@@ -304,6 +320,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             mobile: args.mobile.context("--mobile is needed with --addr for esh3ar")?,
             api_key: args.api_key.clone(),
             token_secret: args.token_secret.clone(),
+            mobile_protocol: args.mobile_protocol,
         },
         (System::Ceiling, None) => {
             let (s, t) = spawn_ceiling(server_threads, args.server_cpus.as_deref())?;
@@ -329,11 +346,23 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let cpus = generator_cpus(&args.cpus, &server_cpus, args.threads)?;
     let plan = plan(args, cpus.clone());
     let result = scenario::run(&plan, &target, server_pid);
+    if let (Ok(outcome), Some(receiver)) = (&result, &args.webhook_receiver) {
+        // Every accepted message owes `delivered` and `acked`.
+        let expected = outcome.accepted_all * 2;
+        eprintln!(
+            "waiting for {expected} webhook events (up to {:?})",
+            args.drain_timeout.max(Duration::from_secs(30))
+        );
+        receiver.drain(expected, args.drain_timeout.max(Duration::from_secs(30)));
+    }
     if let Some(mut s) = spawned {
         s.stop();
     }
     let outcome = result?;
     let mut stats = outcome.stats;
+    if args.webhook_receiver.is_some() {
+        stats.extra.insert("accepted_all".into(), outcome.accepted_all as f64);
+    }
     let (lost, duplicates) = if matches!(plan.scenario, Scenario::E2e | Scenario::OfflineDrain) {
         stats.lost_and_duplicates()
     } else {
@@ -407,7 +436,7 @@ fn generator_cpus(spec: &str, server: &[usize], threads: usize) -> anyhow::Resul
 
 fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
     let receivers = args.receivers.unwrap_or(match args.scenario {
-        Scenario::E2e | Scenario::OfflineDrain => 1000,
+        Scenario::E2e | Scenario::OfflineDrain | Scenario::Receipts => 1000,
         Scenario::IdleConnections => 10_000,
         Scenario::Ingest | Scenario::Batch | Scenario::Overload | Scenario::AcceptAll => 0,
     });

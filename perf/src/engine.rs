@@ -29,6 +29,8 @@ pub enum Target {
         mobile: SocketAddr,
         api_key: String,
         token_secret: String,
+        /// How the receivers speak to the mobile listener.
+        mobile_protocol: crate::ws::MobileProtocol,
     },
     /// The bare HTTP server: same requests as esh3ar, no work.
     Ceiling {
@@ -149,8 +151,16 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 4 << 30;
 
 /// Writes a config for an engine on free loopback ports, one benchmark
 /// client without a practical rate limit, and `memory_limit` bytes.
-pub fn write_engine_config(dir: &Path, shards: usize, memory_limit: u64) -> anyhow::Result<PathBuf> {
+pub fn write_engine_config(
+    dir: &Path,
+    shards: usize,
+    memory_limit: u64,
+    webhook_url: Option<&str>,
+) -> anyhow::Result<PathBuf> {
     let data = dir.join("data");
+    let webhook = webhook_url.map_or_else(String::new, |url| {
+        format!("webhook_url = \"{url}\"\nwebhook_secret = \"{}\"\n", crate::receipts::BENCH_WEBHOOK_SECRET)
+    });
     let text = format!(
         r#"# Written by esh3ar-perf.
 [engine]
@@ -177,7 +187,7 @@ messages_per_minute = 1000000000
 id = "bench"
 api_key = "{key}"
 tier = "bench"
-"#,
+{webhook}"#,
         data = data.display(),
         secret = BENCH_TOKEN_SECRET,
         key = BENCH_API_KEY,
@@ -194,13 +204,14 @@ pub fn spawn_engine(
     shards: usize,
     parent: Option<&Path>,
     memory_limit: u64,
+    webhook_url: Option<&str>,
 ) -> anyhow::Result<(Spawned, Target)> {
     let dir = match parent {
         Some(p) => tempfile::Builder::new().prefix("esh3ar-perf-").tempdir_in(p),
         None => tempfile::Builder::new().prefix("esh3ar-perf-").tempdir(),
     }
     .context("cannot create a data dir")?;
-    let config = write_engine_config(dir.path(), shards, memory_limit)?;
+    let config = write_engine_config(dir.path(), shards, memory_limit, webhook_url)?;
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--config"]).arg(&config).env("ESH3AR_LOG", "warn");
     let mut spawned = spawn_until_ready(cmd, "esh3ar ready ")
@@ -217,6 +228,7 @@ pub fn spawn_engine(
         mobile: addr("mobile")?,
         api_key: BENCH_API_KEY.to_owned(),
         token_secret: BENCH_TOKEN_SECRET.to_owned(),
+        mobile_protocol: crate::ws::MobileProtocol::Raw,
     };
     Ok((spawned, target))
 }

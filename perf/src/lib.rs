@@ -18,6 +18,7 @@ pub mod net;
 pub mod payload;
 pub mod peers;
 pub mod plot;
+pub mod receipts;
 pub mod report;
 pub mod scenario;
 pub mod stats;

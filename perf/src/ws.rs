@@ -205,7 +205,56 @@ pub fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4])
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
 }
 
-/// The `"id"` of a message frame.
+/// How a receiver speaks to esh3ar's mobile listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MobileProtocol {
+    /// `/v1/connect`: one JSON frame per message, `{"type":"ack","ids":[..]}`.
+    Raw,
+    /// `/v1/hub`: SignalR's JSON hub protocol (handshake, `ReceiveMessage`
+    /// invocations, `AckMany`, ping records both ways).
+    Signalr,
+}
+
+/// SignalR's record separator.
+pub const RS: u8 = 0x1e;
+
+/// The hub handshake request (JSON hub protocol, version 1).
+pub const HUB_HANDSHAKE: &[u8] = b"{\"protocol\":\"json\",\"version\":1}\x1e";
+
+/// A hub ping record.
+pub const HUB_PING: &[u8] = b"{\"type\":6}\x1e";
+
+impl MobileProtocol {
+    /// The path to upgrade on.
+    pub fn path(self) -> &'static str {
+        match self {
+            MobileProtocol::Raw => "/v1/connect",
+            MobileProtocol::Signalr => "/v1/hub",
+        }
+    }
+
+    /// The message that acks `ids` (each a message id, already quoted and
+    /// comma-separated in `quoted`).
+    pub fn ack(self, quoted: &[u8]) -> Vec<u8> {
+        let (head, tail): (&[u8], &[u8]) = match self {
+            MobileProtocol::Raw => (br#"{"type":"ack","ids":["#, b"]}"),
+            MobileProtocol::Signalr => (br#"{"type":1,"target":"AckMany","arguments":[["#, b"]]}\x1e"),
+        };
+        let mut out = Vec::with_capacity(head.len() + quoted.len() + tail.len());
+        out.extend_from_slice(head);
+        out.extend_from_slice(quoted);
+        out.extend_from_slice(tail);
+        out
+    }
+}
+
+/// True if a hub text message holds a ping record.
+pub fn has_hub_ping(payload: &[u8]) -> bool {
+    memchr::memmem::find(payload, b"{\"type\":6}").is_some()
+}
+
+/// The `"id"` of a message frame (also inside a hub `ReceiveMessage`
+/// invocation, which carries no `invocationId`).
 pub fn message_id(frame: &[u8]) -> Option<&[u8]> {
     let at = memchr::memmem::find(frame, b"\"id\":\"")? + 6;
     let len = memchr::memchr(b'"', &frame[at..])?;
@@ -242,6 +291,17 @@ mod tests {
         big.resize(4 + 256, b'x');
         assert_eq!(parse_frame(&big).unwrap().unwrap().1, 4..260);
         assert!(parse_frame(&[0x01, 0]).is_err(), "fragment");
+    }
+
+    #[test]
+    fn hub_acks_and_pings() {
+        let ack = MobileProtocol::Signalr.ack(br#""A","B""#);
+        assert_eq!(ack, b"{\"type\":1,\"target\":\"AckMany\",\"arguments\":[[\"A\",\"B\"]]}\x1e");
+        assert_eq!(MobileProtocol::Raw.ack(br#""A""#), br#"{"type":"ack","ids":["A"]}"#);
+        let inv =
+            b"{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[{\"type\":\"message\",\"id\":\"000g\"}]}\x1e";
+        assert_eq!(message_id(inv), Some(&b"000g"[..]));
+        assert!(has_hub_ping(HUB_PING) && !has_hub_ping(inv));
     }
 
     #[test]

@@ -12,8 +12,10 @@ use hashbrown::{HashMap, HashSet};
 
 use crate::directory::{entry_of, UserEntry};
 use crate::idempotency::IdempotencyKeys;
-use crate::record::{encoded_len, EventChange, EventOutcome, Record, StatusChange, UserRecord};
-use crate::{EventSet, Priority, Reason, Status};
+use crate::record::{
+    encoded_len, EventChange, EventOutcome, FallbackChange, FallbackStep, Record, StatusChange, UserRecord,
+};
+use crate::{Channel, ChannelList, EventSet, Priority, Reason, Status};
 
 /// What the shard knows about one message (its body stays in the journal).
 #[derive(Debug, Clone)]
@@ -50,14 +52,48 @@ pub struct MessageMeta {
     pub events_owed: EventSet,
     /// Events given up on, waiting in the dead-letter queue.
     pub events_dead: EventSet,
+    /// Where it was delivered: the app, or a fallback channel (then it is
+    /// withdrawn from the app queue and settled for the journal).
+    pub channel: Channel,
+    /// The fallback provider's id for it, where the provider gave one.
+    pub provider_message_id: Option<Rc<str>>,
+    /// A fallback is planned, under way or dead-lettered.
+    pub fallback_open: bool,
 }
 
 impl MessageMeta {
     /// A message keeps its journal segments (and everything after them)
-    /// while it is unsettled or the sender is owed one of its events.
+    /// while it is unsettled, its fallback is open, or the sender is owed
+    /// one of its events. Delivered through a fallback channel counts as
+    /// settled (it is out of the app queue; a later app ack is still
+    /// recorded while the segment is there).
     fn pinned(&self) -> bool {
-        !self.status.is_settled() || self.events_owed != 0 || self.events_dead != 0
+        let settled = self.status.is_settled() || self.channel != Channel::App;
+        !settled || self.fallback_open || self.events_owed != 0 || self.events_dead != 0
     }
+}
+
+/// Where a message's fallback delivery stands (the latest of its
+/// [`FallbackChange`] records).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FallbackState {
+    /// Unix ms the next hand-over is due (planned, channel failed, replayed).
+    pub due_at_ms: u64,
+    /// The channels, in order.
+    pub channels: ChannelList,
+    /// Position in `channels` of the channel being tried.
+    pub current: u8,
+    /// Attempts made on that channel.
+    pub attempts: u32,
+    /// Not before this (unix ms) for the next attempt (0: now).
+    pub retry_at_ms: u64,
+    /// Handed to a provider and not yet answered finally (a restart hands
+    /// it over again: the answer may have been lost).
+    pub sending: bool,
+    /// The last failure.
+    pub last_error: Option<Rc<str>>,
+    /// Unix ms it was dead-lettered (0: not dead).
+    pub dead_at_ms: u64,
 }
 
 /// An event owed to a sender: the transactional outbox entry of one status
@@ -111,9 +147,13 @@ pub struct MessageIndex {
     users: HashMap<Rc<str>, UserEntry>,
     /// Idempotency keys of the clients homed here.
     idempotency: IdempotencyKeys,
-    /// Messages accepted and not settled yet (`/metrics`, kept in step by `apply`).
-    unsettled_messages: usize,
-    /// Events in the dead-letter queue (`/metrics`).
+    /// Fallback deliveries planned, under way or dead-lettered, by seq.
+    fallbacks: BTreeMap<u64, FallbackState>,
+    /// (due_at_ms, seq) of fallbacks waiting to be handed to a provider.
+    fallback_due: BTreeSet<(u64, u64)>,
+    /// Messages in the pending queues (`/metrics`), kept in step with `pending`.
+    pending_messages: usize,
+    /// Items in the dead-letter queue (`/metrics`): webhook events and fallback deliveries.
     dead_events: usize,
 }
 
@@ -141,6 +181,7 @@ impl MessageIndex {
                 live.last_seq = live.last_seq.max(a.seq);
                 live.unsettled += 1;
                 self.pending.entry(to.clone()).or_default()[a.priority as usize].push_back(a.seq);
+                self.pending_messages += 1;
                 let meta = MessageMeta {
                     client,
                     to,
@@ -158,13 +199,15 @@ impl MessageIndex {
                     reason: Reason::None,
                     events_owed: 0,
                     events_dead: 0,
+                    channel: Channel::App,
+                    provider_message_id: None,
+                    fallback_open: false,
                 };
                 if a.expires_at_ms > 0 {
                     self.expiries.insert((a.expires_at_ms, a.seq));
                 }
                 let previous = self.messages.insert(a.seq, meta);
                 assert!(previous.is_none(), "sequence {} accepted twice", a.seq);
-                self.unsettled_messages += 1;
             }
             Record::Status(s) => self.apply_status(s),
             Record::Event(e) => self.apply_event(e),
@@ -173,6 +216,7 @@ impl MessageIndex {
                 self.idempotency.apply(segment, r);
             }
             Record::User(u) => self.apply_user(segment, u),
+            Record::Fallback(f) => self.apply_fallback(f),
         }
     }
 
@@ -212,9 +256,9 @@ impl MessageIndex {
                     meta.acked_at_ms = s.at_ms;
                 }
                 let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
-                self.unsettled_messages -= 1;
                 self.expiries.remove(&(expires, s.seq));
                 self.remove_pending(s.seq, &to, priority);
+                self.close_fallback(s.seq);
             }
         }
         if s.notify && s.status != Status::Accepted {
@@ -273,6 +317,170 @@ impl MessageIndex {
         self.repin(e.seq, was_pinned);
     }
 
+    fn apply_fallback(&mut self, f: &FallbackChange<'_>) {
+        let Some(meta) = self.messages.get(&f.seq) else { return };
+        let was_pinned = meta.pinned();
+        let position = |state: &FallbackState| state.channels.iter().position(|c| c as u8 == f.channel);
+        match f.step {
+            FallbackStep::Planned => {
+                if meta.status.is_settled() || meta.channel != Channel::App {
+                    return;
+                }
+                let state = FallbackState {
+                    due_at_ms: f.when_ms,
+                    channels: ChannelList(f.channels),
+                    current: 0,
+                    attempts: 0,
+                    retry_at_ms: 0,
+                    sending: false,
+                    last_error: None,
+                    dead_at_ms: 0,
+                };
+                self.set_fallback(f.seq, state);
+            }
+            FallbackStep::Sending => {
+                let Some(state) = self.fallbacks.get_mut(&f.seq) else { return };
+                let Some(at) = position(state) else { return };
+                if state.current as usize != at {
+                    state.attempts = 0;
+                }
+                state.current = at as u8;
+                state.sending = true;
+                let due = state.due_at_ms;
+                self.fallback_due.remove(&(due, f.seq));
+            }
+            FallbackStep::AttemptFailed => {
+                let Some(state) = self.fallbacks.get_mut(&f.seq) else { return };
+                state.attempts = f.attempts;
+                state.retry_at_ms = f.when_ms;
+                state.last_error = Some(Rc::from(f.text));
+            }
+            FallbackStep::ChannelFailed => {
+                let Some(mut state) = self.fallbacks.get(&f.seq).cloned() else { return };
+                let Some(at) = position(&state) else { return };
+                state.current = at as u8 + 1;
+                state.attempts = 0;
+                state.retry_at_ms = 0;
+                state.sending = false;
+                state.due_at_ms = f.at_ms;
+                state.last_error = Some(Rc::from(f.text));
+                self.set_fallback(f.seq, state);
+            }
+            FallbackStep::Delivered => {
+                self.close_fallback(f.seq);
+                let Some(meta) = self.messages.get_mut(&f.seq) else { return };
+                if meta.status.is_settled() || meta.channel != Channel::App {
+                    self.repin(f.seq, was_pinned);
+                    return;
+                }
+                meta.status = Status::Delivered;
+                meta.delivered_at_ms = f.at_ms;
+                meta.channel = Channel::from_u8(f.channel).unwrap_or(Channel::App);
+                meta.provider_message_id = (!f.text.is_empty()).then(|| Rc::from(f.text));
+                let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
+                self.expiries.remove(&(expires, f.seq));
+                self.remove_pending(f.seq, &to, priority);
+                if f.notify {
+                    self.owe(f.seq, Status::Delivered, f.at_ms);
+                }
+            }
+            FallbackStep::Exhausted => {
+                let Some(mut state) = self.fallbacks.get(&f.seq).cloned() else { return };
+                if meta.status.is_settled() {
+                    return;
+                }
+                state.sending = false;
+                state.dead_at_ms = f.at_ms.max(1);
+                state.last_error = Some(Rc::from(f.text));
+                self.set_fallback(f.seq, state);
+                let Some(meta) = self.messages.get_mut(&f.seq) else { return };
+                meta.status = Status::Failed;
+                meta.reason = Reason::ChannelsExhausted;
+                let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
+                self.expiries.remove(&(expires, f.seq));
+                self.remove_pending(f.seq, &to, priority);
+                if f.notify {
+                    self.owe(f.seq, Status::Failed, f.at_ms);
+                }
+            }
+            FallbackStep::Replayed => {
+                let Some(mut state) = self.fallbacks.get(&f.seq).cloned().filter(|s| s.dead_at_ms != 0) else {
+                    return;
+                };
+                state.current = 0;
+                state.attempts = 0;
+                state.retry_at_ms = 0;
+                state.dead_at_ms = 0;
+                state.due_at_ms = f.at_ms;
+                self.set_fallback(f.seq, state);
+                let Some(meta) = self.messages.get_mut(&f.seq) else { return };
+                meta.status = if meta.delivered_at_ms > 0 { Status::Delivered } else { Status::Accepted };
+                meta.reason = Reason::None;
+            }
+            FallbackStep::Dropped => {
+                if self.fallbacks.get(&f.seq).is_some_and(|s| s.dead_at_ms != 0) {
+                    self.close_fallback(f.seq);
+                }
+            }
+        }
+        self.repin(f.seq, was_pinned);
+    }
+
+    /// Stores a fallback state (open), due if it is waiting for a hand-over.
+    fn set_fallback(&mut self, seq: u64, state: FallbackState) {
+        if let Some(old) = self.fallbacks.get(&seq) {
+            self.fallback_due.remove(&(old.due_at_ms, seq));
+            self.dead_events -= usize::from(old.dead_at_ms != 0);
+        }
+        self.dead_events += usize::from(state.dead_at_ms != 0);
+        if !state.sending && state.dead_at_ms == 0 {
+            self.fallback_due.insert((state.due_at_ms, seq));
+        }
+        self.fallbacks.insert(seq, state);
+        if let Some(meta) = self.messages.get_mut(&seq) {
+            meta.fallback_open = true;
+        }
+    }
+
+    /// Ends a message's fallback (delivered, settled otherwise, dropped).
+    fn close_fallback(&mut self, seq: u64) {
+        if let Some(old) = self.fallbacks.remove(&seq) {
+            self.fallback_due.remove(&(old.due_at_ms, seq));
+            self.dead_events -= usize::from(old.dead_at_ms != 0);
+        }
+        if let Some(meta) = self.messages.get_mut(&seq) {
+            meta.fallback_open = false;
+        }
+    }
+
+    /// Fallbacks due at `now_ms` and not handed over, oldest first, at most `max`.
+    pub fn fallbacks_due(&self, now_ms: u64, max: usize) -> Vec<u64> {
+        self.fallback_due.iter().take_while(|(at, _)| *at <= now_ms).take(max).map(|&(_, seq)| seq).collect()
+    }
+
+    /// Fallbacks handed to a provider and not finally answered (after a
+    /// restart: to hand over again).
+    pub fn fallbacks_sending(&self) -> Vec<u64> {
+        self.fallbacks.iter().filter(|(_, s)| s.sending && s.dead_at_ms == 0).map(|(&seq, _)| seq).collect()
+    }
+
+    /// The fallback state of message `seq`.
+    pub fn fallback(&self, seq: u64) -> Option<&FallbackState> {
+        self.fallbacks.get(&seq)
+    }
+
+    /// Dead-lettered fallbacks with seq above `after` (all if None), at most `limit`.
+    pub fn fallback_dead_letters(&self, after: Option<u64>, limit: usize) -> Vec<(u64, &FallbackState)> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, Excluded);
+        self.fallbacks
+            .range((from, Unbounded))
+            .filter(|(_, s)| s.dead_at_ms != 0)
+            .take(limit)
+            .map(|(&seq, s)| (seq, s))
+            .collect()
+    }
+
     /// Keeps the per-segment count of pinned messages right after a change.
     fn repin(&mut self, seq: u64, was_pinned: bool) {
         let Some(meta) = self.messages.get(&seq) else { return };
@@ -295,8 +503,10 @@ impl MessageIndex {
             let queue = &mut queues[priority as usize];
             if queue.front() == Some(&seq) {
                 queue.pop_front();
+                self.pending_messages -= 1;
             } else if let Ok(i) = queue.binary_search(&seq) {
                 queue.remove(i);
+                self.pending_messages -= 1;
             }
             if queues.iter().all(VecDeque::is_empty) {
                 self.pending.remove(to);
@@ -391,12 +601,13 @@ impl MessageIndex {
         self.outbox.len()
     }
 
-    /// Messages accepted and not settled (acked, expired, failed, rejected).
-    pub fn unsettled_messages(&self) -> usize {
-        self.unsettled_messages
+    /// Messages in the pending queues: accepted, and not yet acked,
+    /// expired, failed, rejected, or delivered by a fallback channel.
+    pub fn pending_messages(&self) -> usize {
+        self.pending_messages
     }
 
-    /// Events in the dead-letter queue.
+    /// Items in the dead-letter queue: webhook events and exhausted fallbacks.
     pub fn dead_events(&self) -> usize {
         self.dead_events
     }
@@ -621,8 +832,7 @@ mod tests {
     fn unsettled_and_dead_counters_follow_every_transition() {
         let mut ix = MessageIndex::new();
         let counted = |ix: &MessageIndex| {
-            let unsettled = (0..10).filter(|&s| ix.get(s).is_some_and(|m| !m.status.is_settled())).count();
-            (ix.unsettled_messages(), ix.dead_events(), unsettled, ix.dead_letters(None, 100).len())
+            (ix.pending_messages(), ix.dead_events(), ix.pending_for("a").count(), ix.dead_letters(None, 100).len())
         };
         for seq in 0..4 {
             accept(&mut ix, 1, seq, "a");
@@ -642,6 +852,41 @@ mod tests {
         event(&mut ix, 0, Status::Delivered, EventOutcome::DeadLettered, 5);
         event(&mut ix, 0, Status::Delivered, EventOutcome::Dropped, 0);
         assert_eq!(counted(&ix), (2, 0, 2, 0));
+    }
+
+    /// Fallback deliveries take messages out of the pending queues outside
+    /// `apply_status`, and dead-letter too: the `/metrics` counters follow.
+    #[test]
+    fn counters_follow_fallback_exhaustion_replay_and_drop() {
+        let mut ix = MessageIndex::new();
+        accept(&mut ix, 1, 0, "a");
+        let step = |ix: &mut MessageIndex, step: FallbackStep| {
+            let change = FallbackChange {
+                seq: 0,
+                step,
+                at_ms: 50,
+                channel: 0,
+                channels: 0,
+                attempts: 0,
+                when_ms: 10,
+                notify: false,
+                text: "no channel left",
+            };
+            ix.apply(9, 0, &Record::Fallback(change));
+        };
+        let counted = |ix: &MessageIndex| {
+            let dead = ix.fallback_dead_letters(None, 10).len() + ix.dead_letters(None, 10).len();
+            (ix.pending_messages(), ix.dead_events(), ix.pending_for("a").count(), dead)
+        };
+        step(&mut ix, FallbackStep::Planned);
+        assert_eq!(counted(&ix), (1, 0, 1, 0));
+        step(&mut ix, FallbackStep::Exhausted);
+        assert_eq!(counted(&ix), (0, 1, 0, 1));
+        step(&mut ix, FallbackStep::Replayed); // due again through fallback, not the app queue
+        assert_eq!(counted(&ix), (0, 0, 0, 0));
+        step(&mut ix, FallbackStep::Exhausted);
+        step(&mut ix, FallbackStep::Dropped);
+        assert_eq!(counted(&ix), (0, 0, 0, 0), "dropped: out of the queue, the message stays failed");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod commit;
 pub mod directory;
+pub mod feed;
 pub mod group_commit;
 pub mod histogram;
 pub mod id;
@@ -150,6 +151,77 @@ pub const ALL_EVENTS: EventSet = {
     }
     set
 };
+
+/// A way to reach a user: the app (WebSocket) or a fallback channel. The
+/// numeric value is the on-disk code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Channel {
+    /// The esh3ar app over WebSocket.
+    App = 0,
+    /// WhatsApp (Cloud API), to the directory's `phone`.
+    WhatsApp = 1,
+    /// Email (SMTP), to the directory's `email`.
+    Email = 2,
+}
+
+impl Channel {
+    /// The fallback channels, in their default order.
+    pub const FALLBACKS: [Channel; 2] = [Channel::WhatsApp, Channel::Email];
+
+    /// Decodes the on-disk code.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::App),
+            1 => Some(Self::WhatsApp),
+            2 => Some(Self::Email),
+            _ => None,
+        }
+    }
+    /// The API name: `app`, `whatsapp`, `email`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::App => "app",
+            Self::WhatsApp => "whatsapp",
+            Self::Email => "email",
+        }
+    }
+    /// Parses a fallback channel's API name (`app` is not one).
+    pub fn parse_fallback(s: &str) -> Option<Self> {
+        Self::FALLBACKS.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// An ordered list of at most two distinct fallback channels, packed in one
+/// byte (first channel in the low nibble, second in the high; 0 = none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct ChannelList(pub u8);
+
+impl ChannelList {
+    /// Builds a list; None for a repeated channel, `app`, or more than two.
+    pub fn of(channels: &[Channel]) -> Option<Self> {
+        let mut packed = 0u8;
+        for (i, &c) in channels.iter().enumerate() {
+            if i >= 2 || c == Channel::App || channels[..i].contains(&c) {
+                return None;
+            }
+            packed |= (c as u8) << (4 * i);
+        }
+        Some(Self(packed))
+    }
+    /// The channels, in order.
+    pub fn iter(self) -> impl Iterator<Item = Channel> {
+        [self.0 & 0xf, self.0 >> 4].into_iter().map_while(|c| Channel::from_u8(c).filter(|&c| c != Channel::App))
+    }
+    /// The channel at position `i`.
+    pub fn get(self, i: usize) -> Option<Channel> {
+        self.iter().nth(i)
+    }
+    /// True when the list names no channel.
+    pub fn is_empty(self) -> bool {
+        self.iter().next().is_none()
+    }
+}
 
 /// Why a message was rejected or failed. The numeric value is the on-disk code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

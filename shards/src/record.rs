@@ -28,6 +28,7 @@ const KIND_EVENT: u8 = 4;
 /// Kind 5 is left to the idempotency record being written on another branch.
 const KIND_USER: u8 = 6;
 const KIND_IDEMPOTENCY: u8 = 5;
+const KIND_FALLBACK: u8 = 7;
 /// Longest error text an [`EventChange`] carries (longer ones are cut).
 pub const EVENT_ERROR_BYTES_MAX: usize = 256;
 
@@ -195,6 +196,74 @@ impl<'a> ClientList<'a> {
     }
 }
 
+/// A step of a message's delivery through the fallback channels (WhatsApp,
+/// email): planned at acceptance, handed to a provider, failed, moved on,
+/// delivered, given up (dead letter), replayed or dropped. The index keeps
+/// the latest state of each message's fallback (`FallbackState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackChange<'a> {
+    /// Sequence number of the message.
+    pub seq: u64,
+    /// What happened.
+    pub step: FallbackStep,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// The channel concerned ([`crate::Channel`] code; 0 for planned, exhausted, replayed, dropped).
+    pub channel: u8,
+    /// Planned: the channel list, in order ([`crate::ChannelList`]).
+    pub channels: u8,
+    /// Attempts made on `channel` so far.
+    pub attempts: u32,
+    /// Planned: when the fallback is due. Failed attempt: the next try's
+    /// not-before time. Unix ms; 0 otherwise.
+    pub when_ms: u64,
+    /// Delivered and exhausted: the step owes the sender an event
+    /// (`message.delivered`, `message.failed`): the transactional outbox.
+    pub notify: bool,
+    /// Delivered: the provider's message id (may be empty). Failures: the
+    /// error, at most [`EVENT_ERROR_BYTES_MAX`] bytes.
+    pub text: &'a str,
+}
+
+/// The steps of a [`FallbackChange`]. The numeric value is the on-disk code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FallbackStep {
+    /// At acceptance: due at `when_ms` through `channels`.
+    Planned = 0,
+    /// Handed to the provider of `channel` (an attempt may be under way).
+    Sending = 1,
+    /// An attempt on `channel` failed; another follows at `when_ms`.
+    AttemptFailed = 2,
+    /// `channel` is given up (permanent error, attempts spent, no contact,
+    /// breaker open with another channel left): the next one is due now.
+    ChannelFailed = 3,
+    /// The provider of `channel` accepted the message: delivered.
+    Delivered = 4,
+    /// Every channel failed: the message is failed, the fallback dead-lettered.
+    Exhausted = 5,
+    /// Taken out of the dead-letter queue: due again now, from the first channel.
+    Replayed = 6,
+    /// Deleted from the dead-letter queue (the message stays failed).
+    Dropped = 7,
+}
+
+impl FallbackStep {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Planned,
+            1 => Self::Sending,
+            2 => Self::AttemptFailed,
+            3 => Self::ChannelFailed,
+            4 => Self::Delivered,
+            5 => Self::Exhausted,
+            6 => Self::Replayed,
+            7 => Self::Dropped,
+            _ => return None,
+        })
+    }
+}
+
 /// One decoded journal record, borrowing from the segment bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record<'a> {
@@ -210,6 +279,8 @@ pub enum Record<'a> {
     User(UserRecord<'a>),
     /// The answer to a request with an `Idempotency-Key` (client's home shard).
     Idempotency(IdempotencyRecord<'a>),
+    /// A step of a message's fallback delivery (kind 7).
+    Fallback(FallbackChange<'a>),
 }
 
 /// The first answer to a client's request with an `Idempotency-Key`: what a
@@ -259,6 +330,7 @@ fn payload_len(record: &Record<'_>) -> usize {
         Record::Event(e) => 8 + 1 + 1 + 4 + 8 + 2 + e.error.len(),
         Record::User(u) => 2 + u.user.len() + 8 + 2 + u.phone.len() + 2 + u.email.len() + 2 + u.blocked.encoded.len(),
         Record::Idempotency(i) => 2 + i.client.len() + 2 + i.key.len() + 32 + 8 + 2 + 4 + i.response.len(),
+        Record::Fallback(f) => 8 + 1 + 8 + 1 + 1 + 4 + 8 + 1 + 2 + f.text.len(),
     }
 }
 
@@ -329,6 +401,19 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&i.status.to_le_bytes());
             out.extend_from_slice(&(i.response.len() as u32).to_le_bytes());
             out.extend_from_slice(i.response);
+        }
+        Record::Fallback(f) => {
+            assert!(f.text.len() <= EVENT_ERROR_BYTES_MAX, "fallback text over limit");
+            out.push(KIND_FALLBACK);
+            out.extend_from_slice(&f.seq.to_le_bytes());
+            out.push(f.step as u8);
+            out.extend_from_slice(&f.at_ms.to_le_bytes());
+            out.push(f.channel);
+            out.push(f.channels);
+            out.extend_from_slice(&f.attempts.to_le_bytes());
+            out.extend_from_slice(&f.when_ms.to_le_bytes());
+            out.push(f.notify as u8);
+            put_str16(out, f.text.as_bytes());
         }
     }
     debug_assert_eq!(out.len() - start, HEADER_BYTES + payload);
@@ -453,6 +538,22 @@ fn decode_payload(kind: u8, p: &[u8]) -> Option<Record<'_>> {
             let response = r.bytes(len)?;
             Record::Idempotency(IdempotencyRecord { client, key, body_sha256, at_ms, status, response })
         }
+        KIND_FALLBACK => {
+            let seq = r.u64()?;
+            let step = FallbackStep::from_u8(r.u8()?)?;
+            let at_ms = r.u64()?;
+            let channel = r.u8()?;
+            let channels = r.u8()?;
+            let attempts = r.u32()?;
+            let when_ms = r.u64()?;
+            let notify = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            let text = r.str16()?;
+            Record::Fallback(FallbackChange { seq, step, at_ms, channel, channels, attempts, when_ms, notify, text })
+        }
         _ => return None,
     };
     (r.pos == p.len()).then_some(record)
@@ -576,6 +677,15 @@ mod tests {
             let list = ClientList::build(blocked.iter().map(String::as_str), &mut buf);
             prop_assert_eq!(list.iter().collect::<Vec<_>>(), blocked.iter().map(String::as_str).collect::<Vec<_>>());
             roundtrip(Record::User(UserRecord { user: &user, first_seen_at_ms: at, phone: &phone, email: &email, blocked: list }));
+        }
+
+        #[test]
+        fn fallback_roundtrips(seq: u64, step in 0u8..8, at: u64, channel: u8, channels: u8, attempts: u32,
+                               when: u64, notify: bool, text in "\\PC{0,60}") {
+            roundtrip(Record::Fallback(FallbackChange {
+                seq, step: FallbackStep::from_u8(step).unwrap(), at_ms: at, channel, channels, attempts,
+                when_ms: when, notify, text: &text,
+            }));
         }
 
         #[test]

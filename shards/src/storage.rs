@@ -53,7 +53,8 @@ pub trait StorageFile {
     /// fdatasync. A failure leaves the file's state unknown: the caller must
     /// never retry it and trust the result.
     async fn sync(&self) -> io::Result<()>;
-    /// Reads `len` bytes at `offset` (any alignment).
+    /// Reads `len` bytes at `offset` (any alignment); fewer where the file
+    /// ends first.
     async fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>>;
 }
 
@@ -406,7 +407,8 @@ impl StorageFile for SimSegment {
         let disk = self.disk.borrow();
         let file = disk.files.get(&self.path).ok_or_else(|| io::Error::other("file removed"))?;
         let at = offset as usize;
-        file.current.get(at..at + len).map(<[u8]>::to_vec).ok_or_else(|| io::Error::other("read past the end"))
+        let end = (at + len).min(file.current.len());
+        Ok(file.current.get(at..end).map_or_else(Vec::new, <[u8]>::to_vec))
     }
 }
 

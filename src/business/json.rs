@@ -16,6 +16,7 @@ pub fn new_message(
     value: &BorrowedValue<'_>,
     client: u32,
     business: &BusinessConfig,
+    providers: &crate::outbound::ProvidersConfig,
     now_ms: u64,
 ) -> Result<NewMessage, ApiError> {
     let obj = value.as_object().ok_or_else(|| ApiError::invalid("a message must be a JSON object"))?;
@@ -23,6 +24,7 @@ pub fn new_message(
     let mut body = None;
     let mut priority = Priority::Normal;
     let mut ttl_seconds = business.default_ttl_seconds;
+    let mut fallback = None;
     for (key, v) in obj.iter() {
         match key.as_ref() {
             "to" => to = Some(v.as_str().ok_or_else(|| ApiError::invalid("`to` must be a string"))?),
@@ -41,6 +43,7 @@ pub fn new_message(
                     ))
                 })?
             }
+            "fallback" => fallback = Some(fallback_spec(v, business, providers)?),
             other => return Err(ApiError::invalid(format!("unknown field `{other}`"))),
         }
     }
@@ -61,7 +64,54 @@ pub fn new_message(
         priority,
         expires_at_ms: now_ms + ttl_seconds * 1000,
         accepted_at_ms: now_ms,
+        fallback,
     })
+}
+
+/// `"fallback": {"after_seconds": 0.., "channels": ["whatsapp", "email"]}`;
+/// `channels` defaults to every configured provider.
+fn fallback_spec(
+    v: &BorrowedValue<'_>,
+    business: &BusinessConfig,
+    providers: &crate::outbound::ProvidersConfig,
+) -> Result<crate::fallback::FallbackSpec, ApiError> {
+    let obj = v.as_object().ok_or_else(|| ApiError::invalid("`fallback` must be an object"))?;
+    let mut after = None;
+    let mut channels = None;
+    for (key, v) in obj.iter() {
+        match key.as_ref() {
+            "after_seconds" => {
+                after = Some(v.as_u64().filter(|&a| a <= business.max_ttl_seconds).ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "`fallback.after_seconds` must be an integer from 0 to {}",
+                        business.max_ttl_seconds
+                    ))
+                })?)
+            }
+            "channels" => {
+                let list = v.as_array().ok_or_else(|| ApiError::invalid("`fallback.channels` must be an array"))?;
+                let names: Option<Vec<&str>> = list.iter().map(|c| c.as_str()).collect();
+                let names = names.ok_or_else(|| ApiError::invalid("`fallback.channels` must hold strings"))?;
+                channels = Some(
+                    crate::fallback::parse_channels(names.into_iter(), providers)
+                        .map_err(|m| ApiError::invalid(format!("`fallback.channels` {m}")))?,
+                );
+            }
+            other => return Err(ApiError::invalid(format!("unknown field `fallback.{other}`"))),
+        }
+    }
+    let after = after.ok_or_else(|| ApiError::invalid("`fallback.after_seconds` is required"))?;
+    let channels = match channels {
+        Some(c) => c,
+        None => {
+            let all = crate::fallback::default_channels(providers);
+            if all.is_empty() {
+                return Err(ApiError::invalid("`fallback` needs a provider, and none is configured"));
+            }
+            all
+        }
+    };
+    Ok(crate::fallback::FallbackSpec { after_seconds: after as u32, channels })
 }
 
 /// The `messages` array of a batch request.
@@ -197,6 +247,15 @@ pub fn status_json(id: TrackingId, v: &StatusView) -> Vec<u8> {
     ms(&mut b, v.delivered_at_ms);
     b.extend_from_slice(b",\"acked_at\":");
     ms(&mut b, v.acked_at_ms);
+    if let Some(channel) = v.channel {
+        b.extend_from_slice(b",\"channel\":\"");
+        b.extend_from_slice(channel.as_bytes());
+        b.push(b'"');
+    }
+    if let Some(id) = &v.provider_message_id {
+        b.extend_from_slice(b",\"provider_message_id\":");
+        json_string(&mut b, id);
+    }
     if let Some(reason) = v.reason.as_str() {
         b.extend_from_slice(b",\"reason\":\"");
         b.extend_from_slice(reason.as_bytes());

@@ -1,5 +1,5 @@
 //! The business API: `POST /v1/messages`, `POST /v1/messages/batch`,
-//! `GET /v1/messages/{id}` (docs/API.md is the contract).
+//! `GET /v1/messages/{id}`, `GET /v1/events` (docs/API.md is the contract).
 //!
 //! The accepting shard authenticates, validates, sheds under memory
 //! pressure, counts the messages against the client's rate limit (kept on
@@ -7,6 +7,7 @@
 //! its recipient, which journals it. A `202` is written only after the home
 //! shard's group commit holding the message has been fdatasynced.
 
+pub mod events;
 pub mod json;
 
 use std::fmt::Write as _;
@@ -83,6 +84,7 @@ fn strip_bearer(header: &[u8]) -> Option<&[u8]> {
 enum Route<'a> {
     Send,
     Batch,
+    Events,
     Get(&'a [u8]),
     NotFound,
     MethodNotAllowed(&'static str),
@@ -94,6 +96,8 @@ fn route(path: &[u8], method: Method) -> Route<'_> {
         (b"/v1/messages", _) => Route::MethodNotAllowed("POST"),
         (b"/v1/messages/batch", Method::Post) => Route::Batch,
         (b"/v1/messages/batch", _) => Route::MethodNotAllowed("POST"),
+        (b"/v1/events", Method::Get) => Route::Events,
+        (b"/v1/events", _) => Route::MethodNotAllowed("GET"),
         (p, m) => match p.strip_prefix(b"/v1/messages/") {
             Some(id) if !id.is_empty() && !id.contains(&b'/') => {
                 if m == Method::Get {
@@ -175,6 +179,7 @@ impl Handler for BusinessConn {
             Route::Send => HttpRoute::Send,
             Route::Batch => HttpRoute::Batch,
             Route::Get(_) => HttpRoute::Status,
+            Route::Events => HttpRoute::Events,
             Route::NotFound | Route::MethodNotAllowed(_) => HttpRoute::Other,
         };
         let keep = self.answer(req, out).await;
@@ -270,6 +275,7 @@ impl BusinessConn {
                 let id = id.to_vec();
                 self.get_status(&id, authed).await
             }
+            Route::Events => events::get_events(&self.shard, &req, authed).await,
             Route::NotFound | Route::MethodNotAllowed(_) => unreachable!("answered above"),
         };
         // A keyed 202 is written only once its answer is durable on the
@@ -379,7 +385,8 @@ impl BusinessConn {
     async fn send_one(&mut self, req: Request<'_>, authed: Authed) -> Result<Reply, ApiError> {
         check_json_content_type(&req)?;
         let value = parse_json(req.body)?;
-        let msg = new_message(&value, authed.client, &self.shard.cfg().business, now_ms())?;
+        let msg =
+            new_message(&value, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now_ms())?;
         let offset = self.shard.clients().get(authed.client).shed_offset_percent;
         if !self.shard.admits(msg.priority, offset) {
             self.shard.metrics().shed(msg.priority);
@@ -418,7 +425,7 @@ impl BusinessConn {
         let mut groups: Vec<(Vec<usize>, Vec<NewMessage>)> = (0..count).map(|_| (Vec::new(), Vec::new())).collect();
         let mut wanted = 0u32;
         for (i, item) in items.iter().enumerate() {
-            match new_message(item, authed.client, &self.shard.cfg().business, now) {
+            match new_message(item, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now) {
                 Ok(m) if !self.shard.admits(m.priority, offset) => {
                     self.shard.metrics().shed(m.priority);
                     results.push(Err(ApiError::refusal(Refusal::Shed)))

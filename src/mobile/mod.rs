@@ -1,6 +1,8 @@
 //! The mobile listener: `GET /v1/connect` upgrades to a WebSocket (RFC 6455)
 //! after the token is checked, and the session runs on the user's home
-//! shard.
+//! shard. `/v1/hub` is the same session in the SignalR hub protocol
+//! (`signalr`): `POST /v1/hub/negotiate` answers the transport negotiation,
+//! `GET /v1/hub` upgrades.
 //!
 //! Every shard accepts mobile connections (SO_REUSEPORT). When the upgrade
 //! request arrives on a shard other than the user's home, the accepting
@@ -11,6 +13,7 @@
 //! and it keeps all of a user's state on one core (docs/ARCHITECTURE.md).
 
 pub mod session;
+pub mod signalr;
 
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
@@ -22,6 +25,7 @@ use glommio::net::TcpStream;
 use crate::http::{write_error, HttpError, HEADERS_MAX, HEAD_BYTES_MAX};
 use crate::shard::{MeshMsg, Shard};
 use crate::token::{verify, TokenError};
+use session::Wire;
 
 /// A connection travelling to its home shard. Owns the descriptor: it is
 /// closed if the adoption never happens.
@@ -30,6 +34,7 @@ pub struct Adoption {
     fd: RawFd,
     user: String,
     accept_key: String,
+    wire: Wire,
 }
 
 impl Adoption {
@@ -53,6 +58,8 @@ pub struct Upgrade {
     pub user: String,
     /// The `Sec-WebSocket-Accept` value to answer with.
     pub accept_key: String,
+    /// Raw frames (`/v1/connect`) or the SignalR hub protocol (`/v1/hub`).
+    pub wire: Wire,
 }
 
 /// What the bytes so far of an upgrade request hold.
@@ -60,6 +67,14 @@ pub struct Upgrade {
 pub enum Handshake {
     Partial,
     Upgrade(Upgrade),
+    /// `POST /v1/hub/negotiate` with a valid token: answer the negotiate response.
+    Negotiate,
+    /// A hub upgrade whose token is refused: upgrade, then refuse in the hub
+    /// protocol (handshake error, close message), so the client sees why.
+    RefuseHub {
+        accept_key: String,
+        error: String,
+    },
     Refuse(HttpError),
 }
 
@@ -67,9 +82,19 @@ const fn refuse(status: u16, code: &'static str, message: &'static str) -> Hands
     Handshake::Refuse(HttpError::closing(status, code, message))
 }
 
-/// Checks an upgrade request (sans-io): path, method, token, then the
-/// WebSocket headers. The token comes from `Authorization: Bearer` or the
-/// `token` query parameter (browsers cannot set headers).
+/// Where a mobile request goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Connect,
+    Hub,
+    Negotiate,
+}
+
+/// Checks an upgrade (or hub negotiate) request (sans-io): path, method,
+/// token, then the WebSocket headers. The token comes from
+/// `Authorization: Bearer` or the query: `token` on `/v1/connect`
+/// (browsers cannot set headers), `access_token` on `/v1/hub` (what the
+/// SignalR clients send).
 pub fn check_upgrade(buf: &[u8], secret: &[u8], now_secs: u64) -> Handshake {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut req = httparse::Request::new(&mut headers);
@@ -83,25 +108,47 @@ pub fn check_upgrade(buf: &[u8], secret: &[u8], now_secs: u64) -> Handshake {
     }
     let target = req.path.unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    if path != "/v1/connect" {
-        return refuse(404, "not_found", "no such endpoint; connect to /v1/connect");
-    }
-    if req.method != Some("GET") {
-        return refuse(405, "method_not_allowed", "use GET with a WebSocket upgrade");
+    let (route, method, token_param) = match path {
+        "/v1/connect" => (Route::Connect, "GET", "token="),
+        "/v1/hub" => (Route::Hub, "GET", "access_token="),
+        "/v1/hub/negotiate" => (Route::Negotiate, "POST", "access_token="),
+        _ => return refuse(404, "not_found", "no such endpoint; connect to /v1/connect or /v1/hub"),
+    };
+    if req.method != Some(method) {
+        return match route {
+            Route::Negotiate => refuse(405, "method_not_allowed", "use POST to negotiate"),
+            _ => refuse(405, "method_not_allowed", "use GET with a WebSocket upgrade"),
+        };
     }
     let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
     let token = header("authorization")
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.get(..7).filter(|s| s.eq_ignore_ascii_case("bearer ")).map(|_| v[7..].trim()))
-        .or_else(|| query.split('&').find_map(|kv| kv.strip_prefix("token=")));
-    let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return refuse(401, "token_missing", "a token is required (Authorization: Bearer or ?token=)");
+        .or_else(|| query.split('&').find_map(|kv| kv.strip_prefix(token_param)));
+    let user = match token.filter(|t| !t.is_empty()) {
+        None => Err(HttpError::closing(
+            401,
+            "token_missing",
+            "a token is required (Authorization: Bearer, or ?token= on /v1/connect, ?access_token= on /v1/hub)",
+        )),
+        Some(token) => match verify(secret, token, now_secs) {
+            Ok(user) => Ok(user),
+            Err(TokenError::Expired) => Err(HttpError::closing(401, "token_expired", "the token has expired")),
+            Err(TokenError::BadSignature) => {
+                Err(HttpError::closing(401, "token_invalid", "the token signature is invalid"))
+            }
+            Err(_) => Err(HttpError::closing(401, "token_invalid", "the token is malformed")),
+        },
     };
-    let user = match verify(secret, token, now_secs) {
-        Ok(user) => user,
-        Err(TokenError::Expired) => return refuse(401, "token_expired", "the token has expired"),
-        Err(TokenError::BadSignature) => return refuse(401, "token_invalid", "the token signature is invalid"),
-        Err(_) => return refuse(401, "token_invalid", "the token is malformed"),
+    if route == Route::Negotiate {
+        return match user {
+            Ok(_) => Handshake::Negotiate,
+            Err(e) => Handshake::Refuse(e),
+        };
+    }
+    let user = match (user, route) {
+        (Err(e), Route::Connect) => return Handshake::Refuse(e),
+        (user, _) => user,
     };
     let has_token = |name: &str, want: &str| {
         header(name)
@@ -117,7 +164,13 @@ pub fn check_upgrade(buf: &[u8], secret: &[u8], now_secs: u64) -> Handshake {
         return refuse(400, "not_websocket", "Sec-WebSocket-Key is missing or malformed");
     };
     let accept_key = tungstenite::handshake::derive_accept_key(key);
-    Handshake::Upgrade(Upgrade { user, accept_key })
+    match user {
+        Ok(user) => {
+            let wire = if route == Route::Hub { Wire::Hub } else { Wire::Raw };
+            Handshake::Upgrade(Upgrade { user, accept_key, wire })
+        }
+        Err(e) => Handshake::RefuseHub { accept_key, error: format!("{}: {}", e.code, e.message) },
+    }
 }
 
 /// Serves a new connection on the mobile listener: read and check the
@@ -148,20 +201,24 @@ pub async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream) {
         match check_upgrade(&buf[..len], shard.cfg().mobile.token_secret.as_bytes(), now) {
             Handshake::Partial => continue,
             Handshake::Refuse(e) => return refuse_conn(stream, &e).await,
+            Handshake::Negotiate => return negotiate(stream).await,
+            Handshake::RefuseHub { accept_key, error } => {
+                return session::refuse_hub(shard, stream, &accept_key, error).await
+            }
             Handshake::Upgrade(u) => break u,
         }
     };
     let _ = stream.set_read_timeout(None);
     let home = crate::route(&upgrade.user, shard.count());
     if home == shard.id() {
-        return session::start(shard, stream, upgrade.user, &upgrade.accept_key).await;
+        return session::start(shard, stream, upgrade.user, &upgrade.accept_key, upgrade.wire).await;
     }
     // SAFETY: dup of a descriptor we own; the copy is owned by the Adoption.
     let fd = unsafe { libc::dup(stream.as_raw_fd()) };
     if fd < 0 {
         return refuse_conn(stream, &HttpError::closing(503, "overloaded", "cannot hand the connection over")).await;
     }
-    let adoption = Adoption { fd, user: upgrade.user, accept_key: upgrade.accept_key };
+    let adoption = Adoption { fd, user: upgrade.user, accept_key: upgrade.accept_key, wire: upgrade.wire };
     // Waits for room in the channel (bounded): a full channel is
     // backpressure, not a reason to refuse the phone.
     if shard.send(home, MeshMsg::Adopt(Box::new(adoption))).await.is_err() {
@@ -183,7 +240,18 @@ pub fn adopt(shard: Rc<Shard>, mut adoption: Adoption) {
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     let user = std::mem::take(&mut adoption.user);
     let accept_key = std::mem::take(&mut adoption.accept_key);
-    glommio::spawn_local(async move { session::start(shard, stream, user, &accept_key).await }).detach();
+    let wire = adoption.wire;
+    glommio::spawn_local(async move { session::start(shard, stream, user, &accept_key, wire).await }).detach();
+}
+
+/// Answers a hub negotiate request (negotiate version 1) and closes: the
+/// client's next request is the WebSocket upgrade, on a new connection.
+async fn negotiate(mut stream: TcpStream) {
+    let body = signalr::negotiate_response(&signalr::random_id(), &signalr::random_id());
+    let mut out = Vec::with_capacity(256);
+    crate::http::write_response(&mut out, 200, "", body.as_bytes(), false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.write_all(&out).await;
 }
 
 async fn refuse_conn(mut stream: TcpStream, e: &HttpError) {
@@ -246,5 +314,45 @@ mod tests {
         let plain = format!("GET /v1/connect HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\r\n");
         assert_eq!(code(check_upgrade(plain.as_bytes(), SECRET, 150)), (400, "not_websocket"));
         assert_eq!(check_upgrade(b"GET /v1/connect HTTP/1.1\r\nHost", SECRET, 150), Handshake::Partial);
+    }
+
+    #[test]
+    fn hub_routes_negotiate_upgrade_and_refuse_in_band() {
+        let t = mint(SECRET, "alice", 100, 200);
+        let neg = |target: &str, auth: Option<&str>| {
+            let mut r = format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n");
+            if let Some(a) = auth {
+                r += &format!("Authorization: {a}\r\n");
+            }
+            check_upgrade((r + "\r\n").as_bytes(), SECRET, 150)
+        };
+        assert_eq!(neg("/v1/hub/negotiate?negotiateVersion=1", Some(&format!("Bearer {t}"))), Handshake::Negotiate);
+        assert_eq!(neg(&format!("/v1/hub/negotiate?negotiateVersion=1&access_token={t}"), None), Handshake::Negotiate);
+        assert_eq!(code(neg("/v1/hub/negotiate?negotiateVersion=1", None)), (401, "token_missing"));
+        assert_eq!(code(neg("/v1/hub/negotiate", Some("Bearer x.y.z"))), (401, "token_invalid"));
+        assert_eq!(
+            code(check_upgrade(req("/v1/hub/negotiate", None).as_bytes(), SECRET, 150)),
+            (405, "method_not_allowed")
+        );
+        // The WebSocket request, with the id from negotiate and the token in the query.
+        let r = req(&format!("/v1/hub?id=abc&access_token={t}"), None);
+        let Handshake::Upgrade(u) = check_upgrade(r.as_bytes(), SECRET, 150) else { panic!() };
+        assert_eq!((u.user.as_str(), u.wire), ("alice", Wire::Hub));
+        let r = req("/v1/connect", Some(&format!("Bearer {t}")));
+        let Handshake::Upgrade(u) = check_upgrade(r.as_bytes(), SECRET, 150) else { panic!() };
+        assert_eq!(u.wire, Wire::Raw);
+        // A bad token on the hub is refused inside the hub protocol, naming the code.
+        let Handshake::RefuseHub { error, .. } =
+            check_upgrade(req("/v1/hub?access_token=abc", None).as_bytes(), SECRET, 150)
+        else {
+            panic!()
+        };
+        assert!(error.starts_with("token_invalid: "), "{error}");
+        let r = req("/v1/hub", Some(&format!("Bearer {t}")));
+        let Handshake::RefuseHub { error, .. } = check_upgrade(r.as_bytes(), SECRET, 250) else { panic!() };
+        assert!(error.starts_with("token_expired: "), "{error}");
+        // Not a WebSocket request at all: a plain HTTP refusal.
+        let plain = format!("GET /v1/hub HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\r\n");
+        assert_eq!(code(check_upgrade(plain.as_bytes(), SECRET, 150)), (400, "not_websocket"));
     }
 }

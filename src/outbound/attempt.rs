@@ -11,7 +11,6 @@ use url::Url;
 use super::backoff::parse_retry_after;
 use super::job::AttemptError;
 use super::signing::Secret;
-use super::status::AttemptResult;
 
 /// Most bytes of an answer's body read (and dropped). A longer body is cut:
 /// the connection is closed instead of returned to the pool, so a receiver
@@ -32,18 +31,6 @@ pub struct Outcome {
     pub result: Result<u16, AttemptError>,
     /// From a 429 or 503 answer's `Retry-After`.
     pub retry_after: Option<Duration>,
-}
-
-impl Outcome {
-    pub fn metric(&self) -> AttemptResult {
-        match self.result {
-            Ok(_) => AttemptResult::Delivered,
-            Err(AttemptError::Status(_)) => AttemptResult::HttpError,
-            Err(AttemptError::Timeout) => AttemptResult::Timeout,
-            Err(AttemptError::Connect) => AttemptResult::ConnectError,
-            Err(AttemptError::Request) => AttemptResult::RequestError,
-        }
-    }
 }
 
 /// Sends one signed attempt. The signature's timestamp is taken now, so

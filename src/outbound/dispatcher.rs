@@ -15,12 +15,15 @@ use hashbrown::HashMap;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::attempt::{self, Outcome, Target};
+use super::attempt::{self, Target};
 use super::backoff::full_jitter_ms;
 use super::breaker::{Breaker, BreakerState, Permit, Ticket};
 use super::config::WebhooksConfig;
+use super::job::AttemptError;
 use super::job::{Job, Report};
+use super::providers::{self, Policy, ProviderTarget};
 use super::reports::ReportOut;
+use super::status::AttemptResult;
 use super::status::OutboundStatus;
 
 /// Time allowed after the last job sender is dropped for in-flight attempts
@@ -34,9 +37,16 @@ struct Held {
     webhook_id: Arc<str>,
 }
 
+/// What an endpoint is: a webhook receiver or a fallback provider.
+pub(super) enum Kind {
+    Webhook(Arc<Target>),
+    Provider(Arc<ProviderTarget>),
+}
+
 struct Endpoint {
     name: String,
-    target: Arc<Target>,
+    kind: Kind,
+    policy: Policy,
     breaker: Breaker,
     published: BreakerState,
     /// Jobs due now, in order, waiting for a slot or the breaker.
@@ -53,10 +63,30 @@ enum Wake {
     Breaker(usize),
 }
 
+/// What an attempt achieved: a webhook's 2xx status, or a provider's
+/// acceptance (with its message id, if any).
+enum Success {
+    Webhook(u16),
+    Provider(Option<String>),
+}
+
 struct Done {
     key: u64,
     ticket: Ticket,
-    outcome: Outcome,
+    result: Result<Success, AttemptError>,
+    retry_after: Option<Duration>,
+    /// The provider's error is final: no retry on this endpoint.
+    permanent: bool,
+}
+
+fn metric(result: &Result<Success, AttemptError>) -> AttemptResult {
+    match result {
+        Ok(_) => AttemptResult::Delivered,
+        Err(AttemptError::Status(_)) => AttemptResult::HttpError,
+        Err(AttemptError::Timeout) => AttemptResult::Timeout,
+        Err(AttemptError::Connect) => AttemptResult::ConnectError,
+        Err(AttemptError::Request | AttemptError::BreakerOpen) => AttemptResult::RequestError,
+    }
 }
 
 pub(super) struct Dispatcher {
@@ -81,17 +111,17 @@ impl Dispatcher {
         config: WebhooksConfig,
         client: reqwest::Client,
         jobs: mpsc::Receiver<Job>,
-        endpoints: Vec<(String, Target)>,
+        endpoints: Vec<(String, Policy, Kind)>,
         report_senders: Vec<mpsc::Sender<Report>>,
         status: Arc<OutboundStatus>,
     ) -> Dispatcher {
-        let open = Duration::from_millis(config.breaker_open_ms);
         let endpoints = endpoints
             .into_iter()
-            .map(|(name, target)| Endpoint {
+            .map(|(name, policy, kind)| Endpoint {
                 name,
-                target: Arc::new(target),
-                breaker: Breaker::new(config.breaker_failures, open),
+                kind,
+                policy,
+                breaker: Breaker::new(policy.breaker_failures, Duration::from_millis(policy.breaker_open_ms)),
                 published: BreakerState::Closed,
                 ready: VecDeque::new(),
                 in_flight: 0,
@@ -151,7 +181,9 @@ impl Dispatcher {
 
     async fn shut_down(mut self) {
         self.accepting = false;
-        let deadline = Instant::now() + Duration::from_millis(self.config.timeout_ms + SHUTDOWN_GRACE_MS);
+        let slowest = self.endpoints.iter().map(|e| e.policy.timeout_ms).max().unwrap_or(0);
+        let timeout_ms = slowest.max(self.config.timeout_ms);
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms + SHUTDOWN_GRACE_MS);
         let drain = async {
             while let Some(done) = self.attempts.join_next().await {
                 match done {
@@ -169,7 +201,7 @@ impl Dispatcher {
     }
 
     fn admit(&mut self, job: Job) {
-        if job.attempts >= self.config.max_attempts {
+        if job.attempts >= self.endpoints[job.endpoint.0 as usize].policy.max_attempts {
             self.status.count_exhausted();
             let report = Report::Exhausted { job: job.id, attempts: job.attempts, error: None };
             self.reports.send(job.shard, report);
@@ -230,8 +262,8 @@ impl Dispatcher {
     }
 
     fn start_endpoint(&mut self, e: usize, now: Instant) {
-        let cap = self.config.max_in_flight_per_endpoint;
-        let timeout = Duration::from_millis(self.config.timeout_ms);
+        let cap = self.endpoints[e].policy.max_in_flight;
+        let timeout = Duration::from_millis(self.endpoints[e].policy.timeout_ms);
         while let Some(&key) = self.endpoints[e].ready.front() {
             let Some(held) = self.held.get(&key) else {
                 self.endpoints[e].ready.pop_front();
@@ -249,22 +281,67 @@ impl Dispatcher {
                         ep.wake_at = Some(at);
                         self.timers.push(Reverse((at, Wake::Breaker(e))));
                     }
+                    self.give_back_yielding(e);
                     return;
                 }
-                Permit::WaitForProbe => return,
+                Permit::WaitForProbe => {
+                    self.give_back_yielding(e);
+                    return;
+                }
             };
             ep.ready.pop_front();
             ep.in_flight += 1;
             assert!(ep.in_flight <= cap);
-            let send = attempt::send(
-                self.client.clone(),
-                ep.target.clone(),
-                held.webhook_id.clone(),
-                held.job.body.clone(),
-                timeout,
-            );
-            self.attempts.spawn(async move { Done { key, ticket, outcome: send.await } });
+            match &ep.kind {
+                Kind::Webhook(target) => {
+                    let send = attempt::send(
+                        self.client.clone(),
+                        target.clone(),
+                        held.webhook_id.clone(),
+                        held.job.body.clone(),
+                        timeout,
+                    );
+                    self.attempts.spawn(async move {
+                        let outcome = send.await;
+                        let result = outcome.result.map(Success::Webhook);
+                        Done { key, ticket, result, retry_after: outcome.retry_after, permanent: false }
+                    });
+                }
+                Kind::Provider(target) => {
+                    let send = providers::send(
+                        self.client.clone(),
+                        target.clone(),
+                        held.webhook_id.clone(),
+                        Arc::from(held.job.to.as_str()),
+                        held.job.body.clone(),
+                        timeout,
+                    );
+                    self.attempts.spawn(async move {
+                        let outcome = send.await;
+                        let result = outcome.result.map(Success::Provider);
+                        Done { key, ticket, result, retry_after: outcome.retry_after, permanent: outcome.permanent }
+                    });
+                }
+            }
             self.publish_breaker(e);
+        }
+    }
+
+    /// While endpoint `e`'s breaker holds its queue, the jobs that may go
+    /// to another channel are given back (`Exhausted`, no attempt spent).
+    fn give_back_yielding(&mut self, e: usize) {
+        let held = &self.held;
+        let (yielding, staying): (VecDeque<u64>, VecDeque<u64>) =
+            self.endpoints[e].ready.drain(..).partition(|key| held.get(key).is_some_and(|h| h.job.yield_when_open));
+        self.endpoints[e].ready = staying;
+        for key in yielding {
+            let Some(held) = self.held.remove(&key) else { continue };
+            let report = Report::Exhausted {
+                job: held.job.id,
+                attempts: held.job.attempts,
+                error: Some(AttemptError::BreakerOpen),
+            };
+            self.reports.send(held.job.shard, report);
         }
     }
 
@@ -273,26 +350,31 @@ impl Dispatcher {
         let Some(held) = self.held.get_mut(&done.key) else { unreachable!("an attempt finished for a job not held") };
         let e = held.job.endpoint.0 as usize;
         held.job.attempts += 1;
-        let (id, shard, attempts) = (held.job.id, held.job.shard, held.job.attempts);
-        self.status.count_attempt(done.outcome.metric());
+        let (id, shard, attempts, yields) = (held.job.id, held.job.shard, held.job.attempts, held.job.yield_when_open);
+        self.status.count_attempt(metric(&done.result));
         let ep = &mut self.endpoints[e];
         assert!(ep.in_flight > 0);
         ep.in_flight -= 1;
-        ep.breaker.record(done.ticket, done.outcome.result.is_ok(), now);
+        ep.breaker.record(done.ticket, done.result.is_ok(), now);
+        let (max_attempts, open) = (ep.policy.max_attempts, ep.breaker.state() == BreakerState::Open);
         self.publish_breaker(e);
         self.mark_dirty(e);
-        let report = match done.outcome.result {
-            Ok(status) => {
+        let report = match done.result {
+            Ok(Success::Webhook(status)) => {
                 self.held.remove(&done.key);
                 Report::Delivered { job: id, attempts, status }
             }
-            Err(error) if attempts >= self.config.max_attempts => {
+            Ok(Success::Provider(provider_message_id)) => {
+                self.held.remove(&done.key);
+                Report::Accepted { job: id, attempts, provider_message_id }
+            }
+            Err(error) if attempts >= max_attempts || done.permanent || (yields && open) => {
                 self.held.remove(&done.key);
                 self.status.count_exhausted();
                 Report::Exhausted { job: id, attempts, error: Some(error) }
             }
             Err(error) => {
-                let delay = self.retry_delay(attempts, done.outcome.retry_after);
+                let delay = self.retry_delay(e, attempts, done.retry_after);
                 self.timers.push(Reverse((now + delay, Wake::Job(done.key))));
                 let retry_at_unix_ms = unix_ms_now() + delay.as_millis() as u64;
                 Report::Failed { job: id, attempts, error, retry_at_unix_ms }
@@ -302,8 +384,8 @@ impl Dispatcher {
     }
 
     /// Full-jitter backoff, but never before the receiver's `Retry-After`.
-    fn retry_delay(&mut self, failed_attempts: u32, retry_after: Option<Duration>) -> Duration {
-        let c = &self.config;
+    fn retry_delay(&mut self, e: usize, failed_attempts: u32, retry_after: Option<Duration>) -> Duration {
+        let c = &self.endpoints[e].policy;
         let backoff =
             Duration::from_millis(full_jitter_ms(failed_attempts, c.retry_base_ms, c.retry_max_ms, &mut self.rng));
         backoff.max(retry_after.unwrap_or(Duration::ZERO))

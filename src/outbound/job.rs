@@ -28,6 +28,12 @@ pub struct Job {
     /// Unix ms before which the first attempt here must not start (a
     /// journaled `retry_at_ms` after a restart); 0 for now.
     pub not_before_unix_ms: u64,
+    /// Provider jobs: the phone (WhatsApp) or address (email); empty for webhooks.
+    pub to: String,
+    /// Provider jobs with another channel left: give the job back
+    /// (`Exhausted`, no attempt spent) instead of waiting while this
+    /// endpoint's breaker is open.
+    pub yield_when_open: bool,
 }
 
 /// Why one attempt failed. Short and free of secrets (no URL, no header).
@@ -41,6 +47,8 @@ pub enum AttemptError {
     Connect,
     /// Anything else the client reported (broken connection, bad response).
     Request,
+    /// The endpoint's breaker is open (no attempt was made).
+    BreakerOpen,
 }
 
 impl std::fmt::Display for AttemptError {
@@ -50,6 +58,7 @@ impl std::fmt::Display for AttemptError {
             AttemptError::Timeout => f.write_str("timeout"),
             AttemptError::Connect => f.write_str("connect error"),
             AttemptError::Request => f.write_str("request error"),
+            AttemptError::BreakerOpen => f.write_str("breaker open"),
         }
     }
 }
@@ -63,13 +72,21 @@ pub enum Report {
     Failed { job: u64, attempts: u32, error: AttemptError, retry_at_unix_ms: u64 },
     /// Final: `max_attempts` reached; the caller dead-letters the event.
     /// `error` is the last attempt's (None if the job came in already spent).
+    /// For provider jobs also: a permanent error, or the breaker is open
+    /// and the job may yield (`Job::yield_when_open`).
     Exhausted { job: u64, attempts: u32, error: Option<AttemptError> },
+    /// Final, provider jobs: the provider accepted the message; its id for
+    /// it where it gave one.
+    Accepted { job: u64, attempts: u32, provider_message_id: Option<String> },
 }
 
 impl Report {
     pub fn job(&self) -> u64 {
         match self {
-            Report::Delivered { job, .. } | Report::Failed { job, .. } | Report::Exhausted { job, .. } => *job,
+            Report::Delivered { job, .. }
+            | Report::Failed { job, .. }
+            | Report::Exhausted { job, .. }
+            | Report::Accepted { job, .. } => *job,
         }
     }
 }
@@ -99,6 +116,12 @@ pub struct JobSender {
 impl JobSender {
     pub(super) fn new(tx: mpsc::Sender<Job>, endpoints: u32, shard: usize) -> JobSender {
         JobSender { tx, endpoints, shard }
+    }
+
+    /// Another sender for the same shard (its reports go to the same
+    /// receiver): the fallback task's, beside the receipts outbox's.
+    pub fn duplicate(&self) -> JobSender {
+        JobSender { tx: self.tx.clone(), endpoints: self.endpoints, shard: self.shard }
     }
 
     /// The shard this sender belongs to (what `Job::shard` must say).

@@ -83,6 +83,7 @@ mod breaker;
 mod config;
 mod dispatcher;
 mod job;
+mod providers;
 mod reports;
 mod signing;
 mod status;
@@ -100,6 +101,7 @@ pub use breaker::BreakerState;
 pub use config::{parse_client_webhook, parse_webhook_url, KeyError, WebhooksConfig};
 pub use dispatcher::SHUTDOWN_GRACE_MS;
 pub use job::{AttemptError, EndpointId, Job, JobSender, Report, ReportReceiver, TrySendError};
+pub use providers::{EmailConfig, Policy, ProvidersConfig, Redacted, WhatsAppConfig, PROVIDER_MESSAGE_ID_BYTES_MAX};
 pub use signing::{is_valid_webhook_id, Secret};
 pub use status::{AttemptResult, OutboundStatus};
 
@@ -172,11 +174,28 @@ pub fn spawn(
     endpoints: Vec<Endpoint>,
     shards: usize,
 ) -> Result<(Outbound, Vec<ShardLink>), SpawnError> {
+    spawn_with_providers(config, endpoints, &ProvidersConfig::default(), shards)
+}
+
+/// The endpoint of each configured fallback provider: they follow the
+/// `webhooks` webhook endpoints, in [`esh3ar_shards::Channel::FALLBACKS`] order.
+pub fn provider_endpoints(webhooks: usize, providers: &ProvidersConfig) -> Vec<(esh3ar_shards::Channel, EndpointId)> {
+    providers.channels().enumerate().map(|(i, c)| (c, EndpointId((webhooks + i) as u32))).collect()
+}
+
+/// Starts the offload thread with webhook endpoints and the fallback
+/// providers (see [`provider_endpoints`] for their ids).
+pub fn spawn_with_providers(
+    config: &WebhooksConfig,
+    endpoints: Vec<Endpoint>,
+    providers: &ProvidersConfig,
+    shards: usize,
+) -> Result<(Outbound, Vec<ShardLink>), SpawnError> {
     config.validate().map_err(|(k, m)| SpawnError::Config(k, m))?;
+    providers.validate().map_err(|(k, m)| SpawnError::Config(k, m))?;
     if shards == 0 {
         return Err(SpawnError::Config("engine.shards".into(), "must be positive".into()));
     }
-    let endpoint_count = u32::try_from(endpoints.len()).map_err(|_| SpawnError::TooManyEndpoints)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(DNS_THREADS_MAX)
@@ -187,10 +206,39 @@ pub fn spawn(
         let _in_runtime = runtime.enter();
         http_client(config)?
     };
-    let status = Arc::new(OutboundStatus::new(endpoints.iter().map(|e| e.name.clone()).collect()));
+    let provider_targets = {
+        let _in_runtime = runtime.enter();
+        providers.targets().map_err(|(k, m)| SpawnError::Config(k, m))?
+    };
+    let endpoint_count =
+        u32::try_from(endpoints.len() + provider_targets.len()).map_err(|_| SpawnError::TooManyEndpoints)?;
+    let labels = endpoints
+        .iter()
+        .map(|e| format!("webhook:{}", e.name))
+        .chain(provider_targets.iter().map(|(c, _, _)| format!("provider:{}", c.as_str())))
+        .collect();
+    let status = Arc::new(OutboundStatus::new(labels));
     let (job_tx, job_rx) = mpsc::channel(config.queue_capacity);
     let (report_txs, report_rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(config.queue_capacity)).unzip();
-    let targets = endpoints.into_iter().map(|e| (e.name, attempt::Target { url: e.url, secret: e.secret })).collect();
+    let webhook_policy = Policy {
+        timeout_ms: config.timeout_ms,
+        max_attempts: config.max_attempts,
+        retry_base_ms: config.retry_base_ms,
+        retry_max_ms: config.retry_max_ms,
+        breaker_failures: config.breaker_failures,
+        breaker_open_ms: config.breaker_open_ms,
+        max_in_flight: config.max_in_flight_per_endpoint,
+    };
+    let targets = endpoints
+        .into_iter()
+        .map(|e| {
+            let target = attempt::Target { url: e.url, secret: e.secret };
+            (e.name, webhook_policy, dispatcher::Kind::Webhook(Arc::new(target)))
+        })
+        .chain(provider_targets.into_iter().map(|(c, policy, target)| {
+            (format!("provider:{}", c.as_str()), policy, dispatcher::Kind::Provider(Arc::new(target)))
+        }))
+        .collect();
     let dispatcher = dispatcher::Dispatcher::new(config.clone(), client, job_rx, targets, report_txs, status.clone());
     let thread = std::thread::Builder::new()
         .name("esh3ar-outbound".into())

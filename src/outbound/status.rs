@@ -87,12 +87,13 @@ impl OutboundStatus {
         self.breakers.get(endpoint).map(|b| decode(b.load(Ordering::Relaxed)))
     }
 
-    /// `("webhook:<name>", "closed"|"open"|"half_open")` for every endpoint, for `/healthz`.
+    /// `("webhook:<name>" or "provider:<channel>", "closed"|"open"|"half_open")`
+    /// for every endpoint, for `/healthz`.
     pub fn breakers(&self) -> impl Iterator<Item = (String, &'static str)> + '_ {
         self.names
             .iter()
             .zip(&self.breakers)
-            .map(|(name, b)| (format!("webhook:{name}"), decode(b.load(Ordering::Relaxed)).as_str()))
+            .map(|(name, b)| (name.clone(), decode(b.load(Ordering::Relaxed)).as_str()))
     }
 
     /// `webhook_attempts_total{result}`.

@@ -50,6 +50,9 @@ pub enum Scenario {
     /// 4 GiB memory limit: every answer must be a 202 (answers by status,
     /// timeouts and resets counted; `--require-all-accepted` gates on it).
     AcceptAll,
+    /// Two e2e runs, without and with webhooks to a receiver in the
+    /// harness: the ingest cost of receipts and their lag (esh3ar only).
+    Receipts,
 }
 
 impl Scenario {
@@ -62,6 +65,7 @@ impl Scenario {
             Scenario::IdleConnections => "idle-connections",
             Scenario::Overload => "overload",
             Scenario::AcceptAll => "accept-all",
+            Scenario::Receipts => "receipts",
         }
     }
 
@@ -258,6 +262,8 @@ impl ThreadCtx {
 /// The result of a run, before it becomes a report.
 pub struct Outcome {
     pub stats: ThreadStats,
+    /// Accepted over the whole run, warm-up and wind-down included.
+    pub accepted_all: u64,
     pub duration_s: f64,
     pub overload: Option<overload::Profile>,
 }
@@ -338,7 +344,8 @@ pub fn run(plan: &Plan, target: &Target, engine_pid: Option<u32>) -> anyhow::Res
         Scenario::IdleConnections => 0.0,
         _ => plan.duration.as_secs_f64(),
     };
-    Ok(Outcome { stats: merged, duration_s, overload: profile })
+    let accepted_all = total(&shared.progress, |p| &p.accepted);
+    Ok(Outcome { stats: merged, accepted_all, duration_s, overload: profile })
 }
 
 /// The main thread while a run goes: the progress line, and for
@@ -390,6 +397,8 @@ async fn thread_main(ctx: Rc<ThreadCtx>) {
     let plan = &shared.plan;
     let n = shared.threads;
     match plan.scenario {
+        // Made of two e2e runs (`crate::receipts`); never planned itself.
+        Scenario::Receipts => unreachable!("the receipts scenario runs as two e2e runs"),
         Scenario::Ingest | Scenario::Batch | Scenario::E2e | Scenario::Overload | Scenario::AcceptAll => {
             let receivers = if plan.scenario == Scenario::E2e { receivers::spawn_all(&ctx).await } else { Vec::new() };
             let gate = Rc::new(glommio::sync::Semaphore::new(0));

@@ -14,7 +14,7 @@ use crate::clock::now_ns;
 use crate::engine::{mint_token, Target};
 use crate::peers::{amqp, is_timeout, nats, redis};
 use crate::stats::{record_ns, Progress};
-use crate::ws::{self, WsConn};
+use crate::ws::{self, MobileProtocol, WsConn};
 
 /// Most ids in one ack frame (docs/API.md).
 const ACK_IDS_MAX: usize = 1000;
@@ -23,7 +23,7 @@ const ACK_IDS_MAX: usize = 1000;
 const POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 enum Receiver {
-    Ws(Box<WsConn>),
+    Ws(Box<WsConn>, MobileProtocol),
     Redis(redis::Consumer),
     Nats(nats::Consumer),
     Rabbit(amqp::Consumer),
@@ -33,11 +33,16 @@ async fn connect(ctx: &ThreadCtx, index: usize) -> Result<Receiver, String> {
     let src = crate::net::source_for(&ctx.shared.receiver_sources, index);
     let io_cause = |e: io::Error| format!("receiver connect: {}", e.kind());
     Ok(match &ctx.shared.target {
-        Target::Esh3ar { mobile, token_secret, .. } => {
+        Target::Esh3ar { mobile, token_secret, mobile_protocol, .. } => {
             let token = mint_token(token_secret, &format!("u{index}"), 86_400);
-            let ws = WsConn::connect(*mobile, src, "/v1/connect", &token).await.map_err(|e| e.cause())?;
+            let mut ws = WsConn::connect(*mobile, src, mobile_protocol.path(), &token).await.map_err(|e| e.cause())?;
+            if *mobile_protocol == MobileProtocol::Signalr {
+                // The handshake answer (`{}`) comes as a text message with no id: ignored.
+                ws.push(ws::OP_TEXT, ws::HUB_HANDSHAKE);
+                ws.flush().await.map_err(io_cause)?;
+            }
             ws.set_read_timeout(Some(POLL)).map_err(io_cause)?;
-            Receiver::Ws(Box::new(ws))
+            Receiver::Ws(Box::new(ws), *mobile_protocol)
         }
         Target::Redis { addr } => Receiver::Redis(redis::Consumer::connect(*addr, src, index).await.map_err(io_cause)?),
         Target::Nats { addr } => Receiver::Nats(nats::Consumer::connect(*addr, src, index).await.map_err(io_cause)?),
@@ -107,7 +112,7 @@ async fn run(ctx: Rc<ThreadCtx>, mut r: Receiver) {
             break;
         }
         let result = match &mut r {
-            Receiver::Ws(ws) => ws_batch(ws, &mut on_body).await,
+            Receiver::Ws(ws, protocol) => ws_batch(ws, *protocol, &mut on_body).await,
             Receiver::Redis(c) => c.next_batch(&mut on_body).await,
             Receiver::Nats(c) => c.next_batch(&mut on_body).await,
             Receiver::Rabbit(c) => c.next_batch(&mut on_body).await,
@@ -129,13 +134,13 @@ async fn run(ctx: Rc<ThreadCtx>, mut r: Receiver) {
         Receiver::Redis(c) => c.finish().await,
         Receiver::Nats(c) => c.finish().await,
         Receiver::Rabbit(c) => c.finish().await,
-        Receiver::Ws(_) => {}
+        Receiver::Ws(..) => {}
     }
 }
 
 /// Reads what arrived on a WebSocket, acks every message (one frame per
-/// 1000 ids) and answers pings.
-async fn ws_batch(ws: &mut WsConn, on_body: &mut dyn FnMut(&[u8])) -> io::Result<()> {
+/// 1000 ids) and answers pings (WebSocket pings, or the hub's ping records).
+async fn ws_batch(ws: &mut WsConn, protocol: MobileProtocol, on_body: &mut dyn FnMut(&[u8])) -> io::Result<()> {
     // Frames may already wait in the buffer (e.g. a backlog that came with
     // the 101): read only when none is complete.
     if !ws.has_frame()? {
@@ -145,10 +150,15 @@ async fn ws_batch(ws: &mut WsConn, on_body: &mut dyn FnMut(&[u8])) -> io::Result
     let mut id_ends: Vec<usize> = Vec::new();
     let mut pongs: Vec<Vec<u8>> = Vec::new();
     let mut closed = false;
+    let mut hub_ping = false;
     while let Some((op, range)) = ws.next_frame()? {
         let payload = ws.payload(range);
         match op {
             ws::OP_TEXT => {
+                if protocol == MobileProtocol::Signalr && ws::has_hub_ping(payload) {
+                    hub_ping = true;
+                    continue;
+                }
                 on_body(payload);
                 if let Some(id) = ws::message_id(payload) {
                     ids.extend_from_slice(id);
@@ -162,19 +172,21 @@ async fn ws_batch(ws: &mut WsConn, on_body: &mut dyn FnMut(&[u8])) -> io::Result
     }
     let mut start = 0;
     for chunk in id_ends.chunks(ACK_IDS_MAX) {
-        let mut ack = Vec::with_capacity(32 + chunk.len() * 20);
-        ack.extend_from_slice(br#"{"type":"ack","ids":["#);
+        let mut quoted = Vec::with_capacity(chunk.len() * 20);
         for (i, &end) in chunk.iter().enumerate() {
             if i > 0 {
-                ack.push(b',');
+                quoted.push(b',');
             }
-            ack.push(b'"');
-            ack.extend_from_slice(&ids[start..end]);
-            ack.push(b'"');
+            quoted.push(b'"');
+            quoted.extend_from_slice(&ids[start..end]);
+            quoted.push(b'"');
             start = end;
         }
-        ack.extend_from_slice(b"]}");
-        ws.push(ws::OP_TEXT, &ack);
+        ws.push(ws::OP_TEXT, &protocol.ack(&quoted));
+    }
+    if hub_ping {
+        // The hub drops a client it has not heard from in 30 s.
+        ws.push(ws::OP_TEXT, ws::HUB_PING);
     }
     for p in pongs {
         ws.push(ws::OP_PONG, &p);
