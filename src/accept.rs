@@ -33,7 +33,11 @@ impl Limits {
         }
     }
     fn admin() -> Limits {
-        Limits { body_bytes_max: ADMIN_BODY_BYTES_MAX, request_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(60) }
+        Limits {
+            body_bytes_max: ADMIN_BODY_BYTES_MAX,
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
     }
 }
 

@@ -69,12 +69,8 @@ pub struct ClientTable {
 impl ClientTable {
     /// Builds the table from a validated config.
     pub fn from_config(cfg: &Config) -> Self {
-        let empty = ClientTable {
-            clients: Vec::new(),
-            by_key_digest: HashMap::new(),
-            by_id: HashMap::new(),
-            endpoints: 0,
-        };
+        let empty =
+            ClientTable { clients: Vec::new(), by_key_digest: HashMap::new(), by_id: HashMap::new(), endpoints: 0 };
         // With no previous table every webhook gets a fresh endpoint, so
         // this cannot fail.
         empty.build(cfg, true).unwrap_or_else(|_| unreachable!("a first table allocates every endpoint"))
@@ -259,7 +255,8 @@ mod tests {
 
     #[test]
     fn indices_are_stable_across_versions_and_removed_clients_are_tombstones() {
-        let v1 = ClientTable::from_config(&cfg(&(client("a", "a-key-0123456789ab") + &client("b", "b-key-0123456789ab"))));
+        let v1 =
+            ClientTable::from_config(&cfg(&(client("a", "a-key-0123456789ab") + &client("b", "b-key-0123456789ab"))));
         let (a, b) = (v1.index_of("a").unwrap(), v1.index_of("b").unwrap());
         // b removed, c added, a's key rotated.
         let v2 = v1.next(&cfg(&(client("c", "c-key-0123456789ab") + &client("a", "a-key-rotated-0123")))).unwrap();

@@ -133,7 +133,11 @@ fn config_diff(
         latest.meta.source,
         latest.meta.actor,
         path.display(),
-        if same_file { "is unchanged (a restart keeps the runtime version)" } else { "changed (a restart makes it a new version)" }
+        if same_file {
+            "is unchanged (a restart keeps the runtime version)"
+        } else {
+            "changed (a restart makes it a new version)"
+        }
     );
     for c in &changes {
         let show = |v: &Option<serde_json::Value>| v.as_ref().map_or("(absent)".to_owned(), |v| v.to_string());

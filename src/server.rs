@@ -447,7 +447,8 @@ async fn shard_main(shared: Arc<Shared>, seed: ShardSeed) {
         admin.set_shard(shard.clone());
         if let Some(seed) = seed.admin {
             let AdminSeed { started, origin, control, mut reload } = *seed;
-            let config = crate::admin_config::ConfigAdmin::new(started, origin, control, shared.provider_endpoints.clone());
+            let config =
+                crate::admin_config::ConfigAdmin::new(started, origin, control, shared.provider_endpoints.clone());
             admin.set_tokens(&shard.cfg());
             admin.set_config(config);
             let admin = admin.clone();

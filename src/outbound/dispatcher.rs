@@ -208,7 +208,8 @@ impl Dispatcher {
             .into_iter()
             .map(|(id, e)| (id.0 as usize, Arc::new(Target { url: e.url, secret: e.secret })))
             .collect();
-        let providers: HashMap<usize, Policy> = update.providers.into_iter().map(|(id, p)| (id.0 as usize, p)).collect();
+        let providers: HashMap<usize, Policy> =
+            update.providers.into_iter().map(|(id, p)| (id.0 as usize, p)).collect();
         for (i, e) in self.endpoints.iter_mut().enumerate() {
             let policy = match &mut e.kind {
                 Kind::Webhook(target) => {

@@ -162,9 +162,8 @@ fn unredact_at(v: &mut Value, cur: Option<&Value>, key: &str, errors: &mut Vec<(
         }
         Value::Array(a) => {
             for (i, item) in a.iter_mut().enumerate() {
-                let same = item_identity(item).and_then(|id| {
-                    cur.and_then(Value::as_array)?.iter().find(|c| item_identity(c) == Some(id))
-                });
+                let same = item_identity(item)
+                    .and_then(|id| cur.and_then(Value::as_array)?.iter().find(|c| item_identity(c) == Some(id)));
                 unredact_at(item, same, &format!("{key}[{i}]"), errors);
             }
         }
@@ -217,11 +216,9 @@ fn diff_at(old: &Value, new: &Value, key: &str, out: &mut Vec<Change>) {
                 let k2 = join(key, k);
                 match (a.get(k), b.get(k)) {
                     (Some(x), Some(y)) => diff_at(x, y, &k2, out),
-                    (x, y) => out.push(Change {
-                        new: y.map(|y| shown(y, &k2)),
-                        old: x.map(|x| shown(x, &k2)),
-                        key: k2,
-                    }),
+                    (x, y) => {
+                        out.push(Change { new: y.map(|y| shown(y, &k2)), old: x.map(|x| shown(x, &k2)), key: k2 })
+                    }
                 }
             }
         }
@@ -235,11 +232,9 @@ fn diff_at(old: &Value, new: &Value, key: &str, out: &mut Vec<Change>) {
                 let find = |list: &Vec<Value>| list.iter().find(|v| id_of(v) == id).cloned();
                 match (find(a), find(b)) {
                     (Some(x), Some(y)) => diff_at(&x, &y, &k2, out),
-                    (x, y) => out.push(Change {
-                        new: y.map(|y| shown(&y, &k2)),
-                        old: x.map(|x| shown(&x, &k2)),
-                        key: k2,
-                    }),
+                    (x, y) => {
+                        out.push(Change { new: y.map(|y| shown(&y, &k2)), old: x.map(|x| shown(&x, &k2)), key: k2 })
+                    }
                 }
             }
         }
@@ -374,7 +369,10 @@ mod tests {
         new["clients"].as_array_mut().unwrap().push(json!({"id": "gamma", "api_key": "gamma-key-0123456789"}));
         let changes = diff(&old, &new);
         let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
-        assert_eq!(keys, ["clients[acme].api_key", "clients[beta]", "clients[gamma]", "tiers.basic.messages_per_minute"]);
+        assert_eq!(
+            keys,
+            ["clients[acme].api_key", "clients[beta]", "clients[gamma]", "tiers.basic.messages_per_minute"]
+        );
         let text = format!("{changes:?}");
         for secret in ["acme-key", "beta-key", "gamma-key", "MfKQ9r8G"] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");

@@ -72,9 +72,8 @@ pub fn read_versions(data_dir: &Path) -> io::Result<Vec<StoredVersion>> {
             continue; // a `.tmp` left by a crash before its rename
         }
         let text = fs::read(&path)?;
-        let v: StoredVersion = serde_json::from_slice(&text).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{} is damaged: {e}", path.display()))
-        })?;
+        let v: StoredVersion = serde_json::from_slice(&text)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{} is damaged: {e}", path.display())))?;
         versions.push(v);
     }
     versions.sort_by_key(|v| v.meta.version);
