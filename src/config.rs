@@ -355,13 +355,18 @@ impl Config {
     /// Parses and validates a merged document; relative `engine.data_dir`
     /// is taken from `path`'s directory. Err lists every error found.
     pub fn from_document(doc: toml::Table, path: &Path) -> Result<Config, Vec<(String, String)>> {
-        let mut cfg: Config = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| {
-            let message = e.message().to_owned();
+        // Through the text, so that a shape error (wrong type, unknown or
+        // missing key) points at its line, which names the key.
+        let text = toml::to_string(&doc).map_err(|e| vec![("(document)".to_owned(), e.to_string())])?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e: toml::de::Error| {
+            let message = e.to_string();
             let key = message
-                .split('`')
-                .nth(1)
-                .filter(|_| message.starts_with("unknown field"))
-                .map_or_else(|| "(document)".to_owned(), |k| k.to_owned());
+                .lines()
+                .find_map(|l| l.split_once(" | ").and_then(|(_, code)| code.split_once(" = ")).map(|(k, _)| k.trim()))
+                .filter(|k| !k.is_empty())
+                .or_else(|| e.message().split('`').nth(1))
+                .unwrap_or("(document)")
+                .to_owned();
             vec![(key, message)]
         })?;
         if cfg.engine.data_dir.is_relative() {
