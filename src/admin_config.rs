@@ -51,6 +51,10 @@ pub struct ConfigAdmin {
     control: RefCell<ControlSender>,
     provider_endpoints: Vec<(esh3ar_shards::Channel, EndpointId)>,
     busy: Cell<bool>,
+    /// False while the version in force is stored but some shard may not
+    /// have taken it (an apply timed out): the next change, even an empty
+    /// one, applies it again.
+    applied: Cell<bool>,
 }
 
 /// An answer: status and JSON body.
@@ -162,6 +166,7 @@ impl ConfigAdmin {
             control: RefCell::new(control),
             provider_endpoints,
             busy: Cell::new(false),
+            applied: Cell::new(true),
         })
     }
 
@@ -198,8 +203,10 @@ impl ConfigAdmin {
             "application/toml" | "text/toml" | "text/x-toml" => {
                 let text = std::str::from_utf8(body)
                     .map_err(|_| (400, error_body("invalid_utf8", "the body is not UTF-8", None)))?;
-                let t: toml::Table = toml::from_str(text)
-                    .map_err(|e| (400, error_body("malformed_toml", &format!("the body is not TOML: {e}"), None)))?;
+                let t: toml::Table = toml::from_str(text).map_err(|e| {
+                    let msg = format!("the body is not TOML: {}", crate::config::toml_error_text(&e, text));
+                    (400, error_body("malformed_toml", &msg, None))
+                })?;
                 serde_json::to_value(t).unwrap_or(Value::Null)
             }
             _ => {
@@ -303,6 +310,9 @@ impl ConfigAdmin {
         let new_json = rc::to_json(&new_cfg);
         let changes = rc::diff(&old_json, &new_json);
         if changes.is_empty() {
+            if !self.applied.get() {
+                return self.reapply(shard, (actor, source), &new_cfg, old_version).await;
+            }
             return (200, json!({"version": old_version, "changed": false, "changes": []}).to_string().into_bytes());
         }
         let mut restart = rc::restart_keys(&changes);
@@ -346,10 +356,12 @@ impl ConfigAdmin {
             return (503, error_body("storage_unavailable", msg, None));
         }
         *self.current.borrow_mut() = Current { version, json: new_json, file_hash };
+        self.applied.set(false);
         if let Err(e) = apply_everywhere(shard, &new_cfg, &table, version).await {
             tracing::error!(error = %e, version, "config: a shard did not take the new version");
             return (503, error_body("shard_timeout", &format!("{e}; the version is stored: retry to apply it"), None));
         }
+        self.applied.set(true);
         let line = audit_line(actor, source, action, "applied", old_version, Some(version), &changes, &[]);
         if let Err(e) = self.store.borrow_mut().audit(&line) {
             tracing::error!(error = %e, "config: cannot write the audit log");
@@ -359,6 +371,29 @@ impl ConfigAdmin {
         tracing::info!(actor, source, version, summary = %rc::summary(&changes), "config: new version applied");
         let changes: Vec<Value> = changes.iter().map(Change::to_json).collect();
         (200, json!({"version": version, "changed": true, "changes": changes}).to_string().into_bytes())
+    }
+
+    /// Applies the stored version in force again on every shard (after an
+    /// apply that timed out), and audits it.
+    async fn reapply(&self, shard: &Rc<Shard>, (actor, source): (&str, &str), cfg: &Config, version: u64) -> Answer {
+        let table = match shard.clients().next(cfg) {
+            Ok(t) => t,
+            Err(keys) => {
+                let msg = format!("version {version} cannot be applied again without a restart ({})", keys.join(", "));
+                return (409, error_body("requires_restart", &msg, None));
+            }
+        };
+        if let Err(e) = apply_everywhere(shard, cfg, &table, version).await {
+            tracing::error!(error = %e, version, "config: a shard did not take the version again");
+            return (503, error_body("shard_timeout", &format!("{e}; the version is stored: retry to apply it"), None));
+        }
+        self.applied.set(true);
+        let line = audit_line(actor, source, "reapply", "applied", version, Some(version), &[], &[]);
+        if let Err(e) = self.store.borrow_mut().audit(&line) {
+            tracing::error!(error = %e, "config: cannot write the audit log");
+        }
+        tracing::info!(actor, source, version, "config: version applied again on every shard");
+        (200, json!({"version": version, "changed": false, "reapplied": true, "changes": []}).to_string().into_bytes())
     }
 
     fn provider_policies(&self, cfg: &Config) -> Vec<(EndpointId, crate::outbound::Policy)> {

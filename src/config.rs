@@ -333,6 +333,33 @@ pub struct Listeners {
     pub admin: SocketAddr,
 }
 
+/// A TOML parse error as `line L, column C: <message>`, without the
+/// offending line the full text quotes (it may hold a secret) and with
+/// quoted strings of the message hidden.
+pub fn toml_error_text(e: &toml::de::Error, text: &str) -> String {
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    format!("{}{}", at.unwrap_or_default(), hide_quoted(e.message()))
+}
+
+/// `invalid type: string "s3cr3t", expected u64` -> `invalid type: string "…", expected u64`.
+fn hide_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        out.push('"');
+        out.push_str(if i % 2 == 0 { "…" } else { part });
+    }
+    out
+}
+
 impl Config {
     /// Reads, parses and validates a config file with the layers the
     /// process names: the overlay of `ESH3AR_ENV`, then `ESH3AR__*` variables.
@@ -359,8 +386,12 @@ impl Config {
         // missing key) points at its line, which names the key.
         let text = toml::to_string(&doc).map_err(|e| vec![("(document)".to_owned(), e.to_string())])?;
         let mut cfg: Config = toml::from_str(&text).map_err(|e: toml::de::Error| {
-            let message = e.to_string();
-            let key = message
+            // The full text quotes the offending line, value and all: it
+            // finds the key, but only the message (its quoted strings
+            // hidden: a secret under a misspelt key) goes out.
+            let full = e.to_string();
+            let message = hide_quoted(e.message());
+            let key = full
                 .lines()
                 .find_map(|l| l.split_once(" | ").and_then(|(_, code)| code.split_once(" = ")).map(|(k, _)| k.trim()))
                 .filter(|k| !k.is_empty())
@@ -780,6 +811,24 @@ tier = "basic"
         assert!(e.to_string().contains("admin.token"), "{e}");
         let e = load(&format!("{GOOD}\n[webhooks]\ntimeout_ms = 0\n")).unwrap_err();
         assert!(e.to_string().contains("webhooks.timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn a_shape_error_names_its_key_but_never_quotes_the_value() {
+        let e = load(&GOOD.replace("[engine]\n", "[engine]\nsegment_bytes = \"whsec_supersecret0123\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("segment_bytes"), "{e}");
+        assert!(!e.contains("supersecret"), "a value quoted in an error: {e}");
+        assert_eq!(
+            hide_quoted(r#"invalid type: string "x", expected u64"#),
+            r#"invalid type: string "…", expected u64"#
+        );
+        let text = "[admin]\ntoken = \"s3cr3t-s3cr3t-s3cr3t\n";
+        let e = toml::from_str::<toml::Table>(text).unwrap_err();
+        let shown = toml_error_text(&e, text);
+        assert!(shown.starts_with("line 2, column"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 
     #[test]

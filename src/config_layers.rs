@@ -50,7 +50,8 @@ pub fn process_overrides() -> Vec<(String, String)> {
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse { path: path.into(), message: crate::config::toml_error_text(&e, &text) })
 }
 
 /// Reads `path`, merges the overlay of `env` (it must exist) and the
