@@ -19,6 +19,10 @@ use crate::shutdown::Shutdown;
 
 /// Most admin connections at once (shard 0).
 const ADMIN_CONNECTIONS_MAX: u64 = 1024;
+/// Largest admin request body: a whole config in a `PUT /v1/config` (a few
+/// hundred clients). 1024 connections at this size bound admin buffers at
+/// 256 MiB; the admin listener must stay private.
+const ADMIN_BODY_BYTES_MAX: usize = 256 * 1024;
 
 impl Limits {
     fn business(cfg: &Config) -> Limits {
@@ -29,7 +33,11 @@ impl Limits {
         }
     }
     fn admin() -> Limits {
-        Limits { body_bytes_max: 1024, request_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(60) }
+        Limits {
+            body_bytes_max: ADMIN_BODY_BYTES_MAX,
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -69,7 +77,7 @@ fn refuse_over_limit(stream: TcpStream) {
 pub async fn accept_business(listener: TcpListener, shard: Rc<Shard>) {
     let max = shard.cfg().engine.connections_per_shard_max as u64;
     let open = Rc::new(Cell::new(0u64));
-    let limits = Limits::business(shard.cfg());
+    let limits = Limits::business(&shard.cfg());
     while let Some(stream) = next(&listener, shard.shutdown()).await {
         if open.get() >= max {
             refuse_over_limit(stream);
@@ -98,8 +106,9 @@ pub async fn serve_admin(listener: TcpListener, shutdown: Rc<Shutdown>, state: R
         }
         let Some(guard) = ConnGuard::new(open.clone(), None) else { continue };
         let (never, state) = (never.clone(), state.clone());
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "unknown".into());
         glommio::spawn_local(async move {
-            serve(stream, Limits::admin(), &mut AdminConn::new(state), &never, None).await;
+            serve(stream, Limits::admin(), &mut AdminConn::new(state, peer), &never, None).await;
             drop(guard);
         })
         .detach();

@@ -31,7 +31,10 @@ pub const DEAD_LETTERS_LIMIT_MAX: usize = 1000;
 /// What every admin connection shares.
 pub struct AdminState {
     ready: Arc<AtomicBool>,
-    token: Vec<u8>,
+    /// (actor name, token): `admin` for `admin.token`, then `[[admin.tokens]]`.
+    tokens: RefCell<Vec<(String, Vec<u8>)>>,
+    /// Runtime configuration (set once the store is open).
+    config: RefCell<Option<Rc<crate::admin_config::ConfigAdmin>>>,
     /// Shard 0, once its journal is recovered.
     shard: RefCell<Option<Rc<Shard>>>,
     outbound: Option<Arc<OutboundStatus>>,
@@ -39,7 +42,35 @@ pub struct AdminState {
 
 impl AdminState {
     pub fn new(ready: Arc<AtomicBool>, token: &str, outbound: Option<Arc<OutboundStatus>>) -> Rc<AdminState> {
-        Rc::new(AdminState { ready, token: token.as_bytes().to_vec(), shard: RefCell::new(None), outbound })
+        Rc::new(AdminState {
+            ready,
+            tokens: RefCell::new(vec![("admin".to_owned(), token.as_bytes().to_vec())]),
+            config: RefCell::new(None),
+            shard: RefCell::new(None),
+            outbound,
+        })
+    }
+
+    /// The admin tokens of `cfg` (at startup and after each change).
+    pub fn set_tokens(&self, cfg: &crate::config::Config) {
+        let mut tokens = vec![("admin".to_owned(), cfg.admin.token.as_bytes().to_vec())];
+        tokens.extend(cfg.admin.tokens.iter().map(|t| (t.name.clone(), t.token.as_bytes().to_vec())));
+        *self.tokens.borrow_mut() = tokens;
+    }
+
+    /// Enables the runtime configuration endpoints.
+    pub fn set_config(&self, config: Rc<crate::admin_config::ConfigAdmin>) {
+        *self.config.borrow_mut() = Some(config);
+    }
+
+    /// Re-reads the config file (SIGHUP), once the shard is up.
+    pub async fn reload(&self) {
+        let (Some(config), Some(shard)) = (self.config.borrow().clone(), self.shard.borrow().clone()) else {
+            tracing::warn!("SIGHUP before the engine was ready: ignored");
+            return;
+        };
+        config.reload(&shard).await;
+        self.set_tokens(&shard.cfg());
     }
 
     /// Makes the shard's state reachable (after recovery).
@@ -47,26 +78,37 @@ impl AdminState {
         *self.shard.borrow_mut() = Some(shard);
     }
 
-    fn authorized(&self, header: Option<&[u8]>) -> bool {
-        let Some(h) = header else { return false };
-        let Some((scheme, key)) = h.split_at_checked(7) else { return false };
+    /// The actor name of the bearer token in `header`, if it is one of
+    /// the admin tokens (each compared in constant time).
+    fn authorized(&self, header: Option<&[u8]>) -> Option<String> {
+        let (scheme, key) = header?.split_at_checked(7)?;
         let key = key.trim_ascii();
-        scheme.eq_ignore_ascii_case(b"bearer ")
-            && key.len() == self.token.len()
-            && bool::from(key.ct_eq(self.token.as_slice()))
+        if !scheme.eq_ignore_ascii_case(b"bearer ") {
+            return None;
+        }
+        let tokens = self.tokens.borrow();
+        let mut found = None;
+        for (name, token) in tokens.iter() {
+            if key.len() == token.len() && bool::from(key.ct_eq(token.as_slice())) {
+                found = Some(name.clone());
+            }
+        }
+        found
     }
 }
 
 /// Per-connection state of the admin listener.
 pub struct AdminConn {
     state: Rc<AdminState>,
+    /// The peer's address, for the audit log.
+    peer: String,
     /// The answer was the head of `/events`: stream frames after it.
     events: Option<Rc<Shard>>,
 }
 
 impl AdminConn {
-    pub fn new(state: Rc<AdminState>) -> AdminConn {
-        AdminConn { state, events: None }
+    pub fn new(state: Rc<AdminState>, peer: String) -> AdminConn {
+        AdminConn { state, peer, events: None }
     }
 }
 
@@ -134,9 +176,14 @@ impl Handler for AdminConn {
             }
             _ => {}
         }
-        if !self.state.authorized(req.header(&req.head.authorization)) {
+        let Some(actor) = self.state.authorized(req.header(&req.head.authorization)) else {
             let msg = "admin endpoints need Authorization: Bearer <admin.token>";
             write_error(out, 401, "unauthorized", msg, "www-authenticate: Bearer\r\n", keep);
+            return true;
+        };
+        if path == b"/v1/config" || path.starts_with(b"/v1/config/") {
+            let (status, body) = self.config_route(&req, &path, method, &actor).await;
+            write_response(out, status, "", &body, keep);
             return true;
         }
         let result = self.route(&req, &path, method).await;
@@ -165,11 +212,50 @@ impl AdminConn {
         let shards = crate::metrics::gather(&shard).await.ok_or(timeout)?;
         let scrape = crate::metrics_text::Scrape {
             shards: &shards,
-            clients: shard.clients(),
+            clients: &shard.clients(),
             outbound: self.state.outbound.as_deref(),
             process: crate::metrics::ProcessStats::read(&shard.cfg().engine.data_dir),
         };
         Ok(crate::metrics_text::render(&scrape))
+    }
+
+    /// `/v1/config`, `/v1/config/versions`, `/v1/config/rollback`.
+    async fn config_route(&self, req: &Request<'_>, path: &[u8], method: Method, actor: &str) -> (u16, Vec<u8>) {
+        let err = |status: u16, code: &str, message: &str| {
+            let body = serde_json::json!({"error": {"code": code, "message": message}});
+            (status, body.to_string().into_bytes())
+        };
+        let (Some(config), Some(shard)) = (self.state.config.borrow().clone(), self.state.shard.borrow().clone())
+        else {
+            return err(503, "starting", "the engine is still starting");
+        };
+        let content_type = req.header(&req.head.content_type).unwrap_or(b"");
+        let source = |what: &str| format!("{what} from {}", self.peer);
+        let answer = match (path, method) {
+            (b"/v1/config", Method::Get) => return config.get(),
+            (b"/v1/config/versions", Method::Get) => return config.versions(),
+            (b"/v1/config", Method::Put) => match config.put_candidate(content_type, req.body) {
+                Ok(doc) => config.change(&shard, (actor, &source("PUT /v1/config")), "put", Ok(doc), None).await,
+                Err(answer) => answer,
+            },
+            (b"/v1/config", Method::Patch) => match config.patch_candidate(content_type, req.body) {
+                Ok(doc) => config.change(&shard, (actor, &source("PATCH /v1/config")), "patch", Ok(doc), None).await,
+                Err(answer) => answer,
+            },
+            (b"/v1/config/rollback", Method::Post) => match config.rollback_candidate(req.body) {
+                Ok((v, doc)) => {
+                    let src = source(&format!("POST /v1/config/rollback to version {v}"));
+                    config.change(&shard, (actor, &src), "rollback", Ok(doc), None).await
+                }
+                Err(answer) => answer,
+            },
+            (b"/v1/config", _) => return err(405, "method_not_allowed", "use GET, PUT or PATCH"),
+            (b"/v1/config/versions", _) => return err(405, "method_not_allowed", "use GET"),
+            (b"/v1/config/rollback", _) => return err(405, "method_not_allowed", "use POST"),
+            _ => return err(404, "not_found", "no such endpoint"),
+        };
+        self.state.set_tokens(&shard.cfg());
+        answer
     }
 
     async fn route(

@@ -10,7 +10,7 @@ use esh3ar_shards::limits::{
     MESH_CHANNEL_CAPACITY_MAX, MESH_CHANNEL_CAPACITY_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WS_MESSAGE_BYTES_MAX,
     WS_MESSAGE_BYTES_MIN,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default request body limit.
 pub const MAX_BODY_BYTES_DEFAULT: usize = 64 * 1024;
@@ -26,7 +26,7 @@ pub const BUDGET_REQUESTS_AT_BODY_MAX_MIN: usize = 4;
 pub const MESH_REPLY_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub engine: EngineConfig,
@@ -57,7 +57,7 @@ pub const EVENTS_RETENTION_SECONDS_MIN: u64 = 60;
 pub const EVENTS_RETENTION_SECONDS_MAX: u64 = 366 * 86_400;
 
 /// `[events]`: the event feed's retention.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsConfig {
     /// Events stay readable at least this long (default 7 days).
@@ -77,7 +77,7 @@ fn default_events_retention_seconds() -> u64 {
 
 /// `[validation]`: checks made on the home shard after acceptance; a
 /// message that fails one becomes `rejected` (docs/API.md).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidationConfig {
     /// Reject (`unknown_recipient`) messages to users not in the directory.
@@ -85,7 +85,7 @@ pub struct ValidationConfig {
     pub known_recipients_only: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     /// Number of shards (one per core); 0 = one per online CPU.
@@ -118,7 +118,7 @@ pub struct EngineConfig {
     pub mesh_reply_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BusinessConfig {
     pub listen: String,
@@ -141,7 +141,7 @@ pub struct BusinessConfig {
     pub idempotency_window_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MobileConfig {
     pub listen: String,
@@ -174,16 +174,30 @@ pub struct MobileConfig {
     pub hub_client_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: String,
     /// Bearer token of every admin endpoint but `/healthz`, `/readyz` and
     /// `/metrics` (at least 16 characters). Its actor name is `admin`.
     pub token: String,
+    /// More admin tokens, each with the name the audit log records as the
+    /// actor of the changes made with it (`[[admin.tokens]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<AdminToken>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A named admin token (`[[admin.tokens]] name = "ops-alice", token = "..."`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    /// The actor name in the audit log: 1 to 64 of `A-Z a-z 0-9 - _ .`, not `admin` nor `file`.
+    pub name: String,
+    /// At least 16 characters, distinct from every other admin token.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierConfig {
     pub messages_per_minute: u64,
@@ -193,7 +207,7 @@ pub struct TierConfig {
     pub shed_offset_percent: u8,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     pub id: String,
@@ -286,13 +300,29 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("invalid config {path}: `{key}` {message}")]
-    Invalid { path: PathBuf, key: String, message: String },
+    #[error("invalid config {path}: {}", list_errors(errors))]
+    Invalid { path: PathBuf, errors: Vec<(String, String)> },
+}
+
+/// "`key` message; `key` message".
+pub fn list_errors(errors: &[(String, String)]) -> String {
+    errors.iter().map(|(k, m)| format!("`{k}` {m}")).collect::<Vec<_>>().join("; ")
 }
 
 /// A refusal of `key`, for `Config::validate`.
 fn bad(key: &str, message: String) -> Result<(), (String, String)> {
     Err((key.to_owned(), message))
+}
+
+/// Checks one `[tiers.<name>]` table.
+fn validate_tier(name: &str, tier: &TierConfig) -> Result<(), (String, String)> {
+    if tier.messages_per_minute == 0 || tier.messages_per_minute > u32::MAX as u64 {
+        return bad(&format!("tiers.{name}.messages_per_minute"), "must be between 1 and 4294967295".into());
+    }
+    if tier.shed_offset_percent > 10 {
+        return bad(&format!("tiers.{name}.shed_offset_percent"), "must be between 0 and 10".into());
+    }
+    Ok(())
 }
 
 /// Addresses after parsing.
@@ -303,30 +333,161 @@ pub struct Listeners {
     pub admin: SocketAddr,
 }
 
+/// A TOML parse error as `line L, column C: <message>`, without the
+/// offending line the full text quotes (it may hold a secret) and with
+/// quoted strings of the message hidden.
+pub fn toml_error_text(e: &toml::de::Error, text: &str) -> String {
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    format!("{}{}", at.unwrap_or_default(), hide_quoted(e.message()))
+}
+
+/// `invalid type: string "s3cr3t", expected u64` -> `invalid type: string "…", expected u64`.
+fn hide_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        out.push('"');
+        out.push_str(if i % 2 == 0 { "…" } else { part });
+    }
+    out
+}
+
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file with the layers the
+    /// process names: the overlay of `ESH3AR_ENV`, then `ESH3AR__*` variables.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let mut cfg: Config =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        Self::load_layered(path, crate::config_layers::env_name(None).as_deref()).map(|(cfg, _)| cfg)
+    }
+
+    /// Reads `path`, the overlay of `env` and the process's `ESH3AR__*`
+    /// variables; parses and validates the result.
+    pub fn load_layered(
+        path: &Path,
+        env: Option<&str>,
+    ) -> Result<(Config, crate::config_layers::Layered), ConfigError> {
+        let layered = crate::config_layers::read(path, env, &crate::config_layers::process_overrides())?;
+        let cfg = Self::from_document(layered.doc.clone(), path)
+            .map_err(|errors| ConfigError::Invalid { path: path.into(), errors })?;
+        Ok((cfg, layered))
+    }
+
+    /// Parses and validates a merged document; relative `engine.data_dir`
+    /// is taken from `path`'s directory. Err lists every error found.
+    pub fn from_document(doc: toml::Table, path: &Path) -> Result<Config, Vec<(String, String)>> {
+        // Through the text, so that a shape error (wrong type, unknown or
+        // missing key) points at its line, which names the key.
+        let text = toml::to_string(&doc).map_err(|e| vec![("(document)".to_owned(), e.to_string())])?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e: toml::de::Error| {
+            // The full text quotes the offending line, value and all: it
+            // finds the key, but only the message (its quoted strings
+            // hidden: a secret under a misspelt key) goes out.
+            let full = e.to_string();
+            let message = hide_quoted(e.message());
+            let key = full
+                .lines()
+                .find_map(|l| l.split_once(" | ").and_then(|(_, code)| code.split_once(" = ")).map(|(k, _)| k.trim()))
+                .filter(|k| !k.is_empty())
+                .or_else(|| e.message().split('`').nth(1))
+                .unwrap_or("(document)")
+                .to_owned();
+            vec![(key, message)]
+        })?;
         if cfg.engine.data_dir.is_relative() {
             if let Some(base) = path.parent().filter(|p| !p.as_os_str().is_empty() && *p != Path::new(".")) {
                 cfg.engine.data_dir = base.join(&cfg.engine.data_dir);
             }
         }
-        cfg.validate().map_err(|(key, message)| ConfigError::Invalid { path: path.into(), key, message })?;
-        Ok(cfg)
+        let errors = cfg.validate_all();
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
     }
 
-    /// Checks every key; Err names the first bad one.
-    fn validate(&self) -> Result<(), (String, String)> {
-        self.validate_engine()?;
-        self.validate_business()?;
-        self.validate_memory_for_bodies()?;
-        self.validate_mobile()?;
-        self.validate_tiers()?;
-        self.providers.validate()?;
-        self.validate_clients()
+    /// Checks every key and returns every error found, each naming its key
+    /// (empty: valid). Every tier, client, provider and listener is checked;
+    /// within one section (`engine`, `business`, `mobile`, `webhooks`) the
+    /// checks stop at that section's first error.
+    pub fn validate_all(&self) -> Vec<(String, String)> {
+        fn push(errors: &mut Vec<(String, String)>, r: Result<(), (String, String)>) {
+            if let Err(e) = r {
+                errors.push(e);
+            }
+        }
+        let mut errors = Vec::new();
+        for (key, addr) in [
+            ("business.listen", &self.business.listen),
+            ("mobile.listen", &self.mobile.listen),
+            ("admin.listen", &self.admin.listen),
+        ] {
+            if addr.parse::<SocketAddr>().is_err() {
+                push(&mut errors, bad(key, format!("is {addr:?}, expected an address like 127.0.0.1:8080")));
+            }
+        }
+        push(&mut errors, self.validate_engine());
+        push(&mut errors, self.validate_business());
+        if errors.is_empty() {
+            // Only meaningful once the sizes it relates are each valid.
+            push(&mut errors, self.validate_memory_for_bodies());
+        }
+        push(&mut errors, self.validate_mobile());
+        push(&mut errors, self.validate_admin());
+        push(&mut errors, self.webhooks.validate());
+        if !(EVENTS_RETENTION_SECONDS_MIN..=EVENTS_RETENTION_SECONDS_MAX).contains(&self.events.retention_seconds) {
+            push(
+                &mut errors,
+                bad(
+                    "events.retention_seconds",
+                    format!("must be between {EVENTS_RETENTION_SECONDS_MIN} and {EVENTS_RETENTION_SECONDS_MAX}"),
+                ),
+            );
+        }
+        for (name, tier) in &self.tiers {
+            push(&mut errors, validate_tier(name, tier));
+        }
+        push(&mut errors, self.providers.validate());
+        let mut ids = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            push(&mut errors, self.validate_client(i, c, &mut ids, &mut keys));
+        }
+        errors
+    }
+
+    fn validate_admin(&self) -> Result<(), (String, String)> {
+        if self.admin.token.chars().count() < 16 {
+            return bad("admin.token", "must be at least 16 characters".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut tokens = std::collections::HashSet::from([self.admin.token.as_str()]);
+        for (i, t) in self.admin.tokens.iter().enumerate() {
+            let key = |f: &str| format!("admin.tokens[{i}].{f}");
+            let name_ok = !t.name.is_empty()
+                && t.name.len() <= 64
+                && t.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !name_ok || t.name == "admin" || t.name == "file" {
+                return bad(&key("name"), "must be 1-64 characters of A-Z a-z 0-9 - _ . (not admin or file)".into());
+            }
+            if !names.insert(t.name.as_str()) {
+                return bad(&key("name"), format!("{:?} is used twice", t.name));
+            }
+            if t.token.chars().count() < 16 {
+                return bad(&key("token"), "must be at least 16 characters".into());
+            }
+            if !tokens.insert(t.token.as_str()) {
+                return bad(&key("token"), "is the same as another admin token".into());
+            }
+        }
+        Ok(())
     }
 
     fn validate_engine(&self) -> Result<(), (String, String)> {
@@ -358,15 +519,6 @@ impl Config {
     }
 
     fn validate_business(&self) -> Result<(), (String, String)> {
-        for (key, addr) in [
-            ("business.listen", &self.business.listen),
-            ("mobile.listen", &self.mobile.listen),
-            ("admin.listen", &self.admin.listen),
-        ] {
-            if addr.parse::<SocketAddr>().is_err() {
-                return bad(key, format!("is {addr:?}, expected an address like 127.0.0.1:8080"));
-            }
-        }
         if !(BODY_BYTES_MIN..=BODY_BYTES_MAX).contains(&self.business.max_body_bytes) {
             return bad("business.max_body_bytes", format!("must be between {BODY_BYTES_MIN} and {BODY_BYTES_MAX}"));
         }
@@ -437,28 +589,6 @@ impl Config {
         if self.mobile.token_secret.len() < 32 {
             return bad("mobile.token_secret", "must be at least 32 bytes".into());
         }
-        if self.admin.token.chars().count() < 16 {
-            return bad("admin.token", "must be at least 16 characters".into());
-        }
-        self.webhooks.validate()?;
-        if !(EVENTS_RETENTION_SECONDS_MIN..=EVENTS_RETENTION_SECONDS_MAX).contains(&self.events.retention_seconds) {
-            return bad(
-                "events.retention_seconds",
-                format!("must be between {EVENTS_RETENTION_SECONDS_MIN} and {EVENTS_RETENTION_SECONDS_MAX}"),
-            );
-        }
-        Ok(())
-    }
-
-    fn validate_tiers(&self) -> Result<(), (String, String)> {
-        for (name, tier) in &self.tiers {
-            if tier.messages_per_minute == 0 || tier.messages_per_minute > u32::MAX as u64 {
-                return bad(&format!("tiers.{name}.messages_per_minute"), "must be between 1 and 4294967295".into());
-            }
-            if tier.shed_offset_percent > 10 {
-                return bad(&format!("tiers.{name}.shed_offset_percent"), "must be between 0 and 10".into());
-            }
-        }
         Ok(())
     }
 
@@ -487,10 +617,14 @@ impl Config {
         }
     }
 
-    fn validate_clients(&self) -> Result<(), (String, String)> {
-        let mut ids = std::collections::HashSet::new();
-        let mut keys = std::collections::HashSet::new();
-        for (i, c) in self.clients.iter().enumerate() {
+    fn validate_client<'a>(
+        &self,
+        i: usize,
+        c: &'a ClientConfig,
+        ids: &mut std::collections::HashSet<&'a str>,
+        keys: &mut std::collections::HashSet<&'a str>,
+    ) -> Result<(), (String, String)> {
+        {
             let key = |f: &str| format!("clients[{i}].{f}");
             if c.id.is_empty()
                 || c.id.len() > CLIENT_ID_BYTES_MAX
@@ -498,13 +632,13 @@ impl Config {
             {
                 return bad(&key("id"), format!("must be 1-{CLIENT_ID_BYTES_MAX} characters of A-Z a-z 0-9 - _ ."));
             }
-            if !ids.insert(&c.id) {
+            if !ids.insert(c.id.as_str()) {
                 return bad(&key("id"), format!("{:?} is used twice", c.id));
             }
             if c.api_key.len() < 16 {
                 return bad(&key("api_key"), "must be at least 16 characters".into());
             }
-            if !keys.insert(&c.api_key) {
+            if !keys.insert(c.api_key.as_str()) {
                 return bad(&key("api_key"), "is shared with another client".into());
             }
             if !self.tiers.contains_key(&c.tier) {
@@ -677,6 +811,24 @@ tier = "basic"
         assert!(e.to_string().contains("admin.token"), "{e}");
         let e = load(&format!("{GOOD}\n[webhooks]\ntimeout_ms = 0\n")).unwrap_err();
         assert!(e.to_string().contains("webhooks.timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn a_shape_error_names_its_key_but_never_quotes_the_value() {
+        let e = load(&GOOD.replace("[engine]\n", "[engine]\nsegment_bytes = \"whsec_supersecret0123\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("segment_bytes"), "{e}");
+        assert!(!e.contains("supersecret"), "a value quoted in an error: {e}");
+        assert_eq!(
+            hide_quoted(r#"invalid type: string "x", expected u64"#),
+            r#"invalid type: string "…", expected u64"#
+        );
+        let text = "[admin]\ntoken = \"s3cr3t-s3cr3t-s3cr3t\n";
+        let e = toml::from_str::<toml::Table>(text).unwrap_err();
+        let shown = toml_error_text(&e, text);
+        assert!(shown.starts_with("line 2, column"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 
     #[test]

@@ -52,7 +52,12 @@ pub fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
             let result = Ok(shard.user_view_local(&user).map(Box::new));
             shard.reply(from, MeshMsg::UserFound { req, result });
         }
-        MeshMsg::UserFound { req, .. } => shard.replies().complete(req, msg),
+        MeshMsg::UserFound { req, .. } | MeshMsg::ConfigApplied { req, .. } => shard.replies().complete(req, msg),
+        MeshMsg::ConfigApply { from, req, update } => {
+            let version = update.version();
+            shard.install_config(*update);
+            shard.reply(from, MeshMsg::ConfigApplied { req, version });
+        }
         MeshMsg::IdemBegin(r) => {
             let begin = crate::idempotency::begin_local(shard, r.client, &r.key, r.body_sha256);
             shard.reply(r.from, MeshMsg::IdemBegun { req: r.req, begin: Box::new(begin) });

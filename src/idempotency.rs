@@ -47,7 +47,8 @@ pub fn begin_local(shard: &Shard, client: u32, key: &str, body_sha256: [u8; 32])
     let now = now_ms();
     {
         let index = shard.index().borrow();
-        let id = shard.clients().id(client);
+        let clients = shard.clients();
+        let id = clients.id(client);
         if let Some(e) = index.idempotency().get(id, key).filter(|e| e.at_ms + window_ms > now) {
             return if e.body_sha256 == body_sha256 {
                 Begin::Replay { status: e.status, body: e.response.to_vec() }
@@ -77,8 +78,9 @@ pub async fn finish_local(
     response: &[u8],
 ) -> Result<(), AppendRefusal> {
     let appended = {
+        let clients = shard.clients();
         let record = Record::Idempotency(IdempotencyRecord {
-            client: shard.clients().id(client),
+            client: clients.id(client),
             key,
             body_sha256,
             at_ms: now_ms(),

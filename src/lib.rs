@@ -6,10 +6,12 @@
 
 pub mod accept;
 pub mod admin;
+pub mod admin_config;
 pub mod business;
 pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod config_layers;
 pub mod dashboard;
 pub mod delivery;
 pub mod dispatch;
@@ -26,6 +28,7 @@ pub mod notify;
 pub mod outbound;
 pub mod pressure;
 pub mod receipts;
+pub mod runtime_config;
 pub mod server;
 pub mod shard;
 pub mod shutdown;

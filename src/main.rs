@@ -20,6 +20,9 @@ enum Command {
     Serve {
         #[arg(long, default_value = "engine.toml")]
         config: PathBuf,
+        /// Merge `<config stem>.<ENV>.toml` over the config (default: $ESH3AR_ENV).
+        #[arg(long)]
+        env: Option<String>,
     },
     /// Configuration commands.
     Config {
@@ -46,10 +49,22 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validate a config file and print a summary.
+    /// Validate a config (with its environment's layers) and print every
+    /// effective value, secrets redacted, with its source.
     Check {
         #[arg(long, default_value = "engine.toml")]
         config: PathBuf,
+        /// Merge `<config stem>.<ENV>.toml` over the config (default: $ESH3AR_ENV).
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// Show how the runtime configuration (the latest version in the data
+    /// dir) differs from the file's.
+    Diff {
+        #[arg(long, default_value = "engine.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        env: Option<String>,
     },
 }
 
@@ -83,6 +98,59 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+fn load_layered(
+    path: &std::path::Path,
+    env: Option<&str>,
+) -> Result<(Config, esh3ar::config_layers::Layered), ExitCode> {
+    Config::load_layered(path, env).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// `esh3ar config diff`: exit 0 when the runtime state equals the file, 1
+/// when they differ (each key printed), 2 on errors.
+fn config_diff(
+    path: &std::path::Path,
+    cfg: &Config,
+    layered: &esh3ar::config_layers::Layered,
+) -> Result<ExitCode, ExitCode> {
+    use esh3ar::runtime_config as rc;
+    let versions = rc::store::read_versions(&cfg.engine.data_dir).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })?;
+    let Some(latest) = versions.last() else {
+        println!("no runtime versions in {}: the file will be version 1", cfg.engine.data_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let file_doc = rc::to_json(cfg);
+    let changes = rc::diff(&latest.config, &file_doc);
+    let same_file = latest.meta.file_hash == layered.hash;
+    println!(
+        "runtime version {} ({} by {}); {} {} since it was made",
+        latest.meta.version,
+        latest.meta.source,
+        latest.meta.actor,
+        path.display(),
+        if same_file {
+            "is unchanged (a restart keeps the runtime version)"
+        } else {
+            "changed (a restart makes it a new version)"
+        }
+    );
+    for c in &changes {
+        let show = |v: &Option<serde_json::Value>| v.as_ref().map_or("(absent)".to_owned(), |v| v.to_string());
+        println!("{}: runtime {} file {}", c.key, show(&c.old), show(&c.new));
+    }
+    if changes.is_empty() {
+        println!("no differences");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -92,18 +160,26 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.command {
-        Command::Serve { config } => {
+        Command::Serve { config, env } => {
             // Exit 1 whenever the engine cannot start, a bad config included.
-            let cfg = load(&config).map_err(|_| ExitCode::from(1))?;
+            let env = esh3ar::config_layers::env_name(env);
+            let (cfg, layered) = load_layered(&config, env.as_deref()).map_err(|_| ExitCode::from(1))?;
             init_logging();
-            if let Err(e) = esh3ar::server::run(cfg) {
+            let origin = esh3ar::admin_config::ConfigOrigin { path: config, env };
+            if let Err(e) = esh3ar::server::run(cfg, &layered, origin) {
                 eprintln!("error: {e:#}");
                 return Err(ExitCode::from(1));
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config { command: ConfigCommand::Check { config } } => {
-            let cfg = load(&config)?;
+        Command::Config { command: ConfigCommand::Diff { config, env } } => {
+            let env = esh3ar::config_layers::env_name(env);
+            let (cfg, layered) = load_layered(&config, env.as_deref())?;
+            config_diff(&config, &cfg, &layered)
+        }
+        Command::Config { command: ConfigCommand::Check { config, env } } => {
+            let env = esh3ar::config_layers::env_name(env);
+            let (cfg, layered) = load_layered(&config, env.as_deref())?;
             println!(
                 "config OK: {} shards, data_dir {}, business {}, mobile {}, admin {}, {} tiers, {} clients",
                 cfg.shard_count(),
@@ -114,6 +190,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 cfg.tiers.len(),
                 cfg.clients.len()
             );
+            let mut doc = esh3ar::runtime_config::to_json(&cfg);
+            esh3ar::runtime_config::redact(&mut doc);
+            for (key, value) in esh3ar::runtime_config::flatten(&doc) {
+                let source = esh3ar::config_layers::source_of(&layered.sources, &key);
+                println!("{key} = {value}  # {source}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Journal { command: JournalCommand::Verify { config } } => {

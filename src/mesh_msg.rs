@@ -137,12 +137,35 @@ pub enum MeshMsg {
     /// Read at most `limit` events of `client`'s feed on the receiver,
     /// after `after`.
     FeedRead { from: u16, req: u64, client: u32, after: FeedPos, limit: u32 },
+    /// Install one phase of a runtime config change (`Shard::install_config`).
+    ConfigApply { from: u16, req: u64, update: Box<ConfigUpdate> },
+    /// Answer to `ConfigApply`: installed.
+    ConfigApplied { req: u64, version: u64 },
     /// Answer to `FeedRead` (Err: the feed could not be read; logged there).
     FeedPageRead { req: u64, page: Result<Box<FeedPage>, ()> },
     /// Send this shard's metrics (a scrape of `/metrics` on shard 0).
     MetricsGet { from: u16, req: u64 },
     /// Answer to `MetricsGet`. Boxed: a snapshot is a few KiB.
     Metrics { req: u64, snapshot: Box<crate::metrics::ShardSnapshot> },
+}
+
+/// One phase of a runtime config change, for one shard (its own copy).
+#[derive(Debug)]
+pub enum ConfigUpdate {
+    /// Take the new config and clients; keep authenticating with the
+    /// current keys until `Commit`.
+    Prepare { version: u64, cfg: Box<crate::config::Config>, clients: Box<crate::clients::ClientTable> },
+    /// Every shard prepared: authenticate with the new keys.
+    Commit { version: u64 },
+}
+
+impl ConfigUpdate {
+    /// The version this phase belongs to.
+    pub fn version(&self) -> u64 {
+        match self {
+            ConfigUpdate::Prepare { version, .. } | ConfigUpdate::Commit { version } => *version,
+        }
+    }
 }
 
 /// One shard's page of a client's event feed.

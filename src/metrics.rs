@@ -11,7 +11,7 @@
 //! scrape costs the same whatever the traffic, and no label ever holds a
 //! user or message id. The text is written by [`crate::metrics_text`].
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use esh3ar_shards::histogram::{Histogram, HistogramSnapshot, LATENCY_BOUNDS_SECONDS};
@@ -66,8 +66,9 @@ pub struct ShardMetrics {
     ack: Histogram,
     messages: [Cell<u64>; STATUSES.len()],
     shed: [Cell<u64>; PRIORITIES.len()],
-    /// Per configured client (by index in the `ClientTable`).
-    rate_limited: Box<[Cell<u64>]>,
+    /// Per client, by its index in the `ClientTable` (stable across runtime
+    /// config versions; grows when a client is added).
+    rate_limited: RefCell<Vec<u64>>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -84,7 +85,7 @@ impl ShardMetrics {
             ack: Histogram::new(LATENCY_BOUNDS_SECONDS),
             messages: Default::default(),
             shed: Default::default(),
-            rate_limited: (0..clients).map(|_| Cell::new(0)).collect(),
+            rate_limited: RefCell::new(vec![0; clients]),
         }
     }
 
@@ -123,11 +124,15 @@ impl ShardMetrics {
         bump(&self.shed[priority as usize], 1);
     }
 
-    /// A request of client `client` refused with `429`.
+    /// A request of client `client` refused with `429`. A client added at
+    /// runtime grows the table (bounded by the configured clients).
     pub fn rate_limited(&self, client: u32) {
-        if let Some(c) = self.rate_limited.get(client as usize) {
-            bump(c, 1);
+        let mut counts = self.rate_limited.borrow_mut();
+        let i = client as usize;
+        if counts.len() <= i {
+            counts.resize(i + 1, 0);
         }
+        counts[i] += 1;
     }
 }
 
@@ -173,6 +178,8 @@ pub struct ShardSnapshot {
     pub business_connections: u64,
     pub memory_used_ratio: f64,
     pub dead_letters: u64,
+    /// The runtime config version this shard has installed.
+    pub config_version: u64,
 }
 
 /// This shard's snapshot (gauges read now).
@@ -192,7 +199,7 @@ pub fn snapshot_local(shard: &Shard) -> ShardSnapshot {
         ack: m.ack.snapshot(),
         messages: get(&m.messages),
         shed: get(&m.shed),
-        rate_limited: get(&m.rate_limited),
+        rate_limited: m.rate_limited.borrow().clone(),
         fsync: journal.fsync_seconds.snapshot(),
         commit_records: journal.commit_records.snapshot(),
         journal_bytes: journal.bytes_written.get(),
@@ -201,6 +208,7 @@ pub fn snapshot_local(shard: &Shard) -> ShardSnapshot {
         business_connections: shard.stats().connections.get(),
         memory_used_ratio: shard.pressure_percent() as f64 / 100.0,
         dead_letters,
+        config_version: shard.config_version(),
     }
 }
 
@@ -292,7 +300,8 @@ mod tests {
         m.http_answer(HttpRoute::Other, 418);
         m.http_answer(HttpRoute::Send, 202);
         assert_eq!(m.http.iter().map(Cell::get).sum::<u64>(), 2);
-        m.rate_limited(7); // not a configured client: ignored, never a panic
+        m.rate_limited(7); // a client added at runtime: the table grows
+        assert_eq!(m.rate_limited.borrow().as_slice(), &[0, 0, 0, 0, 0, 0, 0, 1]);
     }
 
     #[test]

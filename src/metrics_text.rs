@@ -11,9 +11,6 @@ use crate::clients::ClientTable;
 use crate::metrics::{code_label, ProcessStats, ShardSnapshot, CODES, PRIORITIES, ROUTES, STATUSES};
 use crate::outbound::{AttemptResult, OutboundStatus};
 
-/// `esh3ar_config_version`: 1 until runtime configuration exists.
-pub const CONFIG_VERSION: u64 = 1;
-
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -139,8 +136,10 @@ pub fn render(s: &Scrape<'_>) -> String {
     );
     let _ = writeln!(out, "esh3ar_dead_letters {}", sum(&|x| x.dead_letters));
     outbound(&mut out, s.outbound);
-    header(&mut out, "esh3ar_config_version", "gauge", "Version of the configuration in effect.");
-    let _ = writeln!(out, "esh3ar_config_version {CONFIG_VERSION}");
+    // During a change's two phases shards may differ: the version every shard has.
+    let version = s.shards.iter().map(|x| x.config_version).min().unwrap_or(0);
+    header(&mut out, "esh3ar_config_version", "gauge", "Runtime config version installed on every shard.");
+    let _ = writeln!(out, "esh3ar_config_version {version}");
     process(&mut out, &s.process);
     out
 }

@@ -45,19 +45,25 @@ pub fn threshold_percent(priority: Priority, tier_offset_percent: u8) -> u64 {
 
 /// One shard's gauge. `used` parts are reported by their owners.
 pub struct Pressure {
-    budget_bytes: usize,
+    /// Changes with `engine.memory_limit_bytes` at runtime (`set_budget`).
+    budget_bytes: Cell<usize>,
     inflight_bytes: Cell<usize>,
     room: Notify,
 }
 
 impl Pressure {
     pub fn new(budget_bytes: usize) -> Self {
-        Self { budget_bytes: budget_bytes.max(1), inflight_bytes: Cell::new(0), room: Notify::default() }
+        Self { budget_bytes: Cell::new(budget_bytes.max(1)), inflight_bytes: Cell::new(0), room: Notify::default() }
     }
 
     /// The budget in bytes.
     pub fn budget(&self) -> usize {
-        self.budget_bytes
+        self.budget_bytes.get()
+    }
+
+    /// A new budget (runtime config change); takes effect at the next check.
+    pub fn set_budget(&self, budget_bytes: usize) {
+        self.budget_bytes.set(budget_bytes.max(1));
     }
 
     /// Request bytes in flight on this shard's connections.
@@ -74,7 +80,7 @@ impl Pressure {
     /// Fill level in percent, given the parts the shard owns elsewhere.
     pub fn percent(&self, journal_unflushed: usize, index_entries: usize) -> u64 {
         let used = self.inflight_bytes.get() + journal_unflushed + index_entries * INDEX_ENTRY_BYTES;
-        (used as u128 * 100 / self.budget_bytes as u128) as u64
+        (used as u128 * 100 / self.budget_bytes.get() as u128) as u64
     }
 
     /// Wakes connections waiting for room (call when usage dropped).

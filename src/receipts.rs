@@ -81,8 +81,9 @@ pub fn owes_event(shard: &Shard, index: &MessageIndex, seq: u64, status: Status)
     if status == Status::Delivered && meta.attempts > 0 {
         return false;
     }
-    let Some(client) = shard.clients().index_of(&meta.client) else { return false };
-    let client = shard.clients().get(client);
+    let clients = shard.clients();
+    let Some(client) = clients.index_of(&meta.client) else { return false };
+    let client = clients.get(client);
     let wanted = client.webhook.map(|w| w.events).or(client.feed).unwrap_or(0);
     wanted & status.event_bit() != 0
 }

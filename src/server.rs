@@ -70,10 +70,20 @@ impl Barrier {
 /// What one shard's executor starts from: its mesh ends and the receiver
 /// the signal thread wakes it through.
 struct ShardSeed {
+    /// Shard 0's: the runtime configuration state for the admin API.
+    admin: Option<Box<AdminSeed>>,
     mesh: MeshSeed<MeshMsg>,
     signal: oneshot::Receiver<()>,
     /// This shard's channels to the offload thread (receipts).
     outbound: ShardLink,
+}
+
+/// What the admin listener's runtime configuration starts from.
+struct AdminSeed {
+    started: crate::admin_config::Started,
+    origin: crate::admin_config::ConfigOrigin,
+    control: crate::outbound::ControlSender,
+    reload: futures_channel::mpsc::Receiver<()>,
 }
 
 /// Process-wide state shared by the shards: read-only, or atomics used
@@ -85,6 +95,8 @@ struct Shared {
     /// The fallback providers' endpoints on the offload thread.
     provider_endpoints: Vec<(esh3ar_shards::Channel, crate::outbound::EndpointId)>,
     clients: Arc<ClientTable>,
+    /// The runtime config version in force at startup.
+    config_version: u64,
     shards: usize,
     business_addr: SocketAddr,
     mobile_addr: SocketAddr,
@@ -253,12 +265,21 @@ fn raise_open_files_limit(cfg: &Config, shards: usize) {
     }
 }
 
-/// Runs the engine until SIGTERM/SIGINT. Returns an error if it could not start.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// Runs the engine until SIGTERM/SIGINT. Returns an error if it could not
+/// start. `file_cfg` is the file's config (all layers); the runtime
+/// version in force may differ (`admin_config::startup`).
+pub fn run(
+    file_cfg: Config,
+    layered: &crate::config_layers::Layered,
+    origin: crate::admin_config::ConfigOrigin,
+) -> anyhow::Result<()> {
     install_panic_hook();
-    let shards = cfg.shard_count();
-    raise_open_files_limit(&cfg, shards);
-    let _data_dir = DataDir::open(&cfg.engine.data_dir, shards)?;
+    let shards = file_cfg.shard_count();
+    raise_open_files_limit(&file_cfg, shards);
+    let _data_dir = DataDir::open(&file_cfg.engine.data_dir, shards)?;
+    let started = crate::admin_config::startup(file_cfg, layered, &origin)?;
+    let cfg = started.cfg.clone();
+    let config_version = started.version();
     let listeners = cfg.listeners();
     let (business_addr, placeholder) =
         reserve_port(listeners.business).with_context(|| format!("cannot bind {}", listeners.business))?;
@@ -270,16 +291,22 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (outbound, links) =
         crate::outbound::spawn_with_providers(&cfg.webhooks, webhook_endpoints, &cfg.providers, shards)
             .map_err(|e| anyhow::anyhow!("cannot start the webhook thread: {e}"))?;
+    let mut admin_seed =
+        Some(Box::new(AdminSeed { started, origin, control: outbound.control(), reload: signals.reload }));
     let seeds: Vec<ShardSeed> = crate::mesh::build::<MeshMsg>(shards, cfg.engine.mesh_channel_capacity)
         .into_iter()
         .zip(signals.shards)
         .zip(links)
-        .map(|((mesh, signal), outbound)| ShardSeed { mesh, signal, outbound })
+        .map(|((mesh, signal), outbound)| {
+            let admin = if mesh.id == 0 { admin_seed.take() } else { None };
+            ShardSeed { admin, mesh, signal, outbound }
+        })
         .collect();
     let shared = Arc::new(Shared {
         outbound_status: outbound.status(),
         provider_endpoints,
         clients: Arc::new(ClientTable::from_config(&cfg)),
+        config_version,
         cfg: Arc::new(cfg),
         shards,
         business_addr,
@@ -418,6 +445,21 @@ async fn shard_main(shared: Arc<Shared>, seed: ShardSeed) {
     glommio::spawn_local(crate::receipts::run(shard.clone(), seed.outbound, fallback)).detach();
     if let Some(admin) = admin {
         admin.set_shard(shard.clone());
+        if let Some(seed) = seed.admin {
+            let AdminSeed { started, origin, control, mut reload } = *seed;
+            let config =
+                crate::admin_config::ConfigAdmin::new(started, origin, control, shared.provider_endpoints.clone());
+            admin.set_tokens(&shard.cfg());
+            admin.set_config(config);
+            let admin = admin.clone();
+            glommio::spawn_local(async move {
+                use futures_util::StreamExt as _;
+                while reload.next().await.is_some() {
+                    admin.reload().await;
+                }
+            })
+            .detach();
+        }
     }
     let listeners = bind_listeners(&shared, id);
     if !shared.barrier(&shared.bound, true, BOUND_BARRIER_TIMEOUT).await {
@@ -523,7 +565,17 @@ async fn open_shard(
             return None;
         }
     };
-    let shard = Shard::new(shared.shards, cfg, shared.clients.clone(), journal, recovered.index, feed, mesh);
+    // Each shard its own copy: nothing shared between cores changes at runtime.
+    let shard = Shard::new(
+        shared.shards,
+        Rc::new((*cfg).clone()),
+        Rc::new((*shared.clients).clone()),
+        journal,
+        recovered.index,
+        feed,
+        mesh,
+    );
+    shard.install_config(crate::mesh_msg::ConfigUpdate::Commit { version: shared.config_version });
     glommio::spawn_local(shard.clone().run_maintenance()).detach();
     for (_peer, rx) in receivers {
         glommio::spawn_local(crate::dispatch::run_receiver(shard.clone(), rx)).detach();

@@ -10,7 +10,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use esh3ar_shards::feed::FeedStore;
@@ -27,7 +26,7 @@ use crate::clients::ClientTable;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::{BodyCache, Sessions};
-pub use crate::mesh_msg::{AppendRefusal, MeshError, MeshMsg, NewMessage, PendingReplies, StatusView};
+pub use crate::mesh_msg::{AppendRefusal, ConfigUpdate, MeshError, MeshMsg, NewMessage, PendingReplies, StatusView};
 use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
 use crate::pressure::{shard_share_bytes, threshold_percent, Pressure};
@@ -55,13 +54,19 @@ pub struct ShardStats {
 pub struct Shard {
     id: usize,
     count: usize,
-    cfg: Arc<Config>,
-    clients: Arc<ClientTable>,
+    /// This shard's own copy of the effective config and clients (no
+    /// state shared between cores): replaced by [`Shard::install_config`].
+    cfg: RefCell<Rc<Config>>,
+    clients: RefCell<Rc<ClientTable>>,
+    /// The next version's clients, between the two phases of a change.
+    clients_next: RefCell<Option<Rc<ClientTable>>>,
+    /// The runtime config version installed (`runtime_config`).
+    config_version: Cell<u64>,
     journal: Rc<Journal>,
     index: RefCell<MessageIndex>,
     mesh: crate::mesh::Mesh<MeshMsg>,
     replies: PendingReplies,
-    mesh_timeout: Duration,
+    mesh_timeout: Cell<Duration>,
     shutdown: Shutdown,
     stats: ShardStats,
     metrics: ShardMetrics,
@@ -117,8 +122,8 @@ impl Shard {
     /// The shard `mesh.peer_id()` of `count`, over its recovered journal.
     pub fn new(
         count: usize,
-        cfg: Arc<Config>,
-        clients: Arc<ClientTable>,
+        cfg: Rc<Config>,
+        clients: Rc<ClientTable>,
         journal: Rc<Journal>,
         index: MessageIndex,
         feed: FeedStore<DmaStorage>,
@@ -129,11 +134,13 @@ impl Shard {
         Rc::new(Shard {
             id: mesh.peer_id(),
             count,
-            mesh_timeout: Duration::from_millis(cfg.engine.mesh_reply_timeout_ms),
+            mesh_timeout: Cell::new(Duration::from_millis(cfg.engine.mesh_reply_timeout_ms)),
             bodies: RefCell::new(BodyCache::new(cfg.engine.body_cache_bytes.min(share / 4))),
             pressure: Pressure::new(share / 2),
-            cfg,
-            clients,
+            cfg: RefCell::new(cfg),
+            clients: RefCell::new(clients),
+            clients_next: RefCell::new(None),
+            config_version: Cell::new(0),
             journal,
             index: RefCell::new(index),
             mesh,
@@ -160,13 +167,47 @@ impl Shard {
     pub fn count(&self) -> usize {
         self.count
     }
-    /// The engine's configuration.
-    pub fn cfg(&self) -> &Config {
-        &self.cfg
+    /// The engine's configuration (this shard's copy of the version in force).
+    pub fn cfg(&self) -> Rc<Config> {
+        self.cfg.borrow().clone()
     }
-    /// The business clients.
-    pub fn clients(&self) -> &ClientTable {
-        &self.clients
+    /// The business clients of the version in force.
+    pub fn clients(&self) -> Rc<ClientTable> {
+        self.clients.borrow().clone()
+    }
+    /// The runtime config version this shard has installed (0 before the
+    /// first; see `runtime_config`). For an `esh3ar_config_version` gauge.
+    pub fn config_version(&self) -> u64 {
+        self.config_version.get()
+    }
+
+    /// Installs one phase of a runtime config change. `Prepare` takes the
+    /// new config and the new clients but keeps authenticating with the
+    /// current keys, so a request from a new client cannot reach a shard
+    /// that does not know its index yet; `Commit` (sent once every shard
+    /// prepared) switches the keys. Limits apply at once: the limiter takes
+    /// the limit per call, the memory budget is resized here.
+    pub fn install_config(&self, update: ConfigUpdate) {
+        match update {
+            ConfigUpdate::Prepare { version, cfg, clients } => {
+                let current = self.clients();
+                let clients = Rc::new(*clients);
+                *self.clients.borrow_mut() = Rc::new((*clients).clone().with_keys_of(&current));
+                *self.clients_next.borrow_mut() = Some(clients);
+                self.mesh_timeout.set(Duration::from_millis(cfg.engine.mesh_reply_timeout_ms));
+                self.pressure.set_budget(shard_share_bytes(&cfg, self.count) / 2);
+                *self.cfg.borrow_mut() = Rc::new(*cfg);
+                self.config_version.set(version);
+            }
+            ConfigUpdate::Commit { version } => {
+                if let Some(next) = self.clients_next.borrow_mut().take() {
+                    *self.clients.borrow_mut() = next;
+                }
+                self.config_version.set(version);
+                // A raised budget may admit connections waiting for room.
+                self.pressure.wake();
+            }
+        }
     }
     /// This shard's journal.
     pub fn journal(&self) -> &Journal {
@@ -228,7 +269,7 @@ impl Shard {
         let mut seqs = Vec::with_capacity(items.len());
         let mut generation = 0;
         for m in items {
-            if !self.admits(m.priority, self.clients.get(m.client).shed_offset_percent) {
+            if !self.admits(m.priority, self.clients.borrow().get(m.client).shed_offset_percent) {
                 self.metrics.shed(m.priority);
                 seqs.push(None);
                 continue;
@@ -239,9 +280,10 @@ impl Shard {
             let mut index = self.index.borrow_mut();
             debug_assert_eq!(crate::route(&m.to, self.count), self.id, "message appended on a foreign shard");
             let seq = self.journal.take_seq();
+            let clients = self.clients();
             let record = Record::Accepted(Accepted {
                 seq,
-                client: self.clients.id(m.client),
+                client: clients.id(m.client),
                 to: &m.to,
                 priority: m.priority,
                 expires_at_ms: m.expires_at_ms,
@@ -255,13 +297,13 @@ impl Shard {
             self.metrics.messages(esh3ar_shards::Status::Accepted, 1);
             // Asynchronous validation: refused now, in the same commit, but
             // still accepted (202) for the sender (docs/API.md, "Asynchronous validation").
-            let known_only = self.cfg.validation.known_recipients_only;
-            match index.refusal(&m.to, self.clients.id(m.client), known_only) {
+            let known_only = self.cfg.borrow().validation.known_recipients_only;
+            match index.refusal(&m.to, self.clients.borrow().id(m.client), known_only) {
                 Some(reason) => generation = self.reject(&mut index, &[seq], reason)?,
                 None => {
                     self.bodies.borrow_mut().insert(seq, &m.body);
                     // The fallback plan is born in the same commit (docs/ARCHITECTURE.md, "Fallback channels").
-                    if let Some(spec) = m.fallback.or(self.clients.get(m.client).fallback) {
+                    if let Some(spec) = m.fallback.or(self.clients.borrow().get(m.client).fallback) {
                         generation = crate::fallback::plan(self, &mut index, seq, m.accepted_at_ms, spec)
                             .map_err(|e| AppendRefusal::from(&e))?;
                     }
@@ -312,7 +354,7 @@ impl Shard {
 
     /// Counts `n` messages of `client` (homed here) against its limit.
     pub fn rate_take_local(&self, client: u32, n: u32) -> Decision {
-        let limit = self.clients.get(client).messages_per_minute;
+        let limit = self.clients.borrow().get(client).messages_per_minute;
         self.limiter.borrow_mut().take(client, limit, n as u64, now_ms() / 1000)
     }
 
@@ -338,7 +380,7 @@ impl Shard {
         let slow = self.slow_reply_on_body.as_deref().is_some_and(|b| items.iter().any(|m| m.body == b));
         glommio::spawn_local(async move {
             if slow {
-                glommio::timer::sleep(shard.mesh_timeout + Duration::from_secs(1)).await;
+                glommio::timer::sleep(shard.mesh_timeout.get() + Duration::from_secs(1)).await;
             }
             let result = match appended {
                 Ok((seqs, generation)) => match shard.journal.wait_durable(generation).await {
@@ -360,7 +402,7 @@ impl Shard {
     pub fn lookup_local(&self, seq: u64, client: u32) -> Option<Box<StatusView>> {
         let index = self.index.borrow();
         let m = index.get(seq)?;
-        if &*m.client != self.clients.id(client) {
+        if &*m.client != self.clients.borrow().id(client) {
             return None;
         }
         Some(Box::new(StatusView::of(m)))
@@ -370,7 +412,7 @@ impl Shard {
     /// holds the sender, which stops reading its connection: backpressure,
     /// not a refusal), at most `engine.mesh_reply_timeout_ms`.
     pub async fn send(&self, to: usize, msg: MeshMsg) -> Result<(), MeshError> {
-        self.send_until(to, msg, Instant::now() + self.mesh_timeout).await
+        self.send_until(to, msg, Instant::now() + self.mesh_timeout.get()).await
     }
 
     async fn send_until(&self, to: usize, msg: MeshMsg, deadline: Instant) -> Result<(), MeshError> {
@@ -392,7 +434,7 @@ impl Shard {
     /// returns the answer to await; both waits together are bounded by
     /// `engine.mesh_reply_timeout_ms`.
     pub async fn request(&self, to: usize, make: impl FnOnce(u64) -> MeshMsg) -> Result<PendingReply<'_>, MeshError> {
-        let deadline = Instant::now() + self.mesh_timeout;
+        let deadline = Instant::now() + self.mesh_timeout.get();
         let (req, rx) = self.replies.register();
         let pending = PendingReply { shard: self, req, rx: Some(rx), deadline };
         self.send_until(to, make(req), deadline).await?;

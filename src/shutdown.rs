@@ -25,25 +25,34 @@ use crate::notify::Latch;
 pub struct Signals {
     pub flag: Arc<AtomicBool>,
     pub shards: Vec<oneshot::Receiver<()>>,
+    /// One item per SIGHUP (re-read the config file), for shard 0. Bounded:
+    /// SIGHUPs that arrive while one is pending are merged into it.
+    pub reload: futures_channel::mpsc::Receiver<()>,
 }
 
 /// Starts the thread that turns the first SIGTERM or SIGINT into a
 /// shutdown of every shard (by dropping their senders).
 pub fn install_signals(shards: usize) -> std::io::Result<Signals> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let (mut reload_tx, reload) = futures_channel::mpsc::channel(1);
     let flag = Arc::new(AtomicBool::new(false));
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| oneshot::channel::<()>()).unzip();
     let thread_flag = flag.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         let mut senders = senders;
         for signal in signals.forever() {
+            if signal == SIGHUP {
+                tracing::info!("SIGHUP: re-reading the configuration file");
+                let _ = reload_tx.try_send(()); // full: one is pending already
+                continue;
+            }
             tracing::info!(signal, "shutting down: finishing requests in flight");
             thread_flag.store(true, Ordering::Release);
             senders.clear(); // dropped senders wake every shard
         }
     })?;
-    Ok(Signals { flag, shards: receivers })
+    Ok(Signals { flag, shards: receivers, reload })
 }
 
 /// One shard's view of shutdown.

@@ -6,24 +6,17 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::crash::*;
 use common::*;
 use rand::{Rng, SeedableRng};
 
 const USERS: usize = 12;
-
-#[derive(Default)]
-struct Observed {
-    /// id -> recipient, for every 202.
-    acked: HashMap<String, String>,
-    /// (user, id) receipts, duplicates included.
-    received: Vec<(String, String)>,
-}
 
 fn user(i: usize) -> String {
     format!("phone-{i}")
@@ -55,37 +48,7 @@ fn phone_loop(
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
-        let session_end = Instant::now() + Duration::from_millis(rng.gen_range(100..600));
-        while Instant::now() < session_end && !stop.load(Ordering::Relaxed) {
-            let Some(m) = p.recv(Duration::from_millis(50)) else { continue };
-            let id = m["id"].as_str().unwrap().to_owned();
-            obs.lock().unwrap().received.push((user(i), id.clone()));
-            if rng.gen_bool(0.8) {
-                let _ = p.ws.send(tungstenite::Message::Text(serde_json::json!({"type":"ack","id":id}).to_string()));
-            }
-        }
-    }
-}
-
-fn sender_loop(t: usize, addr: SocketAddr, stop: Arc<AtomicBool>, obs: Arc<Mutex<Observed>>) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + t as u64);
-    let Ok(s) = std::net::TcpStream::connect(addr) else { return };
-    drop(s);
-    let mut c = Client::connect(addr);
-    let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let to = user(rng.gen_range(0..USERS));
-        let json = serde_json::json!({"to": to, "body": format!("t{t}-{n}")}).to_string();
-        c.send_raw(&Client::request_bytes("POST", "/v1/messages", Some(API_KEY), Some(&json)));
-        match c.read_response() {
-            Ok(r) if r.status == 202 => {
-                obs.lock().unwrap().acked.insert(r.json()["id"].as_str().unwrap().to_owned(), to);
-            }
-            Ok(r) => panic!("unexpected {}", r.status),
-            Err(_) => return,
-        }
-        n += 1;
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..3)));
+        phone_session(&mut p, &user(i), &mut rng, &stop, &obs);
     }
 }
 
@@ -112,7 +75,7 @@ fn every_acknowledged_message_reaches_its_user_across_kill_minus_nine() {
         let senders: Vec<_> = (0..4)
             .map(|t| {
                 let (s, o, a) = (stop.clone(), obs.clone(), engine.business);
-                std::thread::spawn(move || sender_loop(t, a, s, o))
+                std::thread::spawn(move || sender_loop(t, a, user, USERS, s, o))
             })
             .collect();
         std::thread::sleep(Duration::from_millis(rng.gen_range(500..1500)));
@@ -126,22 +89,7 @@ fn every_acknowledged_message_reaches_its_user_across_kill_minus_nine() {
     // Final run: phones drain everything still pending.
     let engine = setup.start();
     *mobile_addr.lock().unwrap() = Some(engine.mobile);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let missing = loop {
-        let missing: Vec<(String, String)> = {
-            let o = obs.lock().unwrap();
-            let got: HashSet<(&str, &str)> = o.received.iter().map(|(u, id)| (u.as_str(), id.as_str())).collect();
-            o.acked
-                .iter()
-                .filter(|(id, to)| !got.contains(&(to.as_str(), id.as_str())))
-                .map(|(a, b)| (a.clone(), b.clone()))
-                .collect()
-        };
-        if missing.is_empty() || Instant::now() > deadline {
-            break missing;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let missing = wait_for_all(&obs, Duration::from_secs(60));
     stop_phones.store(true, Ordering::Relaxed);
     for p in phones {
         p.join().unwrap();
@@ -158,6 +106,5 @@ fn every_acknowledged_message_reaches_its_user_across_kill_minus_nine() {
     );
     assert!(o.acked.len() > 500, "too little traffic to mean anything: {}", o.acked.len());
     assert!(missing.is_empty(), "acknowledged messages never delivered: {:?}", &missing[..missing.len().min(10)]);
-    let foreign = o.received.iter().filter(|(u, id)| o.acked.get(id).is_some_and(|to| to != u)).count();
-    assert_eq!(foreign, 0, "a message reached the wrong user");
+    assert_eq!(o.foreign(), 0, "a message reached the wrong user");
 }

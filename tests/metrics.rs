@@ -234,7 +234,10 @@ fn metrics_agree_with_the_load_exactly() {
     assert_eq!(gauge("esh3ar_websocket_connections"), 1.0);
     assert_eq!(gauge("esh3ar_business_connections"), 2.0, "acme and limited are still open");
     assert_eq!(gauge("esh3ar_dead_letters"), 0.0);
-    assert_eq!(gauge("esh3ar_config_version"), 1.0);
+    let config = Client::connect(engine.admin).request("GET", "/v1/config", Some(ADMIN_TOKEN), None);
+    assert_eq!(config.status, 200);
+    let version = config.json()["version"].as_f64().unwrap();
+    assert_eq!(gauge("esh3ar_config_version"), version, "the version GET /v1/config shows");
     let shards: Vec<_> = f["esh3ar_pending_messages"].1.iter().map(|(_, l, _)| l["shard"].clone()).collect();
     assert_eq!(shards, ["0", "1"], "one pending gauge per shard");
     let ratio = |l: &str| {
@@ -369,4 +372,44 @@ fn dashboards_and_alerts_query_only_exposed_metrics() {
         assert!(exposed.contains(name.as_str()), "{name} is queried but not exposed");
     }
     assert!(used.len() >= 15, "{used:?}");
+}
+
+/// `esh3ar_config_version` follows a runtime change, and the `429`s of a
+/// client added at runtime are counted under its id (client indices are
+/// stable; the counters grow with the table).
+#[test]
+fn config_version_and_clients_added_at_runtime() {
+    let setup = setup();
+    let engine = setup.start();
+    let mut admin = Client::connect(engine.admin);
+    let before = admin.request("GET", "/v1/config", Some(ADMIN_TOKEN), None).json()["version"].as_f64().unwrap();
+    let patch = r#"{"clients": [
+            {"id": "acme", "api_key": "<redacted>", "tier": "basic"},
+            {"id": "other", "api_key": "<redacted>", "tier": "basic"},
+            {"id": "limited", "api_key": "<redacted>", "tier": "tiny"},
+            {"id": "newcomer", "api_key": "newcomer-key-0123456789abcdef", "tier": "tiny"}]}"#;
+    let r = admin.request("PATCH", "/v1/config", Some(ADMIN_TOKEN), Some(patch));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let after = r.json()["version"].as_f64().unwrap();
+    assert!(after > before, "{before} -> {after}");
+    let mut newcomer = engine.client();
+    let mut refused = 0;
+    for i in 0..LIMIT + 3 {
+        let json = format!(r#"{{"to":"new-{i}","body":"x"}}"#);
+        let r = newcomer.request("POST", "/v1/messages", Some("newcomer-key-0123456789abcdef"), Some(&json));
+        assert!(r.status == 202 || r.status == 429, "{}", r.status);
+        refused += u64::from(r.status == 429);
+    }
+    assert_eq!(refused, 3);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (text, f) = scrape(&engine);
+        let version = value(&f, "esh3ar_config_version", "esh3ar_config_version", &[], false);
+        let limited = value(&f, "esh3ar_rate_limited", "esh3ar_rate_limited_total", &[("client", "newcomer")], false);
+        if version == after && limited == 3.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "version {version} (want {after}), newcomer 429s {limited}\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+use common::crash::*;
 use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -413,14 +414,6 @@ fn user(i: usize) -> String {
     format!("mixed-{i}")
 }
 
-#[derive(Default)]
-struct Observed {
-    /// id -> recipient, for every 202.
-    acked: HashMap<String, String>,
-    /// (user, id) receipts, duplicates included.
-    received: Vec<(String, String)>,
-}
-
 /// A raw phone that keeps reconnecting, acks most messages, disconnects at random.
 fn raw_phone_loop(i: usize, token: String, addr: SocketAddr, stop: Arc<AtomicBool>, obs: Arc<Mutex<Observed>>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
@@ -431,35 +424,7 @@ fn raw_phone_loop(i: usize, token: String, addr: SocketAddr, stop: Arc<AtomicBoo
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
-        let session_end = Instant::now() + Duration::from_millis(rng.gen_range(100..600));
-        while Instant::now() < session_end && !stop.load(Ordering::Relaxed) {
-            let Some(m) = p.recv(Duration::from_millis(50)) else { continue };
-            let id = m["id"].as_str().unwrap().to_owned();
-            obs.lock().unwrap().received.push((user(i), id.clone()));
-            if rng.gen_bool(0.8) {
-                let _ = p.ws.send(tungstenite::Message::Text(json!({"type":"ack","id":id}).to_string()));
-            }
-        }
-    }
-}
-
-fn sender_loop(t: usize, addr: SocketAddr, stop: Arc<AtomicBool>, obs: Arc<Mutex<Observed>>) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + t as u64);
-    let mut c = Client::connect(addr);
-    let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let to = user(rng.gen_range(0..USERS));
-        let body = json!({"to": to, "body": format!("t{t}-{n}")}).to_string();
-        c.send_raw(&Client::request_bytes("POST", "/v1/messages", Some(API_KEY), Some(&body)));
-        match c.read_response() {
-            Ok(r) if r.status == 202 => {
-                obs.lock().unwrap().acked.insert(r.json()["id"].as_str().unwrap().to_owned(), to);
-            }
-            Ok(r) => panic!("unexpected {}", r.status),
-            Err(_) => return,
-        }
-        n += 1;
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..3)));
+        phone_session(&mut p, &user(i), &mut rng, &stop, &obs);
     }
 }
 
@@ -512,7 +477,7 @@ fn every_acknowledged_message_reaches_raw_and_signalr_phones_across_kill_9() {
         let senders: Vec<_> = (0..4)
             .map(|t| {
                 let (s, o, a) = (stop.clone(), obs.clone(), engine.business);
-                std::thread::spawn(move || sender_loop(t, a, s, o))
+                std::thread::spawn(move || sender_loop(t, a, user, USERS, s, o))
             })
             .collect();
         std::thread::sleep(Duration::from_millis(rng.gen_range(500..1500)));
@@ -524,22 +489,7 @@ fn every_acknowledged_message_reaches_raw_and_signalr_phones_across_kill_9() {
     }
     // Final run: phones drain everything still pending.
     let _engine = setup.start();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let missing = loop {
-        let missing: Vec<(String, String)> = {
-            let o = obs.lock().unwrap();
-            let got: HashSet<(&str, &str)> = o.received.iter().map(|(u, id)| (u.as_str(), id.as_str())).collect();
-            o.acked
-                .iter()
-                .filter(|(id, to)| !got.contains(&(to.as_str(), id.as_str())))
-                .map(|(a, b)| (a.clone(), b.clone()))
-                .collect()
-        };
-        if missing.is_empty() || Instant::now() > deadline {
-            break missing;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let missing = wait_for_all(&obs, Duration::from_secs(90));
     stop_phones.store(true, Ordering::Relaxed);
     drop(node_phones); // ends the node processes, and so their event threads
     for t in threads {
@@ -563,6 +513,5 @@ fn every_acknowledged_message_reaches_raw_and_signalr_phones_across_kill_9() {
     assert!(o.acked.len() > 500, "too little traffic to mean anything: {}", o.acked.len());
     assert!(hub_acked > 200, "too little traffic to SignalR phones: {hub_acked}");
     assert!(missing.is_empty(), "acknowledged messages never delivered: {:?}", &missing[..missing.len().min(10)]);
-    let foreign = o.received.iter().filter(|(u, id)| o.acked.get(id).is_some_and(|to| to != u)).count();
-    assert_eq!(foreign, 0, "a message reached the wrong user");
+    assert_eq!(o.foreign(), 0, "a message reached the wrong user");
 }

@@ -25,6 +25,7 @@ pub enum Method {
     Post,
     Put,
     Delete,
+    Patch,
     Other,
 }
 
@@ -101,6 +102,7 @@ pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
         Some("POST") => Method::Post,
         Some("PUT") => Method::Put,
         Some("DELETE") => Method::Delete,
+        Some("PATCH") => Method::Patch,
         _ => Method::Other,
     };
     let path = range(req.path.expect("complete request has a path").as_bytes());

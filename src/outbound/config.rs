@@ -3,7 +3,7 @@
 //! once at startup; every error names its key so `ConfigError::Invalid` can
 //! report it as is.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::signing::Secret;
@@ -15,7 +15,7 @@ pub const WEBHOOK_URL_BYTES_MAX: usize = 2048;
 pub type KeyError = (String, String);
 
 /// The `[webhooks]` table. Every limit has a unit in its name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhooksConfig {
     /// One attempt, connect to last byte read, must finish within this.

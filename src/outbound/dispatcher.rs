@@ -79,6 +79,15 @@ struct Done {
     permanent: bool,
 }
 
+async fn next_control(
+    control: &mut Option<mpsc::Receiver<Box<super::OutboundUpdate>>>,
+) -> Option<Box<super::OutboundUpdate>> {
+    match control {
+        Some(rx) => rx.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn metric(result: &Result<Success, AttemptError>) -> AttemptResult {
     match result {
         Ok(_) => AttemptResult::Delivered,
@@ -104,6 +113,8 @@ pub(super) struct Dispatcher {
     reports: ReportOut,
     status: Arc<OutboundStatus>,
     rng: fastrand::Rng,
+    /// Runtime config changes (None once every sender is gone).
+    control: Option<mpsc::Receiver<Box<super::OutboundUpdate>>>,
 }
 
 impl Dispatcher {
@@ -114,6 +125,7 @@ impl Dispatcher {
         endpoints: Vec<(String, Policy, Kind)>,
         report_senders: Vec<mpsc::Sender<Report>>,
         status: Arc<OutboundStatus>,
+        control: mpsc::Receiver<Box<super::OutboundUpdate>>,
     ) -> Dispatcher {
         let endpoints = endpoints
             .into_iter()
@@ -144,6 +156,7 @@ impl Dispatcher {
             reports,
             status,
             rng: fastrand::Rng::new(),
+            control: Some(control),
         }
     }
 
@@ -171,12 +184,58 @@ impl Dispatcher {
                 },
                 () = tokio::time::sleep_until(next_wake.unwrap_or(now)), if next_wake.is_some() => {}
                 () = self.reports.flush(), if backlogged => self.after_flush(),
+                update = next_control(&mut self.control), if self.control.is_some() => match update {
+                    Some(update) => self.update(*update),
+                    None => self.control = None,
+                },
                 // Every held job is in flight, behind a timer, or behind a
                 // full report channel, so some branch is always enabled.
                 else => unreachable!("webhook dispatcher has nothing to wait for"),
             }
         }
         self.shut_down().await;
+    }
+
+    /// Takes a runtime config change: new webhook URLs, secrets and
+    /// policies, new provider policies. Jobs held keep their place; an
+    /// attempt in flight finishes with what it started with. A breaker is
+    /// rebuilt (closed) only if its thresholds changed and nothing is in flight.
+    fn update(&mut self, update: super::OutboundUpdate) {
+        let webhook_policy = super::webhook_policy(&update.webhooks);
+        self.config = update.webhooks;
+        let mut targets: HashMap<usize, Arc<Target>> = update
+            .endpoints
+            .into_iter()
+            .map(|(id, e)| (id.0 as usize, Arc::new(Target { url: e.url, secret: e.secret })))
+            .collect();
+        let providers: HashMap<usize, Policy> =
+            update.providers.into_iter().map(|(id, p)| (id.0 as usize, p)).collect();
+        for (i, e) in self.endpoints.iter_mut().enumerate() {
+            let policy = match &mut e.kind {
+                Kind::Webhook(target) => {
+                    if let Some(new) = targets.remove(&i) {
+                        *target = new;
+                    }
+                    webhook_policy
+                }
+                Kind::Provider(_) => match providers.get(&i) {
+                    Some(p) => *p,
+                    None => continue,
+                },
+            };
+            let thresholds = (policy.breaker_failures, policy.breaker_open_ms);
+            // Tickets of attempts in flight belong to the current breaker:
+            // with any in flight it keeps its thresholds until a restart.
+            if thresholds != (e.policy.breaker_failures, e.policy.breaker_open_ms) && e.in_flight == 0 {
+                e.breaker = Breaker::new(policy.breaker_failures, Duration::from_millis(policy.breaker_open_ms));
+            }
+            e.policy = policy;
+            if !e.dirty {
+                e.dirty = true;
+                self.dirty.push(i);
+            }
+        }
+        tracing::info!(endpoints = self.endpoints.len(), "outbound: runtime configuration applied");
     }
 
     async fn shut_down(mut self) {

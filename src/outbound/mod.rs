@@ -136,17 +136,41 @@ pub struct ShardLink {
     pub reports: ReportReceiver,
 }
 
+/// A runtime config change for the offload thread: the webhook policy,
+/// the current URL and secret of each webhook endpoint, and each fallback
+/// provider's policy. Endpoints keep their ids; an id the thread does not
+/// know is ignored (a new endpoint needs a restart, see `runtime_config`).
+#[derive(Debug)]
+pub struct OutboundUpdate {
+    pub webhooks: WebhooksConfig,
+    pub endpoints: Vec<(EndpointId, Endpoint)>,
+    pub providers: Vec<(EndpointId, Policy)>,
+}
+
+/// Capacity of the control channel to the offload thread: config changes
+/// are rare and applied one at a time.
+pub const CONTROL_CAPACITY: usize = 4;
+
+/// The admin's end of the control channel (`try_send` never waits).
+pub type ControlSender = mpsc::Sender<Box<OutboundUpdate>>;
+
 /// The running offload thread.
 #[derive(Debug)]
 pub struct Outbound {
     thread: JoinHandle<()>,
     status: Arc<OutboundStatus>,
+    control: ControlSender,
 }
 
 impl Outbound {
     /// Breaker states and counters, for the edge (`/healthz`, `/metrics`).
     pub fn status(&self) -> Arc<OutboundStatus> {
         self.status.clone()
+    }
+
+    /// A sender of runtime config changes to the thread.
+    pub fn control(&self) -> ControlSender {
+        self.control.clone()
     }
 
     /// Waits for the thread to end (after every `JobSender` is dropped).
@@ -239,7 +263,9 @@ pub fn spawn_with_providers(
             (format!("provider:{}", c.as_str()), policy, dispatcher::Kind::Provider(Arc::new(target)))
         }))
         .collect();
-    let dispatcher = dispatcher::Dispatcher::new(config.clone(), client, job_rx, targets, report_txs, status.clone());
+    let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+    let dispatcher =
+        dispatcher::Dispatcher::new(config.clone(), client, job_rx, targets, report_txs, status.clone(), control_rx);
     let thread = std::thread::Builder::new()
         .name("esh3ar-outbound".into())
         .spawn(move || runtime.block_on(dispatcher.run()))
@@ -249,7 +275,20 @@ pub fn spawn_with_providers(
         .enumerate()
         .map(|(shard, reports)| ShardLink { jobs: JobSender::new(job_tx.clone(), endpoint_count, shard), reports })
         .collect();
-    Ok((Outbound { thread, status }, links))
+    Ok((Outbound { thread, status, control }, links))
+}
+
+/// The policy of `config`'s webhooks.
+pub fn webhook_policy(config: &WebhooksConfig) -> Policy {
+    Policy {
+        timeout_ms: config.timeout_ms,
+        max_attempts: config.max_attempts,
+        retry_base_ms: config.retry_base_ms,
+        retry_max_ms: config.retry_max_ms,
+        breaker_failures: config.breaker_failures,
+        breaker_open_ms: config.breaker_open_ms,
+        max_in_flight: config.max_in_flight_per_endpoint,
+    }
 }
 
 fn http_client(config: &WebhooksConfig) -> Result<reqwest::Client, SpawnError> {

@@ -16,7 +16,7 @@ use esh3ar_shards::Channel;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::attempt::BODY_READ_BYTES_MAX;
@@ -24,7 +24,7 @@ use super::config::KeyError;
 use super::job::AttemptError;
 
 /// A secret from the config: `Debug` shows `***`.
-#[derive(Clone, Deserialize, Default)]
+#[derive(Clone, Deserialize, Serialize, Default)]
 #[serde(transparent)]
 pub struct Redacted(pub String);
 
@@ -47,7 +47,7 @@ pub struct Policy {
 }
 
 /// `[providers]`: the fallback channels' providers (each optional).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvidersConfig {
     #[serde(default)]
@@ -57,7 +57,7 @@ pub struct ProvidersConfig {
 }
 
 /// `[providers.whatsapp]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WhatsAppConfig {
     /// Only `whatsapp_cloud`.
@@ -83,7 +83,7 @@ pub struct WhatsAppConfig {
 }
 
 /// `[providers.email]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// Only `smtp`.

@@ -532,4 +532,5 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+pub mod crash;
 pub mod webhook;
