@@ -3,7 +3,8 @@
 # real sockets), crash and damage tests. Needs only Rust (cargo) on Linux
 # with io_uring (kernel 5.8+); installs what some tests need when it is
 # missing: Python's aiosmtpd (a real SMTP server for the fallback tests),
-# Node (apt-get) and the SignalR test client (npm ci).
+# Node (apt-get) and the SignalR test client (npm ci), Prometheus' Python
+# parser (prometheus_client), promtool (Debian `prometheus`) and Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,29 @@ fi
 if [ ! -d tests/signalr/node_modules/@microsoft/signalr ]; then
   echo "== npm ci (tests/signalr)"
   (cd tests/signalr && npm ci --no-audit --no-fund)
+fi
+
+# What the metrics, alert and dashboard tests drive (they fail, never skip,
+# without it): Prometheus' Python parser, promtool, headless Chromium.
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+if ! python3 -c "import prometheus_client" 2>/dev/null; then
+  echo "== installing prometheus_client (tests/metrics.rs)"
+  python3 -m pip install --quiet prometheus_client 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages prometheus_client 2>/dev/null \
+    || apt_install python3-prometheus-client
+fi
+if ! command -v promtool >/dev/null; then
+  echo "== installing prometheus (promtool, for tests/alerts.rs)"
+  apt_install prometheus
+fi
+if ! command -v chromium >/dev/null && [ -z "${ESH3AR_CHROMIUM:-}" ]; then
+  echo "== installing chromium (tests/dashboard.rs)"
+  apt_install chromium
 fi
 
 echo "== cargo test (workspace)"

@@ -1,8 +1,9 @@
 //! The admin listener (shard 0 only): health, readiness, and the
 //! operator's API (`docs/API.md`, "Admin API").
 //!
-//! `/healthz` and `/readyz` need no credentials (load balancers and
-//! orchestrators call them); every other endpoint needs
+//! `/healthz`, `/readyz`, `/metrics` (Prometheus) and the live dashboard
+//! (`/`, `/events`) need no credentials (load balancers, orchestrators and
+//! scrapers call them; none shows a message or a user); every other endpoint needs
 //! `Authorization: Bearer <admin.token>`, compared in constant time.
 //! Requests that need another shard's state go over the mesh from shard 0,
 //! like the business API's.
@@ -101,12 +102,25 @@ pub struct AdminConn {
     state: Rc<AdminState>,
     /// The peer's address, for the audit log.
     peer: String,
+    /// The answer was the head of `/events`: stream frames after it.
+    events: Option<Rc<Shard>>,
 }
 
 impl AdminConn {
     pub fn new(state: Rc<AdminState>, peer: String) -> AdminConn {
-        AdminConn { state, peer }
+        AdminConn { state, peer, events: None }
     }
+}
+
+/// A response that is not JSON (the exposition format, the page).
+fn write_typed(out: &mut Vec<u8>, status: u16, content_type: &str, body: &[u8], keep: bool) {
+    let close = if keep { "" } else { "connection: close\r\n" };
+    let _ = write!(
+        DisplayBuf(out),
+        "HTTP/1.1 {status} OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-store\r\n{close}\r\n",
+        body.len()
+    );
+    out.extend_from_slice(body);
 }
 
 /// An answer: status, body (JSON; empty for 204).
@@ -135,7 +149,28 @@ impl Handler for AdminConn {
                 }
                 return true;
             }
-            (b"/healthz" | b"/readyz", _) => {
+            (b"/metrics", Method::Get) => {
+                match self.metrics().await {
+                    Ok(text) => write_typed(out, 200, crate::metrics_text::CONTENT_TYPE, text.as_bytes(), keep),
+                    Err((code, message)) => write_error(out, 503, code, message, "retry-after: 1\r\n", keep),
+                }
+                return true;
+            }
+            (b"/", Method::Get) => {
+                let html = crate::dashboard::PAGE.as_bytes();
+                write_typed(out, 200, "text/html; charset=utf-8", html, keep);
+                return true;
+            }
+            (b"/events", Method::Get) => {
+                let Some(shard) = self.state.shard.borrow().clone() else {
+                    write_error(out, 503, "starting", "the engine is still recovering its journal", "", keep);
+                    return true;
+                };
+                out.extend_from_slice(crate::dashboard::STREAM_HEAD.as_bytes());
+                self.events = Some(shard);
+                return false;
+            }
+            (b"/healthz" | b"/readyz" | b"/metrics" | b"/" | b"/events", _) => {
                 write_error(out, 405, "method_not_allowed", "use GET", "allow: GET\r\n", keep);
                 return true;
             }
@@ -159,9 +194,31 @@ impl Handler for AdminConn {
         }
         true
     }
+
+    async fn stream_after(&mut self, stream: &mut glommio::net::TcpStream) {
+        if let Some(shard) = self.events.take() {
+            crate::dashboard::stream_events(shard, self.state.outbound.clone(), stream).await;
+        }
+    }
 }
 
 impl AdminConn {
+    /// The text of `/metrics`: every shard's snapshot (over the mesh),
+    /// the offload thread's breakers, the process.
+    async fn metrics(&self) -> Result<String, (&'static str, &'static str)> {
+        let starting = ("starting", "the engine is still recovering its journal");
+        let shard = self.state.shard.borrow().clone().ok_or(starting)?;
+        let timeout = ("shard_timeout", "a shard did not answer in time; retry");
+        let shards = crate::metrics::gather(&shard).await.ok_or(timeout)?;
+        let scrape = crate::metrics_text::Scrape {
+            shards: &shards,
+            clients: &shard.clients(),
+            outbound: self.state.outbound.as_deref(),
+            process: crate::metrics::ProcessStats::read(&shard.cfg().engine.data_dir),
+        };
+        Ok(crate::metrics_text::render(&scrape))
+    }
+
     /// `/v1/config`, `/v1/config/versions`, `/v1/config/rollback`.
     async fn config_route(&self, req: &Request<'_>, path: &[u8], method: Method, actor: &str) -> (u16, Vec<u8>) {
         let err = |status: u16, code: &str, message: &str| {

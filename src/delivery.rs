@@ -275,9 +275,11 @@ impl Shard {
             for &seq in seqs {
                 let notify = crate::receipts::owes_event(self, &index, seq, status);
                 let record = Record::Status(StatusChange { seq, status, at_ms, notify, reason: Reason::None });
+                let timing = crate::metrics::StatusTiming::of(index.get(seq));
                 if self.journal().append(&record, &mut index).is_err() {
                     break; // journal failed or closing: the message stays pending
                 }
+                self.metrics().status_change(status, timing, at_ms);
                 owed |= notify;
             }
         }

@@ -84,5 +84,10 @@ pub fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
             .detach();
         }
         MeshMsg::FeedPageRead { req, .. } => shard.replies().complete(req, msg),
+        MeshMsg::MetricsGet { from, req } => {
+            let snapshot = Box::new(crate::metrics::snapshot_local(shard));
+            shard.reply(from, MeshMsg::Metrics { req, snapshot });
+        }
+        MeshMsg::Metrics { req, .. } => shard.replies().complete(req, msg),
     }
 }

@@ -143,6 +143,10 @@ pub enum MeshMsg {
     ConfigApplied { req: u64, version: u64 },
     /// Answer to `FeedRead` (Err: the feed could not be read; logged there).
     FeedPageRead { req: u64, page: Result<Box<FeedPage>, ()> },
+    /// Send this shard's metrics (a scrape of `/metrics` on shard 0).
+    MetricsGet { from: u16, req: u64 },
+    /// Answer to `MetricsGet`. Boxed: a snapshot is a few KiB.
+    Metrics { req: u64, snapshot: Box<crate::metrics::ShardSnapshot> },
 }
 
 /// One phase of a runtime config change, for one shard (its own copy).

@@ -27,6 +27,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::{BodyCache, Sessions};
 pub use crate::mesh_msg::{AppendRefusal, ConfigUpdate, MeshError, MeshMsg, NewMessage, PendingReplies, StatusView};
+use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
 use crate::pressure::{shard_share_bytes, threshold_percent, Pressure};
 use crate::shutdown::Shutdown;
@@ -68,6 +69,7 @@ pub struct Shard {
     mesh_timeout: Cell<Duration>,
     shutdown: Shutdown,
     stats: ShardStats,
+    metrics: ShardMetrics,
     sessions: Sessions,
     bodies: RefCell<BodyCache>,
     limiter: RefCell<RateLimiter>,
@@ -128,6 +130,7 @@ impl Shard {
         mesh: crate::mesh::Mesh<MeshMsg>,
     ) -> Rc<Shard> {
         let share = shard_share_bytes(&cfg, count);
+        let metrics = ShardMetrics::new(clients.len());
         Rc::new(Shard {
             id: mesh.peer_id(),
             count,
@@ -144,6 +147,7 @@ impl Shard {
             replies: PendingReplies::default(),
             shutdown: Shutdown::default(),
             stats: ShardStats::default(),
+            metrics,
             sessions: Sessions::default(),
             limiter: RefCell::new(RateLimiter::new()),
             panic_on_body: std::env::var_os(TEST_PANIC_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
@@ -221,6 +225,10 @@ impl Shard {
     pub fn stats(&self) -> &ShardStats {
         &self.stats
     }
+    /// What `/metrics` counts on this shard.
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.metrics
+    }
     /// Live WebSocket sessions of users homed here.
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
@@ -262,6 +270,7 @@ impl Shard {
         let mut generation = 0;
         for m in items {
             if !self.admits(m.priority, self.clients.borrow().get(m.client).shed_offset_percent) {
+                self.metrics.shed(m.priority);
                 seqs.push(None);
                 continue;
             }
@@ -285,6 +294,7 @@ impl Shard {
             generation = appended.generation;
             seqs.push(Some(seq));
             self.stats.accepted.set(self.stats.accepted.get() + 1);
+            self.metrics.messages(esh3ar_shards::Status::Accepted, 1);
             // Asynchronous validation: refused now, in the same commit, but
             // still accepted (202) for the sender (docs/API.md, "Asynchronous validation").
             let known_only = self.cfg.borrow().validation.known_recipients_only;

@@ -224,6 +224,7 @@ impl Shard {
             let notify = crate::receipts::owes_event(self, index, seq, Status::Rejected);
             let record = Record::Status(StatusChange { seq, status: Status::Rejected, at_ms, notify, reason });
             generation = self.journal().append(&record, index).map_err(|e| AppendRefusal::from(&e))?.generation;
+            self.metrics().messages(Status::Rejected, 1);
             owed |= notify;
         }
         if owed {

@@ -151,6 +151,10 @@ pub struct MessageIndex {
     fallbacks: BTreeMap<u64, FallbackState>,
     /// (due_at_ms, seq) of fallbacks waiting to be handed to a provider.
     fallback_due: BTreeSet<(u64, u64)>,
+    /// Messages in the pending queues (`/metrics`), kept in step with `pending`.
+    pending_messages: usize,
+    /// Items in the dead-letter queue (`/metrics`): webhook events and fallback deliveries.
+    dead_events: usize,
 }
 
 impl MessageIndex {
@@ -177,6 +181,7 @@ impl MessageIndex {
                 live.last_seq = live.last_seq.max(a.seq);
                 live.unsettled += 1;
                 self.pending.entry(to.clone()).or_default()[a.priority as usize].push_back(a.seq);
+                self.pending_messages += 1;
                 let meta = MessageMeta {
                     client,
                     to,
@@ -283,6 +288,7 @@ impl MessageIndex {
         let bit = e.event.event_bit();
         match e.outcome {
             EventOutcome::Delivered | EventOutcome::Dropped => {
+                self.dead_events -= usize::from(event.dead_at_ms != 0);
                 meta.events_owed &= !bit;
                 meta.events_dead &= !bit;
                 self.outbox.remove(&key);
@@ -294,11 +300,13 @@ impl MessageIndex {
             EventOutcome::DeadLettered => {
                 event.attempts = e.attempts;
                 event.last_error = Some(Rc::from(e.error));
+                self.dead_events += usize::from(event.dead_at_ms == 0);
                 event.dead_at_ms = e.at_ms;
                 meta.events_owed &= !bit;
                 meta.events_dead |= bit;
             }
             EventOutcome::Replayed => {
+                self.dead_events -= usize::from(event.dead_at_ms != 0);
                 event.attempts = 0;
                 event.dead_at_ms = 0;
                 meta.events_dead &= !bit;
@@ -422,7 +430,9 @@ impl MessageIndex {
     fn set_fallback(&mut self, seq: u64, state: FallbackState) {
         if let Some(old) = self.fallbacks.get(&seq) {
             self.fallback_due.remove(&(old.due_at_ms, seq));
+            self.dead_events -= usize::from(old.dead_at_ms != 0);
         }
+        self.dead_events += usize::from(state.dead_at_ms != 0);
         if !state.sending && state.dead_at_ms == 0 {
             self.fallback_due.insert((state.due_at_ms, seq));
         }
@@ -436,6 +446,7 @@ impl MessageIndex {
     fn close_fallback(&mut self, seq: u64) {
         if let Some(old) = self.fallbacks.remove(&seq) {
             self.fallback_due.remove(&(old.due_at_ms, seq));
+            self.dead_events -= usize::from(old.dead_at_ms != 0);
         }
         if let Some(meta) = self.messages.get_mut(&seq) {
             meta.fallback_open = false;
@@ -492,8 +503,10 @@ impl MessageIndex {
             let queue = &mut queues[priority as usize];
             if queue.front() == Some(&seq) {
                 queue.pop_front();
+                self.pending_messages -= 1;
             } else if let Ok(i) = queue.binary_search(&seq) {
                 queue.remove(i);
+                self.pending_messages -= 1;
             }
             if queues.iter().all(VecDeque::is_empty) {
                 self.pending.remove(to);
@@ -586,6 +599,17 @@ impl MessageIndex {
     /// Events owed or dead-lettered.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Messages in the pending queues: accepted, and not yet acked,
+    /// expired, failed, rejected, or delivered by a fallback channel.
+    pub fn pending_messages(&self) -> usize {
+        self.pending_messages
+    }
+
+    /// Items in the dead-letter queue: webhook events and exhausted fallbacks.
+    pub fn dead_events(&self) -> usize {
+        self.dead_events
     }
 
     /// Number of messages indexed.
@@ -800,6 +824,69 @@ mod tests {
         assert_eq!(ix.deletable_segments(3), vec![1, 2]);
         // Events of a settled-and-forgotten message are ignored.
         event(&mut ix, 0, Status::Acked, EventOutcome::Delivered, 1);
+    }
+
+    /// The O(1) gauges `/metrics` reads agree with a count over the index
+    /// through every transition (settle, late delivery, dead letter, replay, drop).
+    #[test]
+    fn unsettled_and_dead_counters_follow_every_transition() {
+        let mut ix = MessageIndex::new();
+        let counted = |ix: &MessageIndex| {
+            (ix.pending_messages(), ix.dead_events(), ix.pending_for("a").count(), ix.dead_letters(None, 100).len())
+        };
+        for seq in 0..4 {
+            accept(&mut ix, 1, seq, "a");
+        }
+        assert_eq!(counted(&ix), (4, 0, 4, 0));
+        notify(&mut ix, 0, Status::Delivered);
+        status(&mut ix, 0, Status::Acked);
+        status(&mut ix, 0, Status::Acked); // twice: settled once
+        status(&mut ix, 1, Status::Expired);
+        status(&mut ix, 1, Status::Delivered); // late: never un-settles
+        assert_eq!(counted(&ix), (2, 0, 2, 0));
+        event(&mut ix, 0, Status::Delivered, EventOutcome::DeadLettered, 3);
+        event(&mut ix, 0, Status::Delivered, EventOutcome::DeadLettered, 4); // again: one dead letter
+        assert_eq!(counted(&ix), (2, 1, 2, 1));
+        event(&mut ix, 0, Status::Delivered, EventOutcome::Replayed, 0);
+        assert_eq!(counted(&ix), (2, 0, 2, 0));
+        event(&mut ix, 0, Status::Delivered, EventOutcome::DeadLettered, 5);
+        event(&mut ix, 0, Status::Delivered, EventOutcome::Dropped, 0);
+        assert_eq!(counted(&ix), (2, 0, 2, 0));
+    }
+
+    /// Fallback deliveries take messages out of the pending queues outside
+    /// `apply_status`, and dead-letter too: the `/metrics` counters follow.
+    #[test]
+    fn counters_follow_fallback_exhaustion_replay_and_drop() {
+        let mut ix = MessageIndex::new();
+        accept(&mut ix, 1, 0, "a");
+        let step = |ix: &mut MessageIndex, step: FallbackStep| {
+            let change = FallbackChange {
+                seq: 0,
+                step,
+                at_ms: 50,
+                channel: 0,
+                channels: 0,
+                attempts: 0,
+                when_ms: 10,
+                notify: false,
+                text: "no channel left",
+            };
+            ix.apply(9, 0, &Record::Fallback(change));
+        };
+        let counted = |ix: &MessageIndex| {
+            let dead = ix.fallback_dead_letters(None, 10).len() + ix.dead_letters(None, 10).len();
+            (ix.pending_messages(), ix.dead_events(), ix.pending_for("a").count(), dead)
+        };
+        step(&mut ix, FallbackStep::Planned);
+        assert_eq!(counted(&ix), (1, 0, 1, 0));
+        step(&mut ix, FallbackStep::Exhausted);
+        assert_eq!(counted(&ix), (0, 1, 0, 1));
+        step(&mut ix, FallbackStep::Replayed); // due again through fallback, not the app queue
+        assert_eq!(counted(&ix), (0, 0, 0, 0));
+        step(&mut ix, FallbackStep::Exhausted);
+        step(&mut ix, FallbackStep::Dropped);
+        assert_eq!(counted(&ix), (0, 0, 0, 0), "dropped: out of the queue, the message stays failed");
     }
 
     #[test]

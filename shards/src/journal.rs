@@ -29,6 +29,7 @@ use hashbrown::HashMap;
 
 pub use crate::group_commit::Appended;
 use crate::group_commit::{GroupCommit, Resume, Write};
+use crate::histogram::{Histogram, LATENCY_BOUNDS_SECONDS, RECORDS_BOUNDS};
 use crate::index::MessageIndex;
 use crate::limits::{BLOCK_BYTES, SEGMENT_OVERHEAD_BYTES};
 use crate::record::{encoded_len, Record, SegmentHeader};
@@ -72,6 +73,28 @@ pub struct Journal<S: Storage = DmaStorage> {
     commits: Cell<u64>,
     /// Read handles of segments, for delivering bodies not in memory.
     readers: RefCell<HashMap<u64, Rc<S::File>>>,
+    stats: JournalStats,
+}
+
+/// What `/metrics` shows of one journal: plain cells, this shard's only.
+#[derive(Debug)]
+pub struct JournalStats {
+    /// Seconds each fdatasync took.
+    pub fsync_seconds: Histogram,
+    /// Records made durable by each write + fdatasync.
+    pub commit_records: Histogram,
+    /// Bytes written to segments (whole writes, a rewritten block prefix included).
+    pub bytes_written: Cell<u64>,
+}
+
+impl Default for JournalStats {
+    fn default() -> Self {
+        JournalStats {
+            fsync_seconds: Histogram::new(LATENCY_BOUNDS_SECONDS),
+            commit_records: Histogram::new(RECORDS_BOUNDS),
+            bytes_written: Cell::new(0),
+        }
+    }
 }
 
 /// Teaches glommio whether the journal's device supports polled I/O.
@@ -138,6 +161,7 @@ impl<S: Storage> Journal<S> {
             committer: RefCell::new(None),
             commits: Cell::new(0),
             readers: RefCell::new(HashMap::new()),
+            stats: JournalStats::default(),
         });
         if let Some(segment) = first_segment {
             journal.gc.borrow_mut().start_segment(segment);
@@ -161,6 +185,11 @@ impl<S: Storage> Journal<S> {
     /// Number of fdatasyncs done so far.
     pub fn commits(&self) -> u64 {
         self.commits.get()
+    }
+
+    /// Fsync latency, records per commit, bytes written.
+    pub fn stats(&self) -> &JournalStats {
+        &self.stats
     }
 
     /// The error that stopped the journal, if any.
@@ -373,7 +402,11 @@ impl<S: Storage> Journal<S> {
             .map_err(|e| {
                 format!("write of {} bytes at {}:{} failed: {e}", write.len, path.display(), write.file_offset)
             })?;
+        let synced_from = std::time::Instant::now();
         file.sync().await.map_err(|e| format!("fdatasync of {} failed: {e}", path.display()))?;
+        self.stats.fsync_seconds.observe(synced_from.elapsed().as_secs_f64());
+        self.stats.commit_records.observe((write.generation - self.durable_generation()) as f64);
+        self.stats.bytes_written.set(self.stats.bytes_written.get() + write.len as u64);
         self.gc.borrow_mut().complete(write);
         self.commits.set(self.commits.get() + 1);
         self.wake_durable_waiters();

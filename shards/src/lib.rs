@@ -13,6 +13,7 @@ pub mod commit;
 pub mod directory;
 pub mod feed;
 pub mod group_commit;
+pub mod histogram;
 pub mod id;
 pub mod idempotency;
 pub mod index;

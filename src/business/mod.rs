@@ -12,6 +12,7 @@ pub mod json;
 
 use std::fmt::Write as _;
 use std::rc::Rc;
+use std::time::Instant;
 
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::limiter::Decision;
@@ -26,6 +27,7 @@ use crate::http::conn::{Handler, Request};
 use crate::http::{write_error, write_response, Method};
 use crate::idempotency::Begin;
 use crate::mesh_msg::IdemRequest;
+use crate::metrics::HttpRoute;
 use crate::shard::{AppendRefusal, MeshError, MeshMsg, NewMessage, Shard};
 
 // The request limits live with every limit they constrain (a user id is
@@ -49,11 +51,13 @@ pub struct BusinessConn {
     /// The rate-limit state the current request saw (for the headers), and
     /// the second its messages were counted in.
     decision: Option<(Decision, u64)>,
+    /// When each `202` in the write buffer was read (`esh3ar_accept_duration_seconds`).
+    unwritten_202s: Vec<Instant>,
 }
 
 impl BusinessConn {
     pub fn new(shard: Rc<Shard>) -> Self {
-        Self { shard, auth_cache: None, decision: None }
+        Self { shard, auth_cache: None, decision: None, unwritten_202s: Vec::new() }
     }
 
     fn authenticate(&mut self, header: Option<&[u8]>) -> Option<Authed> {
@@ -170,6 +174,43 @@ impl From<MeshError> for Refusal {
 
 impl Handler for BusinessConn {
     async fn handle(&mut self, req: Request<'_>, out: &mut Vec<u8>) -> bool {
+        let (read_at, from) = (Instant::now(), out.len());
+        let counted = match route(req.path(), req.head.method) {
+            Route::Send => HttpRoute::Send,
+            Route::Batch => HttpRoute::Batch,
+            Route::Get(_) => HttpRoute::Status,
+            Route::Events => HttpRoute::Events,
+            Route::NotFound | Route::MethodNotAllowed(_) => HttpRoute::Other,
+        };
+        let keep = self.answer(req, out).await;
+        let status = crate::http::answered_status(&out[from..]);
+        self.shard.metrics().http_answer(counted, status);
+        if status == 202 {
+            self.unwritten_202s.push(read_at);
+        }
+        keep
+    }
+
+    fn written(&mut self) {
+        for read_at in self.unwritten_202s.drain(..) {
+            self.shard.metrics().accepted_in(read_at.elapsed().as_secs_f64());
+        }
+    }
+
+    fn refused(&mut self, status: u16) {
+        self.shard.metrics().http_answer(HttpRoute::Other, status);
+    }
+
+    async fn before_read(&mut self) {
+        // When this shard's memory budget is used up, stop reading: the
+        // clients feel TCP backpressure instead of us buffering more.
+        self.shard.wait_for_room().await;
+    }
+}
+
+impl BusinessConn {
+    /// Answers one request into `out`; false closes the connection after it.
+    async fn answer(&mut self, req: Request<'_>, out: &mut Vec<u8>) -> bool {
         let keep = req.head.keep_alive;
         let route = route(req.path(), req.head.method);
         match route {
@@ -272,12 +313,6 @@ impl Handler for BusinessConn {
         }
         true
     }
-
-    async fn before_read(&mut self) {
-        // When this shard's memory budget is used up, stop reading: the
-        // clients feel TCP backpressure instead of us buffering more.
-        self.shard.wait_for_room().await;
-    }
 }
 
 impl BusinessConn {
@@ -354,9 +389,11 @@ impl BusinessConn {
             new_message(&value, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now_ms())?;
         let offset = self.shard.clients().get(authed.client).shed_offset_percent;
         if !self.shard.admits(msg.priority, offset) {
+            self.shard.metrics().shed(msg.priority);
             return Err(ApiError::refusal(Refusal::Shed));
         }
         if !self.rate(authed, 1).await?.admitted {
+            self.shard.metrics().rate_limited(authed.client);
             return Err(ApiError::rate_limited());
         }
         let home = crate::route(&msg.to, self.shard.count());
@@ -389,7 +426,10 @@ impl BusinessConn {
         let mut wanted = 0u32;
         for (i, item) in items.iter().enumerate() {
             match new_message(item, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now) {
-                Ok(m) if !self.shard.admits(m.priority, offset) => results.push(Err(ApiError::refusal(Refusal::Shed))),
+                Ok(m) if !self.shard.admits(m.priority, offset) => {
+                    self.shard.metrics().shed(m.priority);
+                    results.push(Err(ApiError::refusal(Refusal::Shed)))
+                }
                 Ok(m) => {
                     let home = crate::route(&m.to, count);
                     groups[home].0.push(i);
@@ -401,6 +441,7 @@ impl BusinessConn {
             }
         }
         if wanted > 0 && !self.rate(authed, wanted).await?.admitted {
+            self.shard.metrics().rate_limited(authed.client);
             return Err(ApiError::rate_limited()); // the whole batch, as documented
         }
         // Send every remote group first, then append the local one, then

@@ -62,6 +62,19 @@ pub trait Handler {
     /// may hold the connection here (backpressure) while its shard has no room.
     #[allow(async_fn_in_trait)]
     async fn before_read(&mut self) {}
+
+    /// Runs after the connection's last answer is written, before it
+    /// closes: a handler that answered with a stream (server-sent events)
+    /// writes the rest of it here.
+    #[allow(async_fn_in_trait)]
+    async fn stream_after(&mut self, _stream: &mut TcpStream) {}
+
+    /// Called once the answers handled so far are written to the socket.
+    fn written(&mut self) {}
+
+    /// Called when the connection itself refuses a request (framing error,
+    /// timeout) with `status`, before any handler saw it.
+    fn refused(&mut self, _status: u16) {}
 }
 
 const READ_CHUNK_BYTES: usize = 4096;
@@ -82,7 +95,7 @@ pub async fn serve<H: Handler>(
     let mut conn = Conn::new(stream, limits, pressure);
     loop {
         let Some(need) = conn.answer_buffered(handler, shutdown).await else { return };
-        if !conn.write_answers().await {
+        if !conn.write_answers(handler).await {
             return;
         }
         conn.make_room(need);
@@ -123,6 +136,7 @@ impl<'p> Conn<'p> {
             let head = match parse_head(&self.buf[self.start..self.end], self.limits.body_bytes_max) {
                 Framing::Partial => return Some(0),
                 Framing::Error(e) => {
+                    handler.refused(e.status);
                     write_error(&mut self.out, e.status, e.code, e.message, "", false);
                     let _ = self.stream.write_all(&self.out).await;
                     return None;
@@ -139,7 +153,10 @@ impl<'p> Conn<'p> {
             self.start += total;
             self.request_started = Instant::now();
             if !keep || !keep_alive || shutdown.is_set() {
-                let _ = self.stream.write_all(&self.out).await;
+                if self.stream.write_all(&self.out).await.is_ok() {
+                    handler.written();
+                    handler.stream_after(&mut self.stream).await;
+                }
                 return None;
             }
         }
@@ -148,7 +165,7 @@ impl<'p> Conn<'p> {
 
     /// Writes the answers collected so far; gives back a large body's
     /// buffer once it is consumed. False if the peer is gone.
-    async fn write_answers(&mut self) -> bool {
+    async fn write_answers<H: Handler>(&mut self, handler: &mut H) -> bool {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
             if self.buf.len() > 4 * READ_CHUNK_BYTES {
@@ -160,6 +177,7 @@ impl<'p> Conn<'p> {
             if self.stream.write_all(&self.out).await.is_err() {
                 return false;
             }
+            handler.written();
             self.out.clear();
         }
         true
@@ -222,6 +240,7 @@ impl<'p> Conn<'p> {
                 true
             }
             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut && !idle => {
+                handler.refused(408);
                 write_error(&mut self.out, 408, "request_timeout", "request not completed in time", "", false);
                 let _ = self.stream.write_all(&self.out).await;
                 false

@@ -222,6 +222,11 @@ pub fn write_response(out: &mut Vec<u8>, status: u16, extra_headers: &str, body:
     out.extend_from_slice(body);
 }
 
+/// The status code of a response written by [`write_response`] (0 if none).
+pub fn answered_status(response: &[u8]) -> u16 {
+    response.get(9..12).and_then(|c| std::str::from_utf8(c).ok()?.parse().ok()).unwrap_or(0)
+}
+
 /// Writes `{"error":{"code":..,"message":..}}` with the given status.
 pub fn write_error(out: &mut Vec<u8>, status: u16, code: &str, message: &str, extra_headers: &str, keep_alive: bool) {
     let mut body = Vec::with_capacity(64 + message.len());
