@@ -42,6 +42,8 @@ pub struct ThreadStats {
     pub accepted_keys: Vec<u64>,
     /// Keys of every received message, duplicates included.
     pub delivered_keys: Vec<u64>,
+    /// fallback: (key, intended send ns, 202 ns) of every accepted message.
+    pub accepted_at: Vec<(u64, u64, u64)>,
     /// Named figures of a scenario (connect times, drain times...).
     pub extra: BTreeMap<String, f64>,
     /// overload: answers by (second, status or cause, priority).
@@ -59,6 +61,7 @@ impl Default for ThreadStats {
             errors: BTreeMap::new(),
             accepted_keys: Vec::new(),
             delivered_keys: Vec::new(),
+            accepted_at: Vec::new(),
             extra: BTreeMap::new(),
             answers: BTreeMap::new(),
         }
@@ -82,6 +85,7 @@ impl ThreadStats {
         }
         self.accepted_keys.extend(other.accepted_keys);
         self.delivered_keys.extend(other.delivered_keys);
+        self.accepted_at.extend(other.accepted_at);
         for (k, v) in other.answers {
             *self.answers.entry(k).or_default() += v;
         }
