@@ -199,6 +199,11 @@ pub struct RunArgs {
     /// (the engine's default is 64).
     #[arg(long, default_value_t = 64)]
     pub provider_in_flight: usize,
+    /// fallback: `[webhooks] max_in_flight_per_endpoint` of the engine, which
+    /// also sizes its idle connection pool per host, provider calls
+    /// included (engine default 16: calls beyond it open a new connection).
+    #[arg(long)]
+    pub webhooks_max_in_flight: Option<usize>,
     /// Set by the fallback scenario: register `--users` users with a phone
     /// through the admin API before the load.
     #[arg(skip)]
@@ -326,10 +331,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             let bin = args.engine_bin.clone().unwrap_or_else(engine::default_engine_bin);
             let limit = memory_limit(args);
             let webhook = args.webhook_receiver.as_ref().map(|r| r.url());
-            let whatsapp = args
-                .fallback_provider
-                .as_ref()
-                .map(|p| engine::WhatsAppProvider { base_url: p.base_url(), max_in_flight: args.provider_in_flight });
+            let whatsapp = args.fallback_provider.as_ref().map(|p| engine::WhatsAppProvider {
+                base_url: p.base_url(),
+                max_in_flight: args.provider_in_flight,
+                webhooks_max_in_flight: args.webhooks_max_in_flight,
+            });
             let (s, mut t) = engine::spawn_engine(
                 &bin,
                 server_threads,

@@ -163,6 +163,9 @@ pub struct WhatsAppProvider {
     pub base_url: String,
     /// `max_in_flight` of `[providers.whatsapp]`.
     pub max_in_flight: usize,
+    /// `[webhooks] max_in_flight_per_endpoint` when set: the offload
+    /// thread's idle connection pool per host (provider calls included).
+    pub webhooks_max_in_flight: Option<usize>,
 }
 
 /// Writes a config for an engine on free loopback ports, one benchmark
@@ -196,6 +199,9 @@ max_in_flight = {in_flight}
             token = crate::fallback::ACCESS_TOKEN,
             in_flight = w.max_in_flight,
         );
+        if let Some(n) = w.webhooks_max_in_flight {
+            providers.push_str(&format!("[webhooks]\nmax_in_flight_per_endpoint = {n}\n\n"));
+        }
     }
     let text = format!(
         r#"# Written by esh3ar-perf.

@@ -21,7 +21,8 @@
 //! - `provider_calls` (every request that reached the fake provider),
 //!   `provider_unique` (distinct messages), `provider_duplicates`,
 //!   `delivered_whatsapp` (distinct messages answered 200),
-//!   `provider_bad_requests` (wrong path, token or body);
+//!   `provider_bad_requests` (wrong path, token or body),
+//!   `provider_connections` (TCP connections the engine opened to it);
 //! - `provider_calls_per_s`: calls that arrived in the measured window, per
 //!   second (the channel's throughput under load), and
 //!   `provider_calls_per_s_overall` (first to last call);
@@ -74,6 +75,8 @@ pub struct Provider {
     total: AtomicU64,
     bad: AtomicU64,
     next_id: AtomicU64,
+    /// TCP connections the engine opened to the provider.
+    connections: AtomicU64,
 }
 
 impl std::fmt::Debug for Provider {
@@ -93,11 +96,13 @@ impl Provider {
             total: AtomicU64::new(0),
             bad: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
+            connections: AtomicU64::new(0),
         });
         let me = p.clone();
         std::thread::Builder::new().name("wa-accept".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
                 let me = me.clone();
+                me.connections.fetch_add(1, Ordering::Relaxed);
                 let _ = std::thread::Builder::new()
                     .name("wa-conn".into())
                     .stack_size(128 << 10)
@@ -235,6 +240,7 @@ impl Provider {
             ("provider_unique", unique as f64),
             ("provider_duplicates", c.duplicates as f64),
             ("provider_bad_requests", self.bad.load(Ordering::Relaxed) as f64),
+            ("provider_connections", self.connections.load(Ordering::Relaxed) as f64),
             ("delivered_whatsapp", c.answered.len() as f64),
             ("provider_calls_per_s", in_window / window_s.max(1e-9)),
             ("provider_calls_per_s_overall", if span_s > 0.0 { unique as f64 / span_s } else { 0.0 }),
