@@ -40,6 +40,8 @@ fn e2e_closed_loop_delivers_everything_once() {
     assert!(r.accepted > 0, "{}", r.human());
     let delivery = r.delivery.as_ref().expect("e2e reports delivery latency");
     assert!(delivery.count > 0 && delivery.p50_ms > 0.0, "{}", r.human());
+    let after = r.extra.get("after_accept_p99_ms").copied();
+    assert!(after.is_some_and(f64::is_finite), "{}", r.human());
     let back = Report::load(&out).unwrap();
     assert_eq!(back.accepted, r.accepted);
     assert!(compare(&back, &r).contains("throughput msg/s"));

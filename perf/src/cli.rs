@@ -418,6 +418,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         stats.extra.insert("users_registered".into(), args.users as f64);
         stats.extra.insert("register_s".into(), r);
     }
+    if plan.scenario == Scenario::E2e {
+        let (h, first) = crate::stats::after_acceptance(
+            &stats.accepted_at,
+            &stats.delivered_at,
+            outcome.window_ns.0,
+            outcome.window_ns.1,
+        );
+        let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+        stats.extra.insert("after_accept_p50_ms".into(), q(0.5));
+        stats.extra.insert("after_accept_p99_ms".into(), q(0.99));
+        stats.extra.insert("after_accept_p999_ms".into(), q(0.999));
+        stats.extra.insert("received_before_202_share".into(), first);
+    }
     if let Some(provider) = &args.fallback_provider {
         for (k, v) in provider.figures(&stats.accepted_at, outcome.accepted_all, outcome.window_ns, load_end) {
             stats.extra.insert(k.into(), v);
@@ -522,7 +535,7 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
         connects_in_flight: 64,
         spin_before_park: Duration::from_micros(args.spin_us),
         memory_limit_bytes: if args.addr.is_none() { memory_limit(args) } else { 0 },
-        record_accept_times: args.fallback_provider.is_some(),
+        record_accept_times: args.fallback_provider.is_some() || args.scenario == Scenario::E2e,
     }
 }
 
