@@ -40,6 +40,8 @@ fn e2e_closed_loop_delivers_everything_once() {
     assert!(r.accepted > 0, "{}", r.human());
     let delivery = r.delivery.as_ref().expect("e2e reports delivery latency");
     assert!(delivery.count > 0 && delivery.p50_ms > 0.0, "{}", r.human());
+    let after = r.extra.get("after_accept_p99_ms").copied();
+    assert!(after.is_some_and(f64::is_finite), "{}", r.human());
     let back = Report::load(&out).unwrap();
     assert_eq!(back.accepted, r.accepted);
     assert!(compare(&back, &r).contains("throughput msg/s"));
@@ -150,4 +152,52 @@ fn receipts_compares_runs_without_and_with_webhooks_and_every_event_arrives() {
         assert!(get(k) > 0.0, "{k}\n{}", r.human());
     }
     assert!(get("lag_acked_p99_ms") >= get("lag_acked_p50_ms"));
+}
+
+/// The fallback scenario, small: users registered with a phone, every
+/// message falls back at once to the harness's fake WhatsApp provider;
+/// each accepted message reaches it exactly once, and the report carries
+/// the figures docs/PERFORMANCE.md quotes.
+#[test]
+fn fallback_reaches_the_fake_provider_once_per_message() {
+    let r = perf(&[
+        "--scenario",
+        "fallback",
+        "--connections",
+        "2",
+        "--users",
+        "50",
+        "--duration",
+        "1s",
+        "--drain-timeout",
+        "30s",
+    ]);
+    assert_eq!(r.scenario, "fallback");
+    assert!(r.errors.is_empty(), "errors: {:?}\n{}", r.errors, r.human());
+    let x = |k: &str| *r.extra.get(k).unwrap_or_else(|| panic!("no `{k}` in the report\n{}", r.human()));
+    let accepted = x("accepted_all");
+    assert!(accepted > 10.0, "{}", r.human());
+    assert_eq!(x("provider_unique"), accepted, "every accepted message reaches the provider\n{}", r.human());
+    assert_eq!(x("owed_at_end"), 0.0, "{}", r.human());
+    assert_eq!(x("provider_duplicates"), 0.0, "{}", r.human());
+    assert_eq!(x("provider_bad_requests"), 0.0, "{}", r.human());
+    assert_eq!(x("delivered_whatsapp"), accepted, "{}", r.human());
+    assert_eq!(x("users_registered"), 50.0, "{}", r.human());
+    for k in [
+        "baseline_msg_per_s",
+        "baseline_accept_p50_ms",
+        "baseline_accept_p99_ms",
+        "ingest_ratio",
+        "accept_p99_ratio",
+        "provider_calls",
+        "provider_calls_per_s",
+        "provider_lag_p50_ms",
+        "provider_lag_p99_ms",
+        "provider_lag_from_send_p99_ms",
+        "drain_s",
+    ] {
+        assert!(x(k).is_finite(), "{k}\n{}", r.human());
+    }
+    // The provider answers after 50 ms: no call can take less from the send.
+    assert!(x("provider_lag_from_send_p50_ms") > 0.0, "{}", r.human());
 }

@@ -192,6 +192,27 @@ pub struct RunArgs {
     /// sends webhooks here, and the run waits for them before stopping it.
     #[arg(skip)]
     pub webhook_receiver: Option<std::sync::Arc<crate::receipts::Receiver>>,
+    /// fallback: how long the fake WhatsApp provider takes to answer.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub provider_delay: Duration,
+    /// fallback: `max_in_flight` of the engine's `[providers.whatsapp]`
+    /// (the engine's default is 64).
+    #[arg(long, default_value_t = 64)]
+    pub provider_in_flight: usize,
+    /// fallback: `[webhooks] max_in_flight_per_endpoint` of the engine, which
+    /// also sizes its idle connection pool per host, provider calls
+    /// included (engine default 16: calls beyond it open a new connection).
+    #[arg(long)]
+    pub webhooks_max_in_flight: Option<usize>,
+    /// Set by the fallback scenario: register `--users` users with a phone
+    /// through the admin API before the load.
+    #[arg(skip)]
+    pub register_users: bool,
+    /// Set by the fallback scenario: the started engine's benchmark client
+    /// falls back at once to this fake WhatsApp provider, and the run waits
+    /// for its calls before stopping the engine.
+    #[arg(skip)]
+    pub fallback_provider: Option<std::sync::Arc<crate::fallback::Provider>>,
 }
 
 /// Fails with the answers that were not a 202 (or transport errors), if any.
@@ -298,6 +319,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     if args.scenario == Scenario::Receipts {
         return crate::receipts::run(args);
     }
+    if args.scenario == Scenario::Fallback {
+        return crate::fallback::run(args);
+    }
     let sockets = args.connections.unwrap_or(0) + args.receivers.unwrap_or(0);
     crate::net::raise_open_files(sockets.max(default_connections(args.scenario)))?;
     let server_threads = args.server_threads.unwrap_or(if args.scenario == Scenario::AcceptAll { 2 } else { 1 });
@@ -307,8 +331,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             let bin = args.engine_bin.clone().unwrap_or_else(engine::default_engine_bin);
             let limit = memory_limit(args);
             let webhook = args.webhook_receiver.as_ref().map(|r| r.url());
-            let (s, mut t) =
-                engine::spawn_engine(&bin, server_threads, args.data_dir.as_deref(), limit, webhook.as_deref())?;
+            let whatsapp = args.fallback_provider.as_ref().map(|p| engine::WhatsAppProvider {
+                base_url: p.base_url(),
+                max_in_flight: args.provider_in_flight,
+                webhooks_max_in_flight: args.webhooks_max_in_flight,
+            });
+            let (s, mut t) = engine::spawn_engine(
+                &bin,
+                server_threads,
+                args.data_dir.as_deref(),
+                limit,
+                webhook.as_deref(),
+                whatsapp.as_ref(),
+            )?;
             spawned = Some(s);
             if let Target::Esh3ar { mobile_protocol, .. } = &mut t {
                 *mobile_protocol = args.mobile_protocol;
@@ -345,7 +380,23 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     };
     let cpus = generator_cpus(&args.cpus, &server_cpus, args.threads)?;
     let plan = plan(args, cpus.clone());
+    let mut register_s = None;
+    if args.register_users {
+        let admin =
+            spawned.as_ref().and_then(Spawned::admin_addr).context("no admin listener of the started engine")?;
+        eprintln!("registering {} users with a phone at {admin}", args.users);
+        register_s = Some(crate::fallback::register_users(admin, engine::BENCH_ADMIN_TOKEN, args.users, 8)?);
+    }
     let result = scenario::run(&plan, &target, server_pid);
+    let load_end = crate::clock::now_ns();
+    if let (Ok(outcome), Some(provider)) = (&result, &args.fallback_provider) {
+        eprintln!(
+            "waiting for {} provider calls (up to {:?})",
+            outcome.accepted_all.saturating_sub(provider.unique()),
+            args.drain_timeout
+        );
+        provider.wait_for(outcome.accepted_all, args.drain_timeout);
+    }
     if let (Ok(outcome), Some(receiver)) = (&result, &args.webhook_receiver) {
         // Every accepted message owes `delivered` and `acked`.
         let expected = outcome.accepted_all * 2;
@@ -360,8 +411,30 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     }
     let outcome = result?;
     let mut stats = outcome.stats;
-    if args.webhook_receiver.is_some() {
+    if args.webhook_receiver.is_some() || args.fallback_provider.is_some() {
         stats.extra.insert("accepted_all".into(), outcome.accepted_all as f64);
+    }
+    if let Some(r) = register_s {
+        stats.extra.insert("users_registered".into(), args.users as f64);
+        stats.extra.insert("register_s".into(), r);
+    }
+    if plan.scenario == Scenario::E2e {
+        let (h, first) = crate::stats::after_acceptance(
+            &stats.accepted_at,
+            &stats.delivered_at,
+            outcome.window_ns.0,
+            outcome.window_ns.1,
+        );
+        let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+        stats.extra.insert("after_accept_p50_ms".into(), q(0.5));
+        stats.extra.insert("after_accept_p99_ms".into(), q(0.99));
+        stats.extra.insert("after_accept_p999_ms".into(), q(0.999));
+        stats.extra.insert("received_before_202_share".into(), first);
+    }
+    if let Some(provider) = &args.fallback_provider {
+        for (k, v) in provider.figures(&stats.accepted_at, outcome.accepted_all, outcome.window_ns, load_end) {
+            stats.extra.insert(k.into(), v);
+        }
     }
     let (lost, duplicates) = if matches!(plan.scenario, Scenario::E2e | Scenario::OfflineDrain) {
         stats.lost_and_duplicates()
@@ -438,7 +511,7 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
     let receivers = args.receivers.unwrap_or(match args.scenario {
         Scenario::E2e | Scenario::OfflineDrain | Scenario::Receipts => 1000,
         Scenario::IdleConnections => 10_000,
-        Scenario::Ingest | Scenario::Batch | Scenario::Overload | Scenario::AcceptAll => 0,
+        Scenario::Ingest | Scenario::Batch | Scenario::Overload | Scenario::AcceptAll | Scenario::Fallback => 0,
     });
     let overload = args.scenario == Scenario::Overload;
     Plan {
@@ -462,6 +535,7 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
         connects_in_flight: 64,
         spin_before_park: Duration::from_micros(args.spin_us),
         memory_limit_bytes: if args.addr.is_none() { memory_limit(args) } else { 0 },
+        record_accept_times: args.fallback_provider.is_some() || args.scenario == Scenario::E2e,
     }
 }
 

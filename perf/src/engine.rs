@@ -76,6 +76,8 @@ pub fn mint_token(secret: &str, user: &str, ttl_s: u64) -> String {
 pub struct Spawned {
     pub child: Child,
     pub ready_line: String,
+    /// The stdout lines before the ready line (esh3ar prints `admin=` there).
+    pub early_lines: Vec<String>,
     /// Keeps the private data dir until the server is gone.
     pub dir: Option<tempfile::TempDir>,
 }
@@ -122,14 +124,15 @@ pub fn spawn_until_ready(mut cmd: Command, ready_prefix: &str) -> anyhow::Result
         }
     });
     let prefix = ready_prefix.to_owned();
+    let mut early_lines = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(line) if line.starts_with(&prefix) => {
                 // Keep draining stdout so the child never blocks on it.
                 std::thread::spawn(move || while rx.recv().is_ok() {});
-                return Ok(Spawned { child, ready_line: line, dir: None });
+                return Ok(Spawned { child, ready_line: line, early_lines, dir: None });
             }
-            Ok(_) => {}
+            Ok(line) => early_lines.push(line),
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
@@ -149,6 +152,22 @@ pub fn ready_field(line: &str, name: &str) -> Option<String> {
 /// million pending messages before the engine sheds load.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 4 << 30;
 
+/// The admin token in configs the harness writes.
+pub const BENCH_ADMIN_TOKEN: &str = "perf-harness-admin-token";
+
+/// A WhatsApp provider for a started engine (the fallback scenario): the
+/// benchmark client's messages fall back to it at once.
+#[derive(Debug, Clone)]
+pub struct WhatsAppProvider {
+    /// `base_url` (the fake provider in the harness).
+    pub base_url: String,
+    /// `max_in_flight` of `[providers.whatsapp]`.
+    pub max_in_flight: usize,
+    /// `[webhooks] max_in_flight_per_endpoint` when set: the offload
+    /// thread's idle connection pool per host (provider calls included).
+    pub webhooks_max_in_flight: Option<usize>,
+}
+
 /// Writes a config for an engine on free loopback ports, one benchmark
 /// client without a practical rate limit, and `memory_limit` bytes.
 pub fn write_engine_config(
@@ -156,11 +175,34 @@ pub fn write_engine_config(
     shards: usize,
     memory_limit: u64,
     webhook_url: Option<&str>,
+    whatsapp: Option<&WhatsAppProvider>,
 ) -> anyhow::Result<PathBuf> {
     let data = dir.join("data");
-    let webhook = webhook_url.map_or_else(String::new, |url| {
+    let mut webhook = webhook_url.map_or_else(String::new, |url| {
         format!("webhook_url = \"{url}\"\nwebhook_secret = \"{}\"\n", crate::receipts::BENCH_WEBHOOK_SECRET)
     });
+    let mut providers = String::new();
+    if let Some(w) = whatsapp {
+        webhook.push_str("fallback_after_seconds = 0\nfallback_channels = [\"whatsapp\"]\n");
+        providers = format!(
+            r#"[providers.whatsapp]
+kind = "whatsapp_cloud"
+base_url = "{url}"
+phone_number_id = "{id}"
+access_token = "{token}"
+timeout_ms = 10000
+max_in_flight = {in_flight}
+
+"#,
+            url = w.base_url,
+            id = crate::fallback::PHONE_NUMBER_ID,
+            token = crate::fallback::ACCESS_TOKEN,
+            in_flight = w.max_in_flight,
+        );
+        if let Some(n) = w.webhooks_max_in_flight {
+            providers.push_str(&format!("[webhooks]\nmax_in_flight_per_endpoint = {n}\n\n"));
+        }
+    }
     let text = format!(
         r#"# Written by esh3ar-perf.
 [engine]
@@ -178,12 +220,12 @@ token_secret = "{secret}"
 
 [admin]
 listen = "127.0.0.1:0"
-token = "perf-harness-admin-token"
+token = "{admin}"
 
 [tiers.bench]
 messages_per_minute = 1000000000
 
-[[clients]]
+{providers}[[clients]]
 id = "bench"
 api_key = "{key}"
 tier = "bench"
@@ -191,6 +233,7 @@ tier = "bench"
         data = data.display(),
         secret = BENCH_TOKEN_SECRET,
         key = BENCH_API_KEY,
+        admin = BENCH_ADMIN_TOKEN,
     );
     let path = dir.join("engine.toml");
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
@@ -205,13 +248,14 @@ pub fn spawn_engine(
     parent: Option<&Path>,
     memory_limit: u64,
     webhook_url: Option<&str>,
+    whatsapp: Option<&WhatsAppProvider>,
 ) -> anyhow::Result<(Spawned, Target)> {
     let dir = match parent {
         Some(p) => tempfile::Builder::new().prefix("esh3ar-perf-").tempdir_in(p),
         None => tempfile::Builder::new().prefix("esh3ar-perf-").tempdir(),
     }
     .context("cannot create a data dir")?;
-    let config = write_engine_config(dir.path(), shards, memory_limit, webhook_url)?;
+    let config = write_engine_config(dir.path(), shards, memory_limit, webhook_url, whatsapp)?;
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--config"]).arg(&config).env("ESH3AR_LOG", "warn");
     let mut spawned = spawn_until_ready(cmd, "esh3ar ready ")
@@ -231,6 +275,16 @@ pub fn spawn_engine(
         mobile_protocol: crate::ws::MobileProtocol::Raw,
     };
     Ok((spawned, target))
+}
+
+impl Spawned {
+    /// The admin listener of a started esh3ar (its `esh3ar admin=` line).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.early_lines
+            .iter()
+            .filter(|l| l.starts_with("esh3ar admin="))
+            .find_map(|l| ready_field(l, "admin")?.parse().ok())
+    }
 }
 
 /// The `esh3ar` binary next to this executable (cargo puts workspace

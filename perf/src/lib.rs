@@ -13,6 +13,7 @@ pub mod cli;
 pub mod clock;
 pub mod disk;
 pub mod engine;
+pub mod fallback;
 pub mod http_client;
 pub mod net;
 pub mod payload;

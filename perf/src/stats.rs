@@ -42,6 +42,10 @@ pub struct ThreadStats {
     pub accepted_keys: Vec<u64>,
     /// Keys of every received message, duplicates included.
     pub delivered_keys: Vec<u64>,
+    /// fallback, e2e: (key, intended send ns, 202 ns) of every accepted message.
+    pub accepted_at: Vec<(u64, u64, u64)>,
+    /// e2e: (key, receipt ns) of every received message.
+    pub delivered_at: Vec<(u64, u64)>,
     /// Named figures of a scenario (connect times, drain times...).
     pub extra: BTreeMap<String, f64>,
     /// overload: answers by (second, status or cause, priority).
@@ -59,6 +63,8 @@ impl Default for ThreadStats {
             errors: BTreeMap::new(),
             accepted_keys: Vec::new(),
             delivered_keys: Vec::new(),
+            accepted_at: Vec::new(),
+            delivered_at: Vec::new(),
             extra: BTreeMap::new(),
             answers: BTreeMap::new(),
         }
@@ -82,6 +88,8 @@ impl ThreadStats {
         }
         self.accepted_keys.extend(other.accepted_keys);
         self.delivered_keys.extend(other.delivered_keys);
+        self.accepted_at.extend(other.accepted_at);
+        self.delivered_at.extend(other.delivered_at);
         for (k, v) in other.answers {
             *self.answers.entry(k).or_default() += v;
         }
@@ -103,6 +111,39 @@ impl ThreadStats {
         let lost = self.accepted_keys.iter().filter(|k| self.delivered_keys.binary_search(k).is_err()).count();
         (lost as u64, duplicates)
     }
+}
+
+/// e2e: per message, from its `202` reaching the generator to its receipt
+/// by a receiver (0 when the receipt came first), for messages sent in the
+/// measured window `[start, end)`: what the delivery path adds after
+/// acceptance, without the stalls that delay the `202` and the delivery
+/// alike. Returns (histogram, share received before the `202` was read).
+pub fn after_acceptance(
+    accepted_at: &[(u64, u64, u64)],
+    delivered_at: &[(u64, u64)],
+    start: u64,
+    end: u64,
+) -> (Histogram<u64>, f64) {
+    let done: std::collections::HashMap<u64, u64> = accepted_at
+        .iter()
+        .filter(|&&(_, sent, _)| sent >= start && sent < end)
+        .map(|&(key, _, done)| (key, done))
+        .collect();
+    let mut h = histogram();
+    let (mut first, mut n) = (0u64, 0u64);
+    let mut seen = std::collections::HashSet::new();
+    for &(key, at) in delivered_at {
+        let Some(&d) = done.get(&key) else { continue };
+        if !seen.insert(key) {
+            continue;
+        }
+        n += 1;
+        if at < d {
+            first += 1;
+        }
+        record_ns(&mut h, at.saturating_sub(d));
+    }
+    (h, first as f64 / n.max(1) as f64)
 }
 
 /// Percentiles of one histogram, in milliseconds.
@@ -192,6 +233,17 @@ mod tests {
         let mut s =
             ThreadStats { accepted_keys: vec![1, 2, 3, 4], delivered_keys: vec![2, 1, 2, 4], ..Default::default() };
         assert_eq!(s.lost_and_duplicates(), (1, 1));
+    }
+
+    #[test]
+    fn after_acceptance_joins_by_key_in_the_window() {
+        // (key, sent, 202) and (key, received); key 4 was sent before the window.
+        let accepted = [(1, 100, 2_000_000), (2, 100, 5_000_000), (3, 100, 1_000_000), (4, 10, 0)];
+        let received = [(1, 3_000_000), (2, 4_000_000), (1, 9_000_000), (4, 9_000_000)];
+        let (h, first) = after_acceptance(&accepted, &received, 50, 1_000);
+        assert_eq!(h.len(), 2, "key 3 never came, key 1's repeat and key 4 do not count");
+        assert_eq!(h.max(), h.highest_equivalent(1000), "1 ms after its 202");
+        assert!((first - 0.5).abs() < 1e-9, "key 2 came before its 202");
     }
 
     #[test]

@@ -285,8 +285,17 @@ async fn lane(ctx: Rc<ThreadCtx>, j: usize, mut sender: Sender, gate: Rc<Semapho
         let overload = plan.scenario.profiled();
         let measured = offline || intended >= start;
         let in_window = offline || (done >= start && done < end);
-        let r =
-            Recorded { first, intended, done, measured, in_window, track_keys, warn: offline || done < end, overload };
+        let r = Recorded {
+            first,
+            intended,
+            done,
+            measured,
+            in_window,
+            track_keys,
+            warn: offline || done < end,
+            overload,
+            times: plan.record_accept_times,
+        };
         record(&ctx, result, r);
         if broken {
             match reconnect(&ctx, j, if offline { u64::MAX } else { end }).await {
@@ -310,6 +319,8 @@ struct Recorded {
     warn: bool,
     /// overload: timeouts and resets are counted apart from other I/O errors.
     overload: bool,
+    /// fallback: keep (key, send, acceptance) of each accepted message.
+    times: bool,
 }
 
 fn record(ctx: &ThreadCtx, result: io::Result<Result<u64, String>>, r: Recorded) {
@@ -319,6 +330,10 @@ fn record(ctx: &ThreadCtx, result: io::Result<Result<u64, String>>, r: Recorded)
             Progress::add(&ctx.progress().accepted, accepted);
             if r.track_keys {
                 st.accepted_keys.extend((r.first..r.first + accepted).map(|c| payload::key(ctx.index, c)));
+            }
+            if r.times {
+                st.accepted_at
+                    .extend((r.first..r.first + accepted).map(|c| (payload::key(ctx.index, c), r.intended, r.done)));
             }
             if r.in_window {
                 st.accepted += accepted;

@@ -53,6 +53,11 @@ pub enum Scenario {
     /// Two e2e runs, without and with webhooks to a receiver in the
     /// harness: the ingest cost of receipts and their lag (esh3ar only).
     Receipts,
+    /// Two ingest runs to users registered with a phone, without and with
+    /// every message falling back at once to a fake WhatsApp provider in
+    /// the harness: the ingest cost and the channel's throughput and lag
+    /// (esh3ar only).
+    Fallback,
 }
 
 impl Scenario {
@@ -66,6 +71,7 @@ impl Scenario {
             Scenario::Overload => "overload",
             Scenario::AcceptAll => "accept-all",
             Scenario::Receipts => "receipts",
+            Scenario::Fallback => "fallback",
         }
     }
 
@@ -118,6 +124,8 @@ pub struct Plan {
     pub spin_before_park: Duration,
     /// The memory limit of an engine started by the harness (0: unknown).
     pub memory_limit_bytes: u64,
+    /// Keep (key, send, acceptance) of every accepted message (fallback).
+    pub record_accept_times: bool,
 }
 
 impl Default for Plan {
@@ -140,6 +148,7 @@ impl Default for Plan {
             connects_in_flight: 64,
             spin_before_park: Duration::ZERO,
             memory_limit_bytes: 0,
+            record_accept_times: false,
         }
     }
 }
@@ -266,6 +275,8 @@ pub struct Outcome {
     pub accepted_all: u64,
     pub duration_s: f64,
     pub overload: Option<overload::Profile>,
+    /// The measured window, process-clock ns (start, end).
+    pub window_ns: (u64, u64),
 }
 
 /// Runs `plan` against `target`; `engine_pid` lets idle-connections read
@@ -345,7 +356,8 @@ pub fn run(plan: &Plan, target: &Target, engine_pid: Option<u32>) -> anyhow::Res
         _ => plan.duration.as_secs_f64(),
     };
     let accepted_all = total(&shared.progress, |p| &p.accepted);
-    Ok(Outcome { stats: merged, accepted_all, duration_s, overload: profile })
+    let window_ns = (shared.measure_start(), shared.measure_end());
+    Ok(Outcome { stats: merged, accepted_all, duration_s, overload: profile, window_ns })
 }
 
 /// The main thread while a run goes: the progress line, and for
@@ -399,6 +411,7 @@ async fn thread_main(ctx: Rc<ThreadCtx>) {
     match plan.scenario {
         // Made of two e2e runs (`crate::receipts`); never planned itself.
         Scenario::Receipts => unreachable!("the receipts scenario runs as two e2e runs"),
+        Scenario::Fallback => unreachable!("the fallback scenario runs as two ingest runs"),
         Scenario::Ingest | Scenario::Batch | Scenario::E2e | Scenario::Overload | Scenario::AcceptAll => {
             let receivers = if plan.scenario == Scenario::E2e { receivers::spawn_all(&ctx).await } else { Vec::new() };
             let gate = Rc::new(glommio::sync::Semaphore::new(0));

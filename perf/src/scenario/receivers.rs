@@ -93,6 +93,9 @@ fn received(ctx: &ThreadCtx, body: &[u8]) {
     let shared = &ctx.shared;
     let mut st = ctx.stats.borrow_mut();
     st.delivered_keys.push(key);
+    if shared.plan.record_accept_times {
+        st.delivered_at.push((key, now));
+    }
     Progress::add(&ctx.progress().delivered, 1);
     if shared.plan.scenario == Scenario::OfflineDrain {
         let origin = shared.drain_start.load(Ordering::Acquire);
