@@ -226,9 +226,19 @@ pub fn spawn_with_providers(
         .thread_name("esh3ar-outbound-dns")
         .build()
         .map_err(SpawnError::Runtime)?;
+    // One pool for every host: it must keep as many idle connections per
+    // host as the largest in-flight cap, or a provider allowed 64 requests
+    // at once would open and close connections all the time.
+    let idle_per_host = [
+        config.max_in_flight_per_endpoint,
+        providers.whatsapp.as_ref().map_or(0, |w| w.max_in_flight),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(1);
     let client = {
         let _in_runtime = runtime.enter();
-        http_client(config)?
+        http_client(config, idle_per_host as usize)?
     };
     let provider_targets = {
         let _in_runtime = runtime.enter();
@@ -291,12 +301,12 @@ pub fn webhook_policy(config: &WebhooksConfig) -> Policy {
     }
 }
 
-fn http_client(config: &WebhooksConfig) -> Result<reqwest::Client, SpawnError> {
+fn http_client(config: &WebhooksConfig, idle_per_host: usize) -> Result<reqwest::Client, SpawnError> {
     let timeout = Duration::from_millis(config.timeout_ms);
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
-        .pool_max_idle_per_host(config.max_in_flight_per_endpoint as usize)
+        .pool_max_idle_per_host(idle_per_host)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .user_agent(concat!("esh3ar-webhooks/", env!("CARGO_PKG_VERSION")))
