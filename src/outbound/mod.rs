@@ -229,13 +229,10 @@ pub fn spawn_with_providers(
     // One pool for every host: it must keep as many idle connections per
     // host as the largest in-flight cap, or a provider allowed 64 requests
     // at once would open and close connections all the time.
-    let idle_per_host = [
-        config.max_in_flight_per_endpoint,
-        providers.whatsapp.as_ref().map_or(0, |w| w.max_in_flight),
-    ]
-    .into_iter()
-    .max()
-    .unwrap_or(1);
+    let idle_per_host = [config.max_in_flight_per_endpoint, providers.whatsapp.as_ref().map_or(0, |w| w.max_in_flight)]
+        .into_iter()
+        .max()
+        .unwrap_or(1);
     let client = {
         let _in_runtime = runtime.enter();
         http_client(config, idle_per_host as usize)?
