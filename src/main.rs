@@ -153,6 +153,15 @@ fn config_diff(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // The commands that print (config check, journal dump, token) end
+        // quietly when their reader goes away (`| head`), as Unix tools do,
+        // instead of panicking on EPIPE. The engine keeps Rust's default
+        // (SIGPIPE ignored): a peer that closes must not kill it.
+        // SAFETY: restoring a signal's default disposition, before any
+        // other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) | Err(code) => code,
     }
