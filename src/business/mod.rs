@@ -396,9 +396,14 @@ impl BusinessConn {
         let mut results: Vec<Result<TrackingId, ApiError>> = Vec::with_capacity(items.len());
         let mut groups: Vec<(Vec<usize>, Vec<NewMessage>)> = (0..count).map(|_| (Vec::new(), Vec::new())).collect();
         let mut wanted = 0u32;
+        // One reading for the whole loop: nothing in it changes the
+        // shard's memory pressure (same answers as `Shard::admits` per
+        // item, which recomputed it for every item).
+        let pressure = self.shard.pressure_percent();
+        let admits = |m: &NewMessage| pressure < crate::pressure::threshold_percent(m.priority, offset);
         for (i, item) in items.iter().enumerate() {
             match new_message(item, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now) {
-                Ok(m) if !self.shard.admits(m.priority, offset) => results.push(Err(ApiError::refusal(Refusal::Shed))),
+                Ok(m) if !admits(&m) => results.push(Err(ApiError::refusal(Refusal::Shed))),
                 Ok(m) => {
                     let home = crate::route(&m.to, count);
                     groups[home].0.push(i);
