@@ -76,9 +76,11 @@ pub enum Framing {
 
 /// Frames the request head at the start of `buf`.
 pub fn parse_head(buf: &[u8], body_bytes_max: usize) -> Framing {
-    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
+    // Uninitialised slots: httparse fills only as many as the head has,
+    // instead of us zeroing all 64 (2 KiB) on every parse.
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; HEADERS_MAX];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if buf.len() >= HEAD_BYTES_MAX {
@@ -210,15 +212,23 @@ pub fn reason(status: u16) -> &'static str {
 
 /// Writes a complete response with a JSON body.
 pub fn write_response(out: &mut Vec<u8>, status: u16, extra_headers: &str, body: &[u8], keep_alive: bool) {
-    let mut head = String::with_capacity(160);
-    let _ = write!(
-        head,
-        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}{}\r\n",
-        reason(status),
-        body.len(),
-        if keep_alive { "" } else { "connection: close\r\n" }
-    );
-    out.extend_from_slice(head.as_bytes());
+    // Written piece by piece, not with `write!`: this runs once per
+    // request, and core::fmt plus a head `String` cost about 1,000
+    // instructions a response (docs/PERFORMANCE.md, "Hot path").
+    let mut num = itoa::Buffer::new();
+    out.reserve(128 + extra_headers.len() + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(num.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
+    out.extend_from_slice(num.format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(extra_headers.as_bytes());
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
 }
 
