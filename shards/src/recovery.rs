@@ -202,9 +202,62 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>, RecoveryError> {
     Ok(out)
 }
 
+/// How long recovery waits for the writes of a process that was killed to
+/// land before it reads the journal.
+pub const WRITERS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits until no earlier process can still write `path`, and returns the
+/// file holding an exclusive lock that proves it.
+///
+/// After `kill -9`, writes the dead process had submitted to io_uring may
+/// still land for a while (the ring's teardown finishes them). Read before
+/// they land, a commit looks torn and is cut, and the write landing later
+/// brings it back behind commits written since: the next recovery then sees
+/// the commit sequence go back. The journal holds a shared flock on every
+/// segment it writes (`storage::DmaStorage`), which lives as long as any
+/// of its writes is in flight; this exclusive lock waits for it.
+fn wait_for_writers(path: &Path) -> Result<fs::File, RecoveryError> {
+    use std::os::fd::AsRawFd;
+    let file = fs::File::open(path).map_err(io_err(path))?;
+    let started = std::time::Instant::now();
+    let mut logged = false;
+    loop {
+        match nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(()) => return Ok(file),
+            Err(nix::errno::Errno::EWOULDBLOCK) | Err(nix::errno::Errno::EINTR) => {}
+            // No flock here (some network file systems): no fence to wait for.
+            Err(_) => return Ok(file),
+        }
+        if started.elapsed() > WRITERS_WAIT {
+            return Err(RecoveryError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::other(format!(
+                    "another process still holds this journal segment after {} s (is an earlier esh3ar \
+                     still exiting?)",
+                    WRITERS_WAIT.as_secs()
+                )),
+            });
+        }
+        if !logged && started.elapsed() > std::time::Duration::from_millis(200) {
+            tracing::warn!(path = %path.display(), "waiting for the writes of an earlier process to land");
+            logged = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Reads every segment of shard `shard` in `dir` and rebuilds its index.
 pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, RecoveryError> {
     let segments = list_segments(dir)?;
+    // Held until recovery ends: no earlier writer is left (see above). Only
+    // the engine's own recovery (which may cut and write) waits; a read-only
+    // look (`journal verify`, `dump`) reads what is there now.
+    let _fences = match mode {
+        Mode::Repair => {
+            segments.iter().map(|&no| wait_for_writers(&segment_path(dir, no))).collect::<Result<Vec<_>, _>>()?
+        }
+        Mode::ReadOnly => Vec::new(),
+    };
     let clean = read_clean_marker(dir)?;
     let mut rec = Recovered {
         index: MessageIndex::new(),

@@ -20,6 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -193,6 +194,12 @@ impl Storage for DmaStorage {
             .dma_open(path)
             .await
             .map_err(io::Error::from)?;
+        // A shared lock on the open file description: it lives as long as
+        // any write of ours is in flight, even past a `kill -9` of this
+        // process (io_uring requests hold the file), and recovery waits for
+        // it (`recovery::wait_for_writers`). Best effort: a file system
+        // without flock only loses the fence.
+        let _ = nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockSharedNonblock);
         if let (false, Some(bytes)) = (existed, create_bytes) {
             file.pre_allocate(bytes, false).await.map_err(io::Error::from)?;
             if let Some(dir) = path.parent() {
