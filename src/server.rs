@@ -503,6 +503,7 @@ fn recover(shared: &Shared, id: usize) -> Option<Recovered> {
     let started = Instant::now();
     let recovered = ensure_dir(&dir)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+        .and_then(|()| esh3ar_shards::recovery::wait_for_earlier_writers(&dir).map_err(|e| e.to_string()))
         .and_then(|()| recover_shard(&dir, id as u16, Mode::Repair).map_err(|e| e.to_string()));
     let recovered = match recovered {
         Ok(r) => r,

@@ -246,18 +246,22 @@ fn wait_for_writers(path: &Path) -> Result<fs::File, RecoveryError> {
     }
 }
 
+/// Waits until no other open file description holds a lock on a segment
+/// of `dir` (see [`wait_for_writers`]). The engine calls it once per shard
+/// before [`recover_shard`], when no file of its own is open yet; a
+/// read-only look (`journal verify`, `dump`) does not wait. The locks are
+/// released when this returns: the data dir's own lock keeps other engines
+/// out, and what it waited for is over.
+pub fn wait_for_earlier_writers(dir: &Path) -> Result<(), RecoveryError> {
+    for no in list_segments(dir)? {
+        wait_for_writers(&segment_path(dir, no))?;
+    }
+    Ok(())
+}
+
 /// Reads every segment of shard `shard` in `dir` and rebuilds its index.
 pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, RecoveryError> {
     let segments = list_segments(dir)?;
-    // Held until recovery ends: no earlier writer is left (see above). Only
-    // the engine's own recovery (which may cut and write) waits; a read-only
-    // look (`journal verify`, `dump`) reads what is there now.
-    let _fences = match mode {
-        Mode::Repair => {
-            segments.iter().map(|&no| wait_for_writers(&segment_path(dir, no))).collect::<Result<Vec<_>, _>>()?
-        }
-        Mode::ReadOnly => Vec::new(),
-    };
     let clean = read_clean_marker(dir)?;
     let mut rec = Recovered {
         index: MessageIndex::new(),
