@@ -76,14 +76,20 @@ pub fn sender_loop(
     obs: Arc<Mutex<Observed>>,
 ) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + t as u64);
-    let Ok(s) = std::net::TcpStream::connect(addr) else { return };
-    drop(s);
-    let mut c = Client::connect(addr);
+    // The engine is killed under us at any instant: a refused connect or a
+    // failed write ends this sender quietly, like a failed read.
+    let Ok(stream) = std::net::TcpStream::connect(addr) else { return };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+    let _ = stream.set_nodelay(true);
+    let mut c = Client::from_stream(stream);
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
         let to = user(rng.gen_range(0..users));
         let json = serde_json::json!({"to": to, "body": format!("t{t}-{n}")}).to_string();
-        c.send_raw(&Client::request_bytes("POST", "/v1/messages", Some(API_KEY), Some(&json)));
+        let request = Client::request_bytes("POST", "/v1/messages", Some(API_KEY), Some(&json));
+        if std::io::Write::write_all(&mut c.stream, &request).is_err() {
+            return;
+        }
         match c.read_response() {
             Ok(r) if r.status == 202 => {
                 obs.lock().unwrap().acked.insert(r.json()["id"].as_str().unwrap().to_owned(), to);

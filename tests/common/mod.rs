@@ -284,6 +284,11 @@ impl Client {
         Client { stream, buf: Vec::new() }
     }
 
+    /// A client over an already connected stream.
+    pub fn from_stream(stream: TcpStream) -> Client {
+        Client { stream, buf: Vec::new() }
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write");
     }
