@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::crash::*;
 use common::*;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 const USERS: usize = 12;
 
@@ -71,20 +71,8 @@ fn every_acknowledged_message_reaches_its_user_across_kill_minus_nine() {
     for _round in 0..4 {
         let engine = setup.start();
         *mobile_addr.lock().unwrap() = Some(engine.mobile);
-        let stop = Arc::new(AtomicBool::new(false));
-        let senders: Vec<_> = (0..4)
-            .map(|t| {
-                let (s, o, a) = (stop.clone(), obs.clone(), engine.business);
-                std::thread::spawn(move || sender_loop(t, a, user, USERS, s, o))
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(500..1500)));
+        send_then_kill(engine, user, USERS, &obs, &mut rng);
         *mobile_addr.lock().unwrap() = None;
-        engine.kill9();
-        stop.store(true, Ordering::Relaxed);
-        for s in senders {
-            s.join().unwrap();
-        }
     }
     // Final run: phones drain everything still pending.
     let engine = setup.start();

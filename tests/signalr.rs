@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::crash::*;
 use common::*;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde_json::{json, Value};
 
 const RS: char = '\u{1e}';
@@ -472,20 +472,7 @@ fn every_acknowledged_message_reaches_raw_and_signalr_phones_across_kill_9() {
         if round >= 4 && enough {
             break;
         }
-        let engine = setup.start();
-        let stop = Arc::new(AtomicBool::new(false));
-        let senders: Vec<_> = (0..4)
-            .map(|t| {
-                let (s, o, a) = (stop.clone(), obs.clone(), engine.business);
-                std::thread::spawn(move || sender_loop(t, a, user, USERS, s, o))
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(500..1500)));
-        engine.kill9();
-        stop.store(true, Ordering::Relaxed);
-        for s in senders {
-            s.join().unwrap();
-        }
+        send_then_kill(setup.start(), user, USERS, &obs, &mut rng);
     }
     // Final run: phones drain everything still pending.
     let _engine = setup.start();

@@ -37,7 +37,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,6 +48,7 @@ use hdrhistogram::Histogram;
 
 use crate::cli::RunArgs;
 use crate::clock::now_ns;
+use crate::http_server::read_request;
 use crate::report::Report;
 use crate::scenario::Scenario;
 
@@ -121,38 +122,12 @@ impl Provider {
         let _ = stream.set_nodelay(true);
         let Ok(mut out) = stream.try_clone() else { return };
         let mut input = BufReader::new(stream);
-        let mut line = String::new();
         let path = format!("/v21.0/{PHONE_NUMBER_ID}/messages");
         let auth = format!("Bearer {ACCESS_TOKEN}");
-        loop {
-            line.clear();
-            if input.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let mut good = line.starts_with("POST ") && line.split_whitespace().nth(1) == Some(path.as_str());
-            let mut authorized = false;
-            let mut length = 0usize;
-            loop {
-                line.clear();
-                if input.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                let l = line.trim_end();
-                if l.is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = l.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        length = v.trim().parse().unwrap_or(0);
-                    } else if k.eq_ignore_ascii_case("authorization") {
-                        authorized = v.trim() == auth;
-                    }
-                }
-            }
-            let mut body = vec![0u8; length];
-            if input.read_exact(&mut body).is_err() {
-                return;
-            }
+        while let Some(req) = read_request(&mut input) {
+            let mut good = req.is("POST", &path);
+            let authorized = req.header("authorization") == Some(auth.as_str());
+            let body = req.body;
             let arrival = now_ns();
             self.total.fetch_add(1, Ordering::Relaxed);
             let key = if good && authorized { key_of(&body) } else { None };

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod engine;
 pub mod fallback;
 pub mod http_client;
+pub mod http_server;
 pub mod net;
 pub mod payload;
 pub mod peers;

@@ -24,7 +24,7 @@
 //! it parses each body to find the event type and `accepted_at`.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +33,7 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 
 use crate::cli::RunArgs;
+use crate::http_server::read_request;
 use crate::report::Report;
 use crate::scenario::Scenario;
 
@@ -100,33 +101,8 @@ impl Receiver {
         let _ = stream.set_nodelay(true);
         let Ok(mut out) = stream.try_clone() else { return };
         let mut input = BufReader::new(stream);
-        let mut line = String::new();
-        loop {
-            // Request line and headers.
-            let mut length = 0usize;
-            line.clear();
-            if input.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            loop {
-                line.clear();
-                if input.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                let l = line.trim_end();
-                if l.is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = l.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                }
-            }
-            let mut body = vec![0u8; length];
-            if input.read_exact(&mut body).is_err() {
-                return;
-            }
+        while let Some(req) = read_request(&mut input) {
+            let body = req.body;
             self.record(&body);
             if out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
                 return;

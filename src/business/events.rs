@@ -80,11 +80,12 @@ fn timestamp(entry: &[u8]) -> u64 {
 pub fn merge(pages: Vec<(Vec<FeedEvent>, FeedPos)>, after: &Cursor, limit: usize) -> (Vec<FeedEvent>, Cursor) {
     let mut next = after.clone();
     let mut heads = vec![0usize; pages.len()];
+    // Each entry's timestamp, read once (not once per comparison).
+    let stamps: Vec<Vec<u64>> =
+        pages.iter().map(|(events, _)| events.iter().map(|e| timestamp(&e.json)).collect()).collect();
     let mut out = Vec::new();
     while out.len() < limit {
-        let pick = (0..pages.len())
-            .filter(|&s| heads[s] < pages[s].0.len())
-            .min_by_key(|&s| (timestamp(&pages[s].0[heads[s]].json), s));
+        let pick = (0..pages.len()).filter(|&s| heads[s] < pages[s].0.len()).min_by_key(|&s| (stamps[s][heads[s]], s));
         let Some(s) = pick else { break };
         let e = pages[s].0[heads[s]].clone();
         next.0[s] = e.pos;

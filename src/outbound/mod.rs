@@ -251,15 +251,7 @@ pub fn spawn_with_providers(
     let status = Arc::new(OutboundStatus::new(labels));
     let (job_tx, job_rx) = mpsc::channel(config.queue_capacity);
     let (report_txs, report_rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(config.queue_capacity)).unzip();
-    let webhook_policy = Policy {
-        timeout_ms: config.timeout_ms,
-        max_attempts: config.max_attempts,
-        retry_base_ms: config.retry_base_ms,
-        retry_max_ms: config.retry_max_ms,
-        breaker_failures: config.breaker_failures,
-        breaker_open_ms: config.breaker_open_ms,
-        max_in_flight: config.max_in_flight_per_endpoint,
-    };
+    let webhook_policy = webhook_policy(config);
     let targets = endpoints
         .into_iter()
         .map(|e| {

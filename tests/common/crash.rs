@@ -101,3 +101,27 @@ pub fn sender_loop(
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..3)));
     }
 }
+
+/// One round of a crash test: four senders against `engine` for 0.5 to
+/// 1.5 s, then `kill -9` under them; returns once every sender stopped.
+pub fn send_then_kill(
+    engine: super::Engine,
+    user: fn(usize) -> String,
+    users: usize,
+    obs: &Arc<Mutex<Observed>>,
+    rng: &mut impl Rng,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (s, o, a) = (stop.clone(), obs.clone(), engine.business);
+            std::thread::spawn(move || sender_loop(t, a, user, users, s, o))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(rng.gen_range(500..1500)));
+    engine.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.join().unwrap();
+    }
+}
