@@ -279,6 +279,26 @@ fn whatsapp_down_opens_its_breaker_and_email_delivers() {
 }
 
 #[test]
+fn a_provider_that_times_out_is_retried_and_delivers_when_it_answers_again() {
+    let wa = FakeWhatsApp::start();
+    wa.set(1); // hold every request for 3 s; the engine gives up after 500 ms
+    let setup = setup(&wa.config("max_attempts = 1000\nbreaker_failures = 1000"));
+    let engine = setup.start();
+    put_user(&engine, "omar", Some("+966500000003"), None);
+    let id = send(&engine, json!({"to": "omar", "body": "slow provider", "fallback": {"after_seconds": 0}}));
+    let deadline = Instant::now() + WAIT;
+    while wa.requests().len() < 2 {
+        assert!(Instant::now() < deadline, "a timed-out call must be retried");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status_of(&engine, &id)["status"], "accepted", "a timeout is not a delivery");
+    wa.set(0);
+    let s = wait_status(&engine, &id, "delivered", WAIT);
+    assert_eq!(s["channel"], "whatsapp", "{s}");
+    assert!(s["provider_message_id"].as_str().is_some_and(|p| p.starts_with("wamid.TEST")), "{s}");
+}
+
+#[test]
 fn permanent_errors_fail_the_message_into_the_dead_letter_queue_and_replay_delivers() {
     let wa = FakeWhatsApp::start();
     wa.set(400);
