@@ -49,6 +49,9 @@ pub struct Config {
     /// Fallback channels' providers (`[providers.whatsapp]`, `[providers.email]`).
     #[serde(default)]
     pub providers: crate::outbound::ProvidersConfig,
+    /// The offline backlog on disk (`[backlog]`).
+    #[serde(default)]
+    pub backlog: crate::backlog::BacklogConfig,
 }
 
 /// Fewest seconds the event feed may keep events.
@@ -455,6 +458,7 @@ impl Config {
             push(&mut errors, validate_tier(name, tier));
         }
         push(&mut errors, self.providers.validate());
+        errors.extend(self.backlog.problems());
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {

@@ -91,6 +91,11 @@ impl Sessions {
         self.count.set(self.count.get() - 1);
     }
 
+    /// True if `user` has a session open here.
+    pub fn has(&self, user: &str) -> bool {
+        self.by_user.borrow().contains_key(user)
+    }
+
     /// Wakes every connection of `user`.
     pub fn notify(&self, user: &str) {
         if let Some(list) = self.by_user.borrow().get(user) {
@@ -209,7 +214,23 @@ impl Shard {
     /// `normal`, then `low` (a high message overtakes pending lower ones;
     /// within a priority, acceptance order). At most a batch, and never more
     /// than `inflight_max` unacked on the connection.
-    pub fn deliverable(&self, user: &str, cursor: &Cursor, inflight_max: usize) -> Vec<(Priority, u64)> {
+    ///
+    /// While older cold messages of the user are still to come back
+    /// (docs/ARCHITECTURE.md, "Offline backlog"), only those up to the
+    /// `barrier` go.
+    pub fn deliverable(
+        &self,
+        user: &str,
+        cursor: &Cursor,
+        inflight_max: usize,
+        barrier: crate::backlog::Barrier,
+    ) -> Vec<(Priority, u64)> {
+        use crate::backlog::Barrier;
+        let upto = match barrier {
+            Barrier::All => u64::MAX,
+            Barrier::UpTo(last) => last,
+            Barrier::Wait => return Vec::new(),
+        };
         let index = self.index().borrow();
         let durable = self.journal().durable_generation();
         let now = now_ms();
@@ -226,6 +247,9 @@ impl Shard {
             for seq in rest {
                 if out.len() >= room {
                     return out;
+                }
+                if seq > upto {
+                    break; // after the cold messages still to come back
                 }
                 let Some(m) = index.get(seq) else { continue };
                 if m.generation > durable {
@@ -328,12 +352,22 @@ impl Shard {
                 }
                 tracing::debug!(shard = self.id(), count = expired.len(), "expired messages");
             }
+            self.expire_cold().await;
+            if !self.backlog().is_compacting() {
+                let shard = self.clone();
+                glommio::spawn_local(async move { shard.compact_cold_when_sparse().await }).detach();
+            }
             // Directory entries that alone keep old segments are journaled
             // again first; the old copies may go only once the new are durable.
             if self.carry_directory_forward().is_err() || !self.directory_durable().await {
                 continue; // journal failed or closing, or an entry moved meanwhile: next pass
             }
             // Only once the records that settled them are durable.
+            // Removals from the cold store are durable before any segment
+            // that restored those messages can go ("Offline backlog").
+            if !self.persist_cold().await {
+                continue;
+            }
             let (candidates, settled_by) = self.journal().settled_segments(&self.index().borrow());
             if candidates.is_empty() || self.journal().wait_durable(settled_by).await.is_err() {
                 continue;

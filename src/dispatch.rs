@@ -25,8 +25,13 @@ pub fn on_mesh(shard: &Rc<Shard>, msg: MeshMsg) {
     match msg {
         MeshMsg::Append { from, req, items } => shard.answer_append(from, req, items),
         MeshMsg::Lookup { from, req, seq, client } => {
-            let view = shard.lookup_local(seq, client);
-            shard.reply(from, MeshMsg::Found { req, view });
+            // May read the cold store (its blocking thread): answered from a task.
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                let view = shard.lookup_local(seq, client).await;
+                shard.reply(from, MeshMsg::Found { req, view });
+            })
+            .detach();
         }
         MeshMsg::RateTake { from, req, client, n } => {
             let decision = shard.rate_take_local(client, n);

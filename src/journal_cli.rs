@@ -122,8 +122,9 @@ pub fn dump(data_dir: &Path, out: &mut impl std::io::Write) -> anyhow::Result<u6
             let data = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let mut result = Ok(());
             esh3ar_shards::scan::scan(&data, |_, record| {
-                let Record::Accepted(a) = record else { return };
-                let Some(meta) = recovered.index.get(a.seq) else { return };
+                let (Record::Accepted(a) | Record::Restored(a)) = record else { return };
+                // The record the index keeps (a restored message was written twice).
+                let Some(meta) = recovered.index.get(a.seq).filter(|m| m.segment == no) else { return };
                 if result.is_err() {
                     return;
                 }

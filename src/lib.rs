@@ -7,6 +7,7 @@
 pub mod accept;
 pub mod admin;
 pub mod admin_config;
+pub mod backlog;
 pub mod business;
 pub mod clients;
 pub mod clock;

@@ -178,6 +178,12 @@ pub struct ShardSnapshot {
     pub business_connections: u64,
     pub memory_used_ratio: f64,
     pub dead_letters: u64,
+    /// Offline backlog: messages in the cold store (estimate), moved there
+    /// and brought back since start, and the store's bytes on disk.
+    pub cold: u64,
+    pub spilled_total: u64,
+    pub restored_total: u64,
+    pub cold_disk_bytes: u64,
     /// The runtime config version this shard has installed.
     pub config_version: u64,
 }
@@ -208,6 +214,10 @@ pub fn snapshot_local(shard: &Shard) -> ShardSnapshot {
         business_connections: shard.stats().connections.get(),
         memory_used_ratio: shard.pressure_percent() as f64 / 100.0,
         dead_letters,
+        cold: shard.backlog().cold(),
+        spilled_total: shard.backlog().spilled_total(),
+        restored_total: shard.backlog().restored_total(),
+        cold_disk_bytes: shard.backlog().disk_bytes(),
         config_version: shard.config_version(),
     }
 }

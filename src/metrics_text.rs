@@ -98,6 +98,20 @@ pub fn render(s: &Scrape<'_>) -> String {
         let _ = writeln!(out, "esh3ar_messages_total{{status=\"{}\"}} {}", st.as_str(), sum(&|x| x.messages[i]));
     }
     per_shard(&mut out, s, "esh3ar_pending_messages", "Messages in the delivery queues.", |x| x.pending as f64);
+    per_shard(
+        &mut out,
+        s,
+        "esh3ar_backlog_cold_messages",
+        "Pending messages in the offline backlog's cold store, on disk (an estimate until compaction).",
+        |x| x.cold as f64,
+    );
+    per_shard(&mut out, s, "esh3ar_backlog_disk_bytes", "Bytes of the offline backlog's cold store on disk.", |x| {
+        x.cold_disk_bytes as f64
+    });
+    header(&mut out, "esh3ar_backlog_spilled_total", "counter", "Pending messages moved to the cold store.");
+    let _ = writeln!(out, "esh3ar_backlog_spilled_total {}", sum(&|x| x.spilled_total));
+    header(&mut out, "esh3ar_backlog_restored_total", "counter", "Cold messages brought back into the journal.");
+    let _ = writeln!(out, "esh3ar_backlog_restored_total {}", sum(&|x| x.restored_total));
     per_shard(&mut out, s, "esh3ar_websocket_connections", "Live WebSocket sessions.", |x| x.websockets as f64);
     per_shard(&mut out, s, "esh3ar_business_connections", "Open business HTTP connections.", |x| {
         x.business_connections as f64

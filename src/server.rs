@@ -566,18 +566,42 @@ async fn open_shard(
             return None;
         }
     };
+    let sizing = esh3ar_shards::cold::ColdSizing {
+        cache_bytes: cfg.backlog.cache_bytes,
+        write_buffer_bytes: cfg.backlog.write_buffer_bytes,
+    };
+    let cold_dir = shard_dir(&cfg.engine.data_dir, id).join("cold");
+    let opened =
+        glommio::executor().spawn_blocking(move || esh3ar_shards::cold::ColdStore::open(&cold_dir, sizing)).await;
+    let backlog = match opened {
+        Ok(store) => crate::backlog::Backlog::new(store),
+        Err(e) => {
+            shared.fail(format!("shard {id}: cannot open the cold store of the offline backlog: {e}"));
+            return None;
+        }
+    };
     // Each shard its own copy: nothing shared between cores changes at runtime.
     let shard = Shard::new(
         shared.shards,
         Rc::new((*cfg).clone()),
         Rc::new((*shared.clients).clone()),
-        journal,
-        recovered.index,
-        feed,
+        crate::shard::Stores { journal, index: recovered.index, feed, backlog },
         mesh,
     );
+    if let Err(e) = shard.settle_recovered_restores().await {
+        shared.fail(format!("shard {id}: cold store: {e}"));
+        return None;
+    }
+    if shard.backlog().cold() > 0 {
+        tracing::info!(
+            shard = id,
+            cold = shard.backlog().cold(),
+            "offline backlog: messages in the cold store (estimate)"
+        );
+    }
     shard.install_config(crate::mesh_msg::ConfigUpdate::Commit { version: shared.config_version });
     glommio::spawn_local(shard.clone().run_maintenance()).detach();
+    glommio::spawn_local(crate::backlog::run_spill(shard.clone())).detach();
     for (_peer, rx) in receivers {
         glommio::spawn_local(crate::dispatch::run_receiver(shard.clone(), rx)).detach();
     }

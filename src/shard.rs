@@ -50,6 +50,18 @@ pub struct ShardStats {
     pub connections: Cell<u64>,
 }
 
+/// What a shard keeps on disk, opened (and recovered) before it starts.
+pub struct Stores {
+    /// The journal, recovered.
+    pub journal: Rc<Journal>,
+    /// The index the recovery rebuilt.
+    pub index: MessageIndex,
+    /// The event feed.
+    pub feed: FeedStore<DmaStorage>,
+    /// The offline backlog's cold store.
+    pub backlog: crate::backlog::Backlog,
+}
+
 /// Everything one shard owns. Built once by [`Shard::new`].
 pub struct Shard {
     id: usize,
@@ -80,6 +92,8 @@ pub struct Shard {
     events_ready: Notify,
     /// Events of clients that read them with `GET /v1/events`.
     feed: FeedStore<DmaStorage>,
+    /// The offline backlog's cold store and restores in flight.
+    backlog: crate::backlog::Backlog,
     /// Generation of the last `User` record appended: segments are deleted
     /// only once it is durable, so a directory entry moved to a newer
     /// segment never loses its old copy before the new one is on disk.
@@ -124,11 +138,10 @@ impl Shard {
         count: usize,
         cfg: Rc<Config>,
         clients: Rc<ClientTable>,
-        journal: Rc<Journal>,
-        index: MessageIndex,
-        feed: FeedStore<DmaStorage>,
+        stores: Stores,
         mesh: crate::mesh::Mesh<MeshMsg>,
     ) -> Rc<Shard> {
+        let Stores { journal, index, feed, backlog } = stores;
         let share = shard_share_bytes(&cfg, count);
         let metrics = ShardMetrics::new(clients.len());
         Rc::new(Shard {
@@ -154,6 +167,7 @@ impl Shard {
             slow_reply_on_body: std::env::var_os(TEST_SLOW_REPLY_ON_BODY_ENV).map(|v| v.into_encoded_bytes()),
             events_ready: Notify::default(),
             feed,
+            backlog,
             idempotency_in_flight: RefCell::new(HashMap::new()),
             user_generation: Cell::new(0),
         })
@@ -249,7 +263,13 @@ impl Shard {
     pub fn events_ready(&self) -> &Notify {
         &self.events_ready
     }
-    /// This shard's part of the event feed.
+
+    /// The offline backlog: the cold store and restores in flight.
+    pub fn backlog(&self) -> &crate::backlog::Backlog {
+        &self.backlog
+    }
+
+    /// The event feed's store.
     pub fn feed(&self) -> &FeedStore<DmaStorage> {
         &self.feed
     }
@@ -399,13 +419,19 @@ impl Shard {
     }
 
     /// Looks up a message for `client` (None: unknown, or another client's).
-    pub fn lookup_local(&self, seq: u64, client: u32) -> Option<Box<StatusView>> {
-        let index = self.index.borrow();
-        let m = index.get(seq)?;
-        if &*m.client != self.clients.borrow().id(client) {
-            return None;
+    pub async fn lookup_local(&self, seq: u64, client: u32) -> Option<Box<StatusView>> {
+        {
+            let index = self.index.borrow();
+            if let Some(m) = index.get(seq) {
+                if &*m.client != self.clients.borrow().id(client) {
+                    return None;
+                }
+                return Some(Box::new(StatusView::of(m)));
+            }
         }
-        Some(Box::new(StatusView::of(m)))
+        // Not in memory: pending in the offline backlog on disk, maybe.
+        let client = self.clients.borrow().id(client).to_owned();
+        self.cold_status(seq, &client).await
     }
 
     /// Sends to shard `to`, waiting for room in the channel (a full channel

@@ -167,9 +167,13 @@ struct Tally {
 #[test]
 fn overload_answers_only_202_429_503_sheds_low_first_and_recovers() {
     let memory_limit: u64 = 96 << 20;
+    // The offline backlog stays in memory here (`spill_after_ms = 0`): the
+    // queues of the 50 offline users are what fills the budget, and
+    // `journal dump` (which reads the journal only) lists them afterwards.
     let setup = Setup::new(&Opts {
         shards: 2,
         extra_engine: format!("memory_limit_bytes = {memory_limit}\n"),
+        extra_toml: "\n[backlog]\nspill_after_ms = 0\n".into(),
         ..Opts::default()
     });
     let engine = setup.start();

@@ -110,7 +110,7 @@ pub struct OwedEvent {
     pub dead_at_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct SegmentLive {
     /// Messages accepted in this segment and still pinned (unsettled, or
     /// with an event owed or dead-lettered).
@@ -121,6 +121,9 @@ struct SegmentLive {
     any: bool,
     /// Directory entries whose latest record lies in this segment.
     users: u64,
+    /// Messages brought back from the cold store into this segment
+    /// ([`Record::Restored`]): old sequence numbers, outside `first..=last`.
+    restored: Vec<u64>,
 }
 
 /// Pending queues of one user, indexed by `Priority as usize`.
@@ -155,6 +158,10 @@ pub struct MessageIndex {
     pending_messages: usize,
     /// Items in the dead-letter queue (`/metrics`): webhook events and fallback deliveries.
     dead_events: usize,
+    /// Restored messages applied since the last [`MessageIndex::take_restored`].
+    restored: Vec<u64>,
+    /// Messages forgotten by [`Record::Spilled`].
+    spilled: u64,
 }
 
 impl MessageIndex {
@@ -169,18 +176,37 @@ impl MessageIndex {
             Record::SegmentHeader(h) => {
                 self.segments.entry(h.segment).or_default();
             }
-            Record::Accepted(a) => {
+            Record::Accepted(a) | Record::Restored(a) => {
+                let restored = matches!(record, Record::Restored(_));
+                if restored && self.messages.contains_key(&a.seq) {
+                    // Already here (its spill never completed): one copy is enough.
+                    self.restored.push(a.seq);
+                    return;
+                }
                 let client = self.intern(a.client);
                 let to = self.intern(a.to);
                 self.max_seq = Some(self.max_seq.map_or(a.seq, |m| m.max(a.seq)));
                 let live = self.segments.entry(segment).or_default();
-                if !live.any {
-                    live.first_seq = a.seq;
-                    live.any = true;
+                if restored {
+                    // An old sequence number in a new segment: listed apart, so
+                    // the segment's accepted range stays its own.
+                    live.restored.push(a.seq);
+                    self.restored.push(a.seq);
+                } else {
+                    if !live.any {
+                        live.first_seq = a.seq;
+                        live.any = true;
+                    }
+                    live.last_seq = live.last_seq.max(a.seq);
                 }
-                live.last_seq = live.last_seq.max(a.seq);
                 live.unsettled += 1;
-                self.pending.entry(to.clone()).or_default()[a.priority as usize].push_back(a.seq);
+                let queue = &mut self.pending.entry(to.clone()).or_default()[a.priority as usize];
+                if queue.back().is_none_or(|&last| last < a.seq) {
+                    queue.push_back(a.seq);
+                } else {
+                    let at = queue.partition_point(|&s| s < a.seq);
+                    queue.insert(at, a.seq);
+                }
                 self.pending_messages += 1;
                 let meta = MessageMeta {
                     client,
@@ -217,7 +243,94 @@ impl MessageIndex {
             }
             Record::User(u) => self.apply_user(segment, u),
             Record::Fallback(f) => self.apply_fallback(f),
+            Record::Spilled(list) => {
+                for seq in list.iter() {
+                    self.forget_spilled(seq);
+                }
+            }
         }
+    }
+
+    /// True if message `m` may move to the cold store: accepted, never
+    /// delivered, nothing owed to its sender, no fallback open. Anything
+    /// else stays here until it settles.
+    pub fn spillable(m: &MessageMeta) -> bool {
+        m.status == Status::Accepted
+            && m.channel == Channel::App
+            && !m.fallback_open
+            && m.events_owed == 0
+            && m.events_dead == 0
+    }
+
+    /// Forgets a message whose durable copy is now in the cold store, if it
+    /// is still [`MessageIndex::spillable`] (the same test the live path
+    /// made before journaling the [`Record::Spilled`], so replay agrees).
+    fn forget_spilled(&mut self, seq: u64) {
+        let Some(meta) = self.messages.get(&seq) else { return };
+        if !Self::spillable(meta) {
+            return;
+        }
+        let (to, expires, priority, segment) = (meta.to.clone(), meta.expires_at_ms, meta.priority, meta.segment);
+        self.expiries.remove(&(expires, seq));
+        self.remove_pending(seq, &to, priority);
+        self.messages.remove(&seq);
+        if let Some(live) = self.segments.get_mut(&segment) {
+            assert!(live.unsettled > 0, "segment {segment} settled below zero");
+            live.unsettled -= 1;
+        }
+        self.spilled += 1;
+    }
+
+    /// Messages that may move to the cold store, in sequence order from
+    /// `from`: spillable, durable by `durable_generation`, accepted at or
+    /// before `until_ms`, and not for a user `keep` names (connected, or
+    /// being restored). Stops after `max`, or at the first message accepted
+    /// after `until_ms`. Returns them and where the next scan starts.
+    pub fn spill_candidates(
+        &self,
+        from: u64,
+        until_ms: u64,
+        durable_generation: u64,
+        max: usize,
+        keep: impl Fn(&str) -> bool,
+    ) -> (Vec<u64>, u64) {
+        let mut out = Vec::new();
+        let Some(last) = self.max_seq else { return (out, from) };
+        let mut seq = from.max(self.oldest_accepted().unwrap_or(from));
+        while seq <= last && out.len() < max {
+            if let Some(m) = self.messages.get(&seq) {
+                if m.accepted_at_ms > until_ms || m.generation > durable_generation {
+                    break;
+                }
+                if Self::spillable(m) && !keep(&m.to) {
+                    out.push(seq);
+                }
+            }
+            seq += 1;
+        }
+        (out, seq)
+    }
+
+    /// The first sequence number accepted in the oldest segment still indexed.
+    fn oldest_accepted(&self) -> Option<u64> {
+        self.segments.values().find(|l| l.any).map(|l| l.first_seq)
+    }
+
+    /// Sequence numbers of [`Record::Restored`] messages applied since the
+    /// last call: their cold copies are to be removed.
+    pub fn take_restored(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.restored)
+    }
+
+    /// Messages forgotten because they moved to the cold store, since this
+    /// index was built.
+    pub fn spilled(&self) -> u64 {
+        self.spilled
+    }
+
+    /// Unsettled messages of `user` held in memory with sequence numbers up to `max_seq`.
+    pub fn pending_count_upto(&self, user: &str, max_seq: u64) -> usize {
+        self.pending.get(user).map_or(0, |q| q.iter().map(|p| p.partition_point(|&s| s <= max_seq)).sum())
     }
 
     /// Keeps a user's latest entry, and which segment must stay for it.
@@ -705,11 +818,13 @@ impl MessageIndex {
         };
         assert_eq!(live.unsettled, 0, "forgetting segment {segment} with unsettled messages");
         assert_eq!(live.users, 0, "forgetting segment {segment} that holds directory entries");
-        if live.any {
-            for seq in live.first_seq..=live.last_seq {
-                if let Some(m) = self.messages.remove(&seq) {
-                    debug_assert!(!m.pinned(), "forgot a pinned message {seq}");
-                }
+        let accepted = live.any.then_some(live.first_seq..=live.last_seq).into_iter().flatten();
+        for seq in accepted.chain(live.restored.iter().copied()) {
+            // Only messages whose record lies here: a restored message keeps
+            // its old number in a newer segment.
+            if self.messages.get(&seq).is_some_and(|m| m.segment == segment) {
+                let m = self.messages.remove(&seq);
+                debug_assert!(!m.is_some_and(|m| m.pinned()), "forgot a pinned message {seq}");
             }
         }
         self.interned.retain(|s| Rc::strong_count(s) > 1);

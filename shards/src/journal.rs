@@ -222,7 +222,7 @@ impl<S: Storage> Journal<S> {
         let appended = self.gc.borrow_mut().append(record);
         self.wake_committer();
         index.apply(appended.segment, appended.offset, record);
-        if let Record::Accepted(a) = record {
+        if let Record::Accepted(a) | Record::Restored(a) = record {
             index.set_generation(a.seq, appended.generation);
         }
         Ok(appended)
@@ -292,7 +292,9 @@ impl<S: Storage> Journal<S> {
             .await
             .map_err(|e| format!("read of {}:{offset} failed: {e}", path.display()))?;
         match crate::record::decode(&data) {
-            crate::record::Decoded::Record { record: Record::Accepted(a), .. } => Ok(a.body.to_vec()),
+            crate::record::Decoded::Record { record: Record::Accepted(a) | Record::Restored(a), .. } => {
+                Ok(a.body.to_vec())
+            }
             _ => Err(format!("no valid message record at {}:{offset}", path.display())),
         }
     }

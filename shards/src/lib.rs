@@ -9,6 +9,7 @@
 //! or plain blocking reads ([`recovery`], before a shard serves). This crate
 //! does no socket I/O.
 
+pub mod cold;
 pub mod commit;
 pub mod directory;
 pub mod feed;

@@ -29,6 +29,10 @@ const KIND_EVENT: u8 = 4;
 const KIND_USER: u8 = 6;
 const KIND_IDEMPOTENCY: u8 = 5;
 const KIND_FALLBACK: u8 = 7;
+const KIND_RESTORED: u8 = 8;
+const KIND_SPILLED: u8 = 9;
+/// Most sequence numbers one [`Record::Spilled`] lists.
+pub const SPILLED_SEQS_MAX: usize = 4096;
 /// Longest error text an [`EventChange`] carries (longer ones are cut).
 pub const EVENT_ERROR_BYTES_MAX: usize = 256;
 
@@ -281,6 +285,51 @@ pub enum Record<'a> {
     Idempotency(IdempotencyRecord<'a>),
     /// A step of a message's fallback delivery (kind 7).
     Fallback(FallbackChange<'a>),
+    /// A message brought back from the cold store into the journal (kind 8):
+    /// the same fields as [`Record::Accepted`], with its original sequence
+    /// number and timestamps. Its copy in the cold store is removed once
+    /// this record is durable (docs/ARCHITECTURE.md, "Offline backlog").
+    Restored(Accepted<'a>),
+    /// Messages whose durable copy is now in the cold store (kind 9): the
+    /// index forgets them and their segments stop being pinned by them.
+    Spilled(SeqList<'a>),
+}
+
+/// A list of sequence numbers as encoded in a record (u64 little-endian each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqList<'a> {
+    encoded: &'a [u8],
+}
+
+impl<'a> SeqList<'a> {
+    /// Wraps encoded sequence numbers (`8 × n` bytes, at most [`SPILLED_SEQS_MAX`]).
+    pub fn new(encoded: &'a [u8]) -> Self {
+        assert!(encoded.len().is_multiple_of(8) && encoded.len() / 8 <= SPILLED_SEQS_MAX, "malformed sequence list");
+        Self { encoded }
+    }
+
+    /// Encodes `seqs` into `out` (cleared first), for [`SeqList::new`].
+    pub fn encode(seqs: &[u64], out: &mut Vec<u8>) {
+        out.clear();
+        for s in seqs {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+    }
+
+    /// The sequence numbers, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + 'a {
+        self.encoded.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.encoded.len() / 8
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.encoded.is_empty()
+    }
 }
 
 /// The first answer to a client's request with an `Idempotency-Key`: what a
@@ -325,7 +374,10 @@ pub fn encoded_len(record: &Record<'_>) -> usize {
 fn payload_len(record: &Record<'_>) -> usize {
     match record {
         Record::SegmentHeader(_) => 4 + 2 + 2 + 8 + 8,
-        Record::Accepted(a) => 8 + 2 + a.client.len() + 2 + a.to.len() + 1 + 8 + 8 + 4 + a.body.len(),
+        Record::Accepted(a) | Record::Restored(a) => {
+            8 + 2 + a.client.len() + 2 + a.to.len() + 1 + 8 + 8 + 4 + a.body.len()
+        }
+        Record::Spilled(l) => 4 + l.encoded.len(),
         Record::Status(_) => 8 + 1 + 8 + 1 + 1,
         Record::Event(e) => 8 + 1 + 1 + 4 + 8 + 2 + e.error.len(),
         Record::User(u) => 2 + u.user.len() + 8 + 2 + u.phone.len() + 2 + u.email.len() + 2 + u.blocked.encoded.len(),
@@ -354,8 +406,8 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&h.segment.to_le_bytes());
             out.extend_from_slice(&h.next_seq.to_le_bytes());
         }
-        Record::Accepted(a) => {
-            out.push(KIND_ACCEPTED);
+        Record::Accepted(a) | Record::Restored(a) => {
+            out.push(if matches!(record, Record::Accepted(_)) { KIND_ACCEPTED } else { KIND_RESTORED });
             out.extend_from_slice(&a.seq.to_le_bytes());
             put_str16(out, a.client.as_bytes());
             put_str16(out, a.to.as_bytes());
@@ -401,6 +453,11 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&i.status.to_le_bytes());
             out.extend_from_slice(&(i.response.len() as u32).to_le_bytes());
             out.extend_from_slice(i.response);
+        }
+        Record::Spilled(l) => {
+            out.push(KIND_SPILLED);
+            out.extend_from_slice(&(l.len() as u32).to_le_bytes());
+            out.extend_from_slice(l.encoded);
         }
         Record::Fallback(f) => {
             assert!(f.text.len() <= EVENT_ERROR_BYTES_MAX, "fallback text over limit");
@@ -480,7 +537,7 @@ fn decode_payload(kind: u8, p: &[u8]) -> Option<Record<'_>> {
             }
             Record::SegmentHeader(SegmentHeader { shard: r.u16()?, segment: r.u64()?, next_seq: r.u64()? })
         }
-        KIND_ACCEPTED => {
+        KIND_ACCEPTED | KIND_RESTORED => {
             let seq = r.u64()?;
             let client = r.str16()?;
             let to = r.str16()?;
@@ -489,7 +546,19 @@ fn decode_payload(kind: u8, p: &[u8]) -> Option<Record<'_>> {
             let accepted_at_ms = r.u64()?;
             let body_len = r.u32()? as usize;
             let body = r.bytes(body_len)?;
-            Record::Accepted(Accepted { seq, client, to, priority, expires_at_ms, accepted_at_ms, body })
+            let a = Accepted { seq, client, to, priority, expires_at_ms, accepted_at_ms, body };
+            if kind == KIND_ACCEPTED {
+                Record::Accepted(a)
+            } else {
+                Record::Restored(a)
+            }
+        }
+        KIND_SPILLED => {
+            let count = r.u32()? as usize;
+            if count > SPILLED_SEQS_MAX {
+                return None;
+            }
+            Record::Spilled(SeqList { encoded: r.bytes(count * 8)? })
         }
         KIND_STATUS => {
             let seq = r.u64()?;
@@ -644,6 +713,19 @@ mod tests {
                 seq, client: &client, to: &to, priority: Priority::from_u8(p).unwrap(),
                 expires_at_ms: exp, accepted_at_ms: at, body: &body,
             }));
+        }
+
+        #[test]
+        fn restored_and_spilled_roundtrip(seq: u64, to in "\\PC{0,60}", seqs in proptest::collection::vec(any::<u64>(), 0..SPILLED_SEQS_MAX)) {
+            roundtrip(Record::Restored(Accepted {
+                seq, client: "c", to: &to, priority: Priority::Low,
+                expires_at_ms: 1, accepted_at_ms: 2, body: b"x",
+            }));
+            let mut buf = Vec::new();
+            SeqList::encode(&seqs, &mut buf);
+            let list = SeqList::new(&buf);
+            prop_assert_eq!(list.iter().collect::<Vec<_>>(), seqs);
+            roundtrip(Record::Spilled(list));
         }
 
         #[test]

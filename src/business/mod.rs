@@ -504,7 +504,7 @@ impl BusinessConn {
         let id = TrackingId::decode(id).filter(|t| (t.shard as usize) < self.shard.count()).ok_or_else(not_found)?;
         let home = id.shard as usize;
         let view = if home == self.shard.id() {
-            self.shard.lookup_local(id.seq, authed.client)
+            self.shard.lookup_local(id.seq, authed.client).await
         } else {
             let (from, client) = (self.shard.id() as u16, authed.client);
             match self.shard.ask(home, |req| MeshMsg::Lookup { from, req, seq: id.seq, client }).await {

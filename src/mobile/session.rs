@@ -247,6 +247,9 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.shard.sessions().unregister(&self.user, &self.signal);
+        if !self.shard.sessions().has(&self.user) {
+            self.shard.backlog_user_left(&self.user);
+        }
     }
 }
 
@@ -489,7 +492,13 @@ impl Session<'_> {
     /// delivered. Ok(false) when nothing was ready; Err(end) ends the session.
     async fn deliver_batch(&mut self, cursor: &mut Cursor) -> Result<bool, End> {
         let shard = self.shard;
-        let batch = shard.deliverable(self.user, cursor, shard.cfg().mobile.max_inflight);
+        // The user's cold messages come back into the journal first (docs/ARCHITECTURE.md, "Offline backlog").
+        if let Err(e) = shard.backlog_ready(self.user).await {
+            tracing::error!(shard = shard.id(), error = %e, "cannot bring a user's backlog back from the cold store");
+            return Err(End::close(CloseCode::Error, "storage unavailable"));
+        }
+        let barrier = shard.backlog_barrier(self.user);
+        let batch = shard.deliverable(self.user, cursor, shard.cfg().mobile.max_inflight, barrier);
         if batch.is_empty() {
             return Ok(false);
         }

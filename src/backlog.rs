@@ -1,0 +1,657 @@
+//! The offline backlog on disk (docs/ARCHITECTURE.md, "Offline backlog").
+//!
+//! Pending messages of users who are not connected move out of memory into
+//! the shard's cold store (`esh3ar_shards::cold`), and come back into the
+//! journal, a page at a time, when their user connects:
+//!
+//! - **Spill** ([`run_spill`]): messages that are [`MessageIndex::spillable`]
+//!   (accepted, never delivered, nothing owed), durable, older than
+//!   `backlog.spill_after_ms` (or any age once the memory budget is 40%
+//!   used) and whose user has no session are written to the cold store,
+//!   which is fdatasynced; only then is a `Spilled` record journaled, which
+//!   makes the index forget them and unpins their segments.
+//! - **Restore** ([`Shard::backlog_ready`]): before a session's first
+//!   delivery, the user's cold messages (a page of `backlog.restore_page`,
+//!   in acceptance order) are journaled again as `Restored` records, with
+//!   their original sequence numbers; once those are durable their cold
+//!   copies are removed. From then on they are ordinary journal messages.
+//!   While more pages remain, live messages of that user wait behind them.
+//! - **Expiry**: maintenance restores cold messages whose TTL passed and
+//!   expires them the usual way (the sender is owed the event).
+//!
+//! The journal stays the system of record for everything that is not cold;
+//! the cold store is the only copy of what is. Removals from the cold store
+//! are made durable ([`Shard::persist_cold`]) before maintenance deletes any
+//! journal segment, so a segment holding a `Restored` record never goes
+//! while the message's cold copy could come back.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use esh3ar_shards::cold::{user_hash, ColdMessage, ColdPut, ColdStore};
+use esh3ar_shards::index::MessageIndex;
+use esh3ar_shards::record::{self, Accepted, Record, SeqList, SPILLED_SEQS_MAX};
+use esh3ar_shards::{Reason, Status};
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::now_ms;
+use crate::shard::Shard;
+
+/// Largest `backlog.restore_page`.
+pub const RESTORE_PAGE_MAX: usize = 4096;
+/// Longest `backlog.spill_after_ms` (a day).
+pub const SPILL_AFTER_MS_MAX: u64 = 86_400_000;
+/// Memory budget fill (percent) from which messages spill at any age.
+pub const SPILL_NOW_PERCENT: u64 = 40;
+/// Messages written to the cold store in one batch (one fdatasync).
+const SPILL_BATCH: usize = SPILLED_SEQS_MAX;
+
+/// `[backlog]`: the offline backlog on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BacklogConfig {
+    /// A pending message of a user who is not connected moves to the cold
+    /// store once it is this old (ms); 0 keeps every message in memory.
+    #[serde(default = "default_spill_after_ms")]
+    pub spill_after_ms: u64,
+    /// Messages brought back per pass when their user connects (1 to 4096).
+    #[serde(default = "default_restore_page")]
+    pub restore_page: usize,
+    /// The cold store's block cache, per shard (bytes; restart to change).
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    /// The cold store's write buffers, per shard (bytes; restart to change).
+    #[serde(default = "default_write_buffer_bytes")]
+    pub write_buffer_bytes: u64,
+}
+
+fn default_spill_after_ms() -> u64 {
+    2_000
+}
+fn default_restore_page() -> usize {
+    1024
+}
+fn default_cache_bytes() -> u64 {
+    8 << 20
+}
+fn default_write_buffer_bytes() -> u64 {
+    32 << 20
+}
+
+impl Default for BacklogConfig {
+    fn default() -> Self {
+        Self {
+            spill_after_ms: default_spill_after_ms(),
+            restore_page: default_restore_page(),
+            cache_bytes: default_cache_bytes(),
+            write_buffer_bytes: default_write_buffer_bytes(),
+        }
+    }
+}
+
+impl BacklogConfig {
+    /// Every problem with these values, as (key, message).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.spill_after_ms > SPILL_AFTER_MS_MAX {
+            out.push(("backlog.spill_after_ms".into(), format!("must be at most {SPILL_AFTER_MS_MAX} (a day)")));
+        }
+        if !(1..=RESTORE_PAGE_MAX).contains(&self.restore_page) {
+            out.push(("backlog.restore_page".into(), format!("must be between 1 and {RESTORE_PAGE_MAX}")));
+        }
+        if !(1 << 20..=1 << 40).contains(&self.cache_bytes) {
+            out.push(("backlog.cache_bytes".into(), "must be between 1 MiB and 1 TiB".into()));
+        }
+        if !(4 << 20..=1 << 40).contains(&self.write_buffer_bytes) {
+            out.push(("backlog.write_buffer_bytes".into(), "must be between 4 MiB and 1 TiB".into()));
+        }
+        out
+    }
+}
+
+/// Where a connected user's cold messages stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UserCold {
+    /// A restore pass is running: deliver nothing yet.
+    Restoring,
+    /// More cold messages after this sequence number: deliver only up to it.
+    More(u64),
+    /// None left.
+    Done,
+}
+
+/// What a session may deliver now ([`Shard::backlog_barrier`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Barrier {
+    /// Everything pending.
+    All,
+    /// Only messages with sequence numbers up to this one (older cold
+    /// messages are still to come back after it).
+    UpTo(u64),
+    /// Nothing yet: a restore pass is running.
+    Wait,
+}
+
+/// One shard's side of the backlog: its cold store and what is in flight.
+pub struct Backlog {
+    store: ColdStore,
+    /// About how many messages are cold (fjall's estimate at startup, then
+    /// kept in step): `/metrics` and the fast path for users with none.
+    cold: Cell<u64>,
+    /// Connected (or connecting) users with cold messages to restore.
+    users: RefCell<HashMap<Rc<str>, UserCold>>,
+    /// Removals not yet made durable, and removals running.
+    dirty: Cell<bool>,
+    removing: Cell<u32>,
+    /// Removals since the last compaction began, and one running.
+    removed_since_compaction: Cell<u64>,
+    compacting: Cell<bool>,
+    /// Totals since start (`/metrics`).
+    spilled_total: Cell<u64>,
+    restored_total: Cell<u64>,
+    /// Where the next spill scan starts, and when it last started over.
+    cursor: Cell<u64>,
+    rescanned_at: Cell<Option<Instant>>,
+}
+
+impl Backlog {
+    /// Wraps an opened cold store.
+    pub fn new(store: ColdStore) -> Self {
+        let cold = store.approximate_len() as u64;
+        Self {
+            store,
+            cold: Cell::new(cold),
+            users: RefCell::new(HashMap::new()),
+            dirty: Cell::new(false),
+            removing: Cell::new(0),
+            removed_since_compaction: Cell::new(0),
+            compacting: Cell::new(false),
+            spilled_total: Cell::new(0),
+            restored_total: Cell::new(0),
+            cursor: Cell::new(0),
+            rescanned_at: Cell::new(None),
+        }
+    }
+
+    /// About how many messages are cold.
+    pub fn cold(&self) -> u64 {
+        self.cold.get()
+    }
+
+    /// True while a compaction of the cold store runs.
+    pub fn is_compacting(&self) -> bool {
+        self.compacting.get()
+    }
+
+    /// Messages spilled since start.
+    pub fn spilled_total(&self) -> u64 {
+        self.spilled_total.get()
+    }
+
+    /// Messages restored since start.
+    pub fn restored_total(&self) -> u64 {
+        self.restored_total.get()
+    }
+
+    /// Bytes the cold store takes on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.store.disk_bytes()
+    }
+
+    /// The store, for calls on the blocking thread.
+    pub fn store(&self) -> &ColdStore {
+        &self.store
+    }
+
+    /// True while `user` is being restored or has a restore state (connected).
+    fn holds(&self, user: &str) -> bool {
+        self.users.borrow().contains_key(user)
+    }
+
+    fn add_cold(&self, n: u64) {
+        self.cold.set(self.cold.get() + n);
+    }
+
+    fn sub_cold(&self, n: u64) {
+        self.cold.set(self.cold.get().saturating_sub(n));
+    }
+}
+
+/// Ends a restore pass: records where the user's cold messages stand (or
+/// forgets the user if it left or the first pass failed) and wakes its sessions.
+struct RestorePass<'a> {
+    shard: &'a Shard,
+    user: &'a Rc<str>,
+    state: Option<UserCold>,
+}
+
+impl Drop for RestorePass<'_> {
+    fn drop(&mut self) {
+        let mut users = self.shard.backlog().users.borrow_mut();
+        match self.state.filter(|_| self.shard.sessions().has(self.user)) {
+            Some(state) => users.insert(self.user.clone(), state),
+            None => users.remove(&**self.user),
+        };
+        drop(users);
+        self.shard.sessions().notify(self.user);
+    }
+}
+
+/// Runs `f` with the shard's cold store on the blocking thread.
+async fn blocking<R: Send + 'static>(shard: &Shard, f: impl FnOnce(&ColdStore) -> R + Send + 'static) -> R {
+    let store = shard.backlog().store().clone();
+    glommio::executor().spawn_blocking(move || f(&store)).await
+}
+
+impl Shard {
+    /// What a session of `user` may deliver now.
+    pub fn backlog_barrier(&self, user: &str) -> Barrier {
+        match self.backlog().users.borrow().get(user) {
+            None | Some(UserCold::Done) => Barrier::All,
+            Some(UserCold::More(last)) => Barrier::UpTo(*last),
+            Some(UserCold::Restoring) => Barrier::Wait,
+        }
+    }
+
+    /// Brings `user`'s next page of cold messages back into the journal when
+    /// it is due: on the session's first delivery, and when the restored
+    /// ones are nearly delivered while more remain. Err: the journal or the
+    /// cold store failed (the session ends; nothing is lost).
+    pub async fn backlog_ready(&self, user: &Rc<str>) -> Result<(), String> {
+        let backlog = self.backlog();
+        let after = match backlog.users.borrow().get(&**user) {
+            None if backlog.cold() == 0 => return Ok(()),
+            None => None,
+            Some(UserCold::More(last)) => Some(*last),
+            Some(UserCold::Done | UserCold::Restoring) => return Ok(()),
+        };
+        let page = self.cfg().backlog.restore_page;
+        if let Some(last) = after {
+            if self.index().borrow().pending_count_upto(user, last) > page / 2 {
+                return Ok(()); // plenty restored still to deliver
+            }
+        }
+        backlog.users.borrow_mut().insert(user.clone(), UserCold::Restoring);
+        // Whatever happens to this pass (even a dropped future), the user
+        // is not left waiting on it.
+        let mut pass = RestorePass { shard: self, user, state: None };
+        let result = self.restore_page(user, after, page).await;
+        pass.state = match &result {
+            Ok(Some(last)) => Some(UserCold::More(*last)),
+            Ok(None) => Some(UserCold::Done),
+            // A later delivery tries again from where it was.
+            Err(_) => after.map(UserCold::More),
+        };
+        drop(pass);
+        result.map(|_| ())
+    }
+
+    /// Forgets a user's restore state once its last session ended.
+    pub fn backlog_user_left(&self, user: &str) {
+        let mut users = self.backlog().users.borrow_mut();
+        if users.get(user).is_some_and(|s| *s != UserCold::Restoring) {
+            users.remove(user);
+        }
+    }
+
+    /// One restore pass: up to `page` cold messages of `user` after `after`.
+    /// Ok(Some(last)) when a full page came back (more may remain).
+    async fn restore_page(&self, user: &Rc<str>, after: Option<u64>, page: usize) -> Result<Option<u64>, String> {
+        let hash = user_hash(user);
+        let found = blocking(self, move |s| s.user_messages(hash, after, page)).await.map_err(|e| e.to_string())?;
+        let last = (found.len() == page).then(|| found.last().map_or(0, |m| m.seq));
+        let mine: Vec<ColdMessage> =
+            found.into_iter().filter(|m| m.accepted().is_ok_and(|a| a.to == &**user)).collect();
+        self.bring_back(mine, false).await?;
+        Ok(last)
+    }
+
+    /// Journals cold messages again (`Restored`), expiring them at once if
+    /// `expire`; waits until durable, then removes their cold copies.
+    async fn bring_back(&self, messages: Vec<ColdMessage>, expire: bool) -> Result<(), String> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut generation = 0;
+        let mut owed = false;
+        {
+            let mut index = self.index().borrow_mut();
+            let known_only = self.cfg().validation.known_recipients_only;
+            for m in &messages {
+                let a = match m.accepted() {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!(shard = self.id(), seq = m.seq, error = %e, "cold store: skipping a damaged message");
+                        continue;
+                    }
+                };
+                if index.get(a.seq).is_some() {
+                    continue; // its spill never completed: already in the journal
+                }
+                let appended = self.journal().append(&Record::Restored(a), &mut index).map_err(|e| e.to_string())?;
+                generation = appended.generation;
+                let refusal = index.refusal(a.to, a.client, known_only);
+                let settle = match refusal {
+                    Some(reason) => Some((Status::Rejected, reason)),
+                    None if expire => Some((Status::Expired, Reason::None)),
+                    None => None,
+                };
+                if let Some((status, reason)) = settle {
+                    let notify = crate::receipts::owes_event(self, &index, a.seq, status);
+                    let at_ms = now_ms();
+                    let change = record::StatusChange { seq: a.seq, status, at_ms, notify, reason };
+                    generation = self
+                        .journal()
+                        .append(&Record::Status(change), &mut index)
+                        .map_err(|e| e.to_string())?
+                        .generation;
+                    self.metrics().messages(status, 1);
+                    owed |= notify;
+                }
+            }
+            // Ours, and any left by recovery: their cold copies go below.
+            index.take_restored();
+        }
+        if owed {
+            self.events_ready().notify_all();
+        }
+        self.journal().wait_durable(generation).await.map_err(|e| e.to_string())?;
+        let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+        let n = seqs.len() as u64;
+        self.remove_cold(seqs).await;
+        let backlog = self.backlog();
+        backlog.sub_cold(n);
+        backlog.restored_total.set(backlog.restored_total.get() + n);
+        Ok(())
+    }
+
+    /// Removes cold copies (restored or stale) without waiting for the disk;
+    /// maintenance makes them durable before deleting segments.
+    async fn remove_cold(&self, seqs: Vec<u64>) {
+        let backlog = self.backlog();
+        backlog.removing.set(backlog.removing.get() + 1);
+        let n = seqs.len() as u64;
+        let result = blocking(self, move |s| s.remove(&seqs)).await;
+        backlog.removing.set(backlog.removing.get() - 1);
+        backlog.dirty.set(true);
+        backlog.removed_since_compaction.set(backlog.removed_since_compaction.get() + n);
+        if let Err(e) = result {
+            // Left in the store: a restart restores them again (a duplicate
+            // delivery, which phones dedupe), never a loss.
+            tracing::error!(shard = self.id(), error = %e, "cold store: cannot remove restored messages");
+        }
+    }
+
+    /// Makes the cold store's removals durable; false while a removal is
+    /// still running or the store failed (maintenance then deletes no
+    /// segment in this pass).
+    pub async fn persist_cold(&self) -> bool {
+        let backlog = self.backlog();
+        if backlog.removing.get() > 0 {
+            return false;
+        }
+        if !backlog.dirty.get() {
+            return true;
+        }
+        backlog.dirty.set(false);
+        match blocking(self, |s| s.persist()).await {
+            Ok(()) => backlog.removing.get() == 0,
+            Err(e) => {
+                backlog.dirty.set(true);
+                tracing::error!(shard = self.id(), error = %e, "cold store: cannot persist removals");
+                false
+            }
+        }
+    }
+
+    /// Maintenance: once more messages left the cold store since its last
+    /// compaction than remain in it (and at least 1,000), compacts it on a
+    /// thread of its own, so restores and spills go on meanwhile. The disk
+    /// it takes then follows what is still pending, not its history.
+    pub async fn compact_cold_when_sparse(&self) {
+        let backlog = self.backlog();
+        let removed = backlog.removed_since_compaction.get();
+        if backlog.compacting.get() || removed < 1000 || removed < backlog.cold() {
+            return;
+        }
+        backlog.compacting.set(true);
+        backlog.removed_since_compaction.set(0);
+        let store = backlog.store().clone();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new().name(format!("cold-compact-{}", self.id())).spawn(move || {
+            let _ = tx.send(store.compact());
+        });
+        let result = match spawned {
+            Ok(_) => rx.await.unwrap_or_else(|_| Ok(())),
+            Err(e) => {
+                tracing::warn!(shard = self.id(), error = %e, "cold store: cannot start a compaction thread");
+                Ok(())
+            }
+        };
+        backlog.compacting.set(false);
+        match result {
+            Ok(()) => tracing::info!(
+                shard = self.id(),
+                removed,
+                cold = backlog.cold(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                disk_bytes = backlog.disk_bytes(),
+                "cold store compacted"
+            ),
+            Err(e) => tracing::warn!(shard = self.id(), error = %e, "cold store: compaction failed"),
+        }
+    }
+
+    /// Maintenance: restores and expires cold messages whose TTL passed.
+    pub async fn expire_cold(&self) {
+        if self.backlog().cold() == 0 {
+            return;
+        }
+        let now = now_ms();
+        match blocking(self, move |s| s.expired(now, 1000)).await {
+            Ok(found) => {
+                let n = found.len();
+                if let Err(e) = self.bring_back(found, true).await {
+                    tracing::warn!(shard = self.id(), error = %e, "cold store: cannot expire messages");
+                } else if n > 0 {
+                    tracing::debug!(shard = self.id(), count = n, "expired cold messages");
+                }
+            }
+            Err(e) => tracing::warn!(shard = self.id(), error = %e, "cold store: cannot read expiries"),
+        }
+    }
+
+    /// The status of message `seq` if it is in the cold store and `client` sent it.
+    pub async fn cold_status(&self, seq: u64, client: &str) -> Option<Box<crate::shard::StatusView>> {
+        if self.backlog().cold() == 0 {
+            return None;
+        }
+        let found = match blocking(self, move |s| s.get(seq)).await {
+            Ok(found) => found?,
+            Err(e) => {
+                tracing::warn!(shard = self.id(), seq, error = %e, "cold store: cannot look a message up");
+                return None;
+            }
+        };
+        let a = found.accepted().ok()?;
+        if a.client != client {
+            return None;
+        }
+        Some(Box::new(crate::shard::StatusView {
+            to: a.to.to_owned(),
+            status: Status::Accepted,
+            priority: a.priority,
+            attempts: 0,
+            accepted_at_ms: a.accepted_at_ms,
+            delivered_at_ms: 0,
+            acked_at_ms: 0,
+            reason: Reason::None,
+            channel: None,
+            provider_message_id: None,
+        }))
+    }
+
+    /// After recovery: removes the cold copies of messages the journal
+    /// restored before the crash (the removal may not have reached the disk).
+    pub async fn settle_recovered_restores(&self) -> Result<(), String> {
+        // Only those the journal still holds: a message restored, then
+        // spilled again before the crash, lives in the cold store alone.
+        let seqs: Vec<u64> = {
+            let mut index = self.index().borrow_mut();
+            let restored = index.take_restored();
+            restored.into_iter().filter(|&seq| index.get(seq).is_some()).collect()
+        };
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let n = seqs.len();
+        blocking(self, move |s| s.remove(&seqs).and_then(|_| s.persist())).await.map_err(|e| e.to_string())?;
+        tracing::info!(
+            shard = self.id(),
+            restored = n,
+            "cold store: removed copies of messages restored before the restart"
+        );
+        Ok(())
+    }
+}
+
+/// Runs until shutdown: moves pending messages of users who are not
+/// connected into the cold store.
+pub async fn run_spill(shard: Rc<Shard>) {
+    let mut failing_since: Option<Instant> = None;
+    while !shard.shutdown().is_set() {
+        let spill_after = shard.cfg().backlog.spill_after_ms;
+        if spill_after == 0 {
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        match spill_once(&shard, spill_after).await {
+            Ok(n) => {
+                failing_since = None;
+                if n < SPILL_BATCH {
+                    glommio::timer::sleep(Duration::from_millis((spill_after / 4).clamp(20, 250))).await;
+                }
+            }
+            Err(e) => {
+                if failing_since.is_none() {
+                    tracing::error!(shard = shard.id(), error = %e, "cannot spill pending messages to the cold store; they stay in memory");
+                }
+                failing_since.get_or_insert_with(Instant::now);
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// One spill batch; returns how many messages it moved.
+async fn spill_once(shard: &Shard, spill_after_ms: u64) -> Result<usize, String> {
+    let backlog = shard.backlog();
+    // Start over now and then: a message skipped while its user was
+    // connected may be spillable now.
+    let rescan = backlog.rescanned_at.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
+    if rescan {
+        backlog.cursor.set(0);
+        backlog.rescanned_at.set(Some(Instant::now()));
+    }
+    let now = now_ms();
+    let until = if shard.pressure_percent() >= SPILL_NOW_PERCENT { now } else { now.saturating_sub(spill_after_ms) };
+    let (candidates, next) = {
+        let index = shard.index().borrow();
+        let durable = shard.journal().durable_generation();
+        let keep = |user: &str| shard.sessions().has(user) || backlog.holds(user);
+        index.spill_candidates(backlog.cursor.get(), until, durable, SPILL_BATCH, keep)
+    };
+    if candidates.is_empty() {
+        backlog.cursor.set(next);
+        return Ok(0);
+    }
+    let puts = cold_copies(shard, &candidates).await?;
+    let count = puts.len();
+    blocking(shard, move |s| s.put(&puts)).await.map_err(|e| e.to_string())?;
+    // Durable in the cold store. Journal as spilled those still spillable
+    // (a user may have connected meanwhile); the others' cold copies go.
+    let (spilled, stale): (Vec<u64>, Vec<u64>) = {
+        let index = shard.index().borrow();
+        let keep = |user: &str| shard.sessions().has(user) || backlog.holds(user);
+        candidates.iter().partition(|&&seq| index.get(seq).is_some_and(|m| MessageIndex::spillable(m) && !keep(&m.to)))
+    };
+    if !spilled.is_empty() {
+        let mut encoded = Vec::with_capacity(spilled.len() * 8);
+        SeqList::encode(&spilled, &mut encoded);
+        let mut index = shard.index().borrow_mut();
+        shard.journal().append(&Record::Spilled(SeqList::new(&encoded)), &mut index).map_err(|e| e.to_string())?;
+    }
+    {
+        let mut bodies = shard.bodies().borrow_mut();
+        for &seq in &spilled {
+            bodies.remove(seq);
+        }
+    }
+    backlog.add_cold(spilled.len() as u64);
+    backlog.spilled_total.set(backlog.spilled_total.get() + spilled.len() as u64);
+    backlog.cursor.set(next);
+    if !stale.is_empty() {
+        shard.remove_cold(stale).await;
+    }
+    shard.pressure().wake();
+    Ok(count)
+}
+
+/// The cold copies of `seqs`: each message's `Accepted` record, its body
+/// from the body cache or read back from the journal.
+async fn cold_copies(shard: &Shard, seqs: &[u64]) -> Result<Vec<ColdPut>, String> {
+    let mut puts = Vec::with_capacity(seqs.len());
+    for &seq in seqs {
+        let (client, to, priority, expires, accepted_at, segment, offset, bytes) = {
+            let index = shard.index().borrow();
+            let Some(m) = index.get(seq) else { continue };
+            (
+                m.client.clone(),
+                m.to.clone(),
+                m.priority,
+                m.expires_at_ms,
+                m.accepted_at_ms,
+                m.segment,
+                m.offset,
+                m.record_bytes,
+            )
+        };
+        let cached = shard.bodies().borrow().get(seq);
+        let body: Rc<[u8]> = match cached {
+            Some(b) => b,
+            None => Rc::from(shard.journal().read_body(segment, offset, bytes).await?),
+        };
+        let a = Accepted {
+            seq,
+            client: &client,
+            to: &to,
+            priority,
+            expires_at_ms: expires,
+            accepted_at_ms: accepted_at,
+            body: &body,
+        };
+        let mut record = Vec::with_capacity(bytes as usize);
+        record::encode(&Record::Accepted(a), &mut record);
+        puts.push(ColdPut { seq, user_hash: user_hash(&to), expires_at_ms: expires, record });
+    }
+    Ok(puts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let bad = BacklogConfig { spill_after_ms: u64::MAX, restore_page: 0, cache_bytes: 0, write_buffer_bytes: 1 };
+        let keys: Vec<String> = bad.problems().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            ["backlog.spill_after_ms", "backlog.restore_page", "backlog.cache_bytes", "backlog.write_buffer_bytes"]
+        );
+        assert!(BacklogConfig::default().problems().is_empty());
+    }
+}
