@@ -425,7 +425,7 @@ impl Shard {
             let _ = tx.send(store.compact());
         });
         let result = match spawned {
-            Ok(_) => rx.await.unwrap_or_else(|_| Ok(())),
+            Ok(_) => rx.await.unwrap_or(Ok(())),
             Err(e) => {
                 tracing::warn!(shard = self.id(), error = %e, "cold store: cannot start a compaction thread");
                 Ok(())
