@@ -98,7 +98,7 @@ impl WebhooksConfig {
     /// Checks every value; the error names the key (`webhooks.<name>`).
     pub fn validate(&self) -> Result<(), KeyError> {
         let bad = |key: &str, msg: &str| Err((format!("webhooks.{key}"), msg.to_owned()));
-        if !(10..=300_000).contains(&self.timeout_ms) {
+        if !(10..=super::TIMEOUT_MS_MAX).contains(&self.timeout_ms) {
             return bad("timeout_ms", "must be between 10 and 300000");
         }
         if !(1..=DAY_MS).contains(&self.retry_base_ms) {

@@ -153,7 +153,7 @@ const DAY_MS: u64 = 24 * 3600 * 1000;
 #[allow(clippy::too_many_arguments)]
 fn check_policy(prefix: &str, p: Policy) -> Result<(), KeyError> {
     let bad = |key: &str, msg: &str| Err((format!("{prefix}.{key}"), msg.to_owned()));
-    if !(10..=300_000).contains(&p.timeout_ms) {
+    if !(10..=super::TIMEOUT_MS_MAX).contains(&p.timeout_ms) {
         return bad("timeout_ms", "must be between 10 and 300000");
     }
     if !(1..=1_000).contains(&p.max_attempts) {
