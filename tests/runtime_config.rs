@@ -336,3 +336,63 @@ fn webhooks_are_added_and_moved_at_runtime_and_survive_a_restart() {
     });
     assert!(!first.deliveries().iter().any(|d| d.id.contains(&after)));
 }
+
+/// Validation lists every error, several in one section included: a PATCH
+/// with two bad values in each of four sections is refused with all eight
+/// named, nothing changes, and the audit line of the refusal lists them
+/// too. `esh3ar config check` prints every error of a file.
+#[test]
+fn every_invalid_value_is_listed_not_only_the_first_of_each_section() {
+    let s = Setup::new(&Opts::default());
+    let e = s.start();
+    let patch = json!({
+        "engine": {"mesh_reply_timeout_ms": 1, "memory_limit_bytes": 1},
+        "mobile": {"max_inflight": 0, "hub_keep_alive_ms": 1},
+        "webhooks": {"max_attempts": 0, "breaker_failures": 0},
+        "tiers": {"basic": {"messages_per_minute": 0, "shed_offset_percent": 99}},
+    });
+    let expected = [
+        "engine.mesh_reply_timeout_ms",
+        "engine.memory_limit_bytes",
+        "mobile.max_inflight",
+        "mobile.hub_keep_alive_ms",
+        "webhooks.max_attempts",
+        "webhooks.breaker_failures",
+        "tiers.basic.messages_per_minute",
+        "tiers.basic.shed_offset_percent",
+    ];
+    let r = admin(&e, "PATCH", "/v1/config", Some(&patch));
+    assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_config"), "{}", String::from_utf8_lossy(&r.body));
+    let keys_of = |errors: &Value| -> Vec<String> {
+        errors.as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap().to_owned()).collect()
+    };
+    let keys = keys_of(&r.json()["error"]["errors"]);
+    for key in expected {
+        assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
+    }
+    assert_eq!(admin(&e, "GET", "/v1/config", None).json()["version"], 1, "nothing changed");
+    let refused = audit_lines(&s).into_iter().rev().find(|l| l["result"] == "refused").expect("a refused line");
+    let audited = keys_of(&refused["errors"]);
+    for key in expected {
+        assert!(audited.iter().any(|k| k == key), "{key} not in the audit line {audited:?}");
+    }
+    assert!(refused["new_version"].is_null());
+
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("messages_per_minute = 1000000", "messages_per_minute = 0\nshed_offset_percent = 99")
+        + "\n[webhooks]\nmax_attempts = 0\nbreaker_failures = 0\n";
+    let bad = s.dir.path().join("bad.toml");
+    std::fs::write(&bad, text).unwrap();
+    let (code, _, err) = common::run_cli(&["config", "check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    for key in [
+        "tiers.basic.messages_per_minute",
+        "tiers.basic.shed_offset_percent",
+        "webhooks.max_attempts",
+        "webhooks.breaker_failures",
+    ] {
+        assert!(err.contains(&format!("`{key}`")), "{key} not in {err}");
+    }
+    assert!(err.contains("4 error(s)"), "{err}");
+}

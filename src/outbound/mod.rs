@@ -99,7 +99,7 @@ use url::Url;
 pub use attempt::BODY_READ_BYTES_MAX;
 pub use backoff::{backoff_ceiling_ms, full_jitter_ms, parse_retry_after, RETRY_AFTER_MS_MAX};
 pub use breaker::BreakerState;
-pub use config::{parse_client_webhook, parse_webhook_url, KeyError, WebhooksConfig};
+pub use config::{client_webhook_errors, parse_client_webhook, parse_webhook_url, KeyError, WebhooksConfig};
 pub use dispatcher::SHUTDOWN_GRACE_MS;
 pub use job::{AttemptError, EndpointId, Job, JobSender, Report, ReportReceiver, TrySendError};
 pub use providers::{EmailConfig, Policy, ProvidersConfig, Redacted, WhatsAppConfig, PROVIDER_MESSAGE_ID_BYTES_MAX};
