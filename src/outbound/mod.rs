@@ -22,8 +22,13 @@
 //!   [`Outbound`] (status, join) and one [`ShardLink`] per shard: its
 //!   [`JobSender`] and its [`ReportReceiver`] (a `Stream` of [`Report`]).
 //! - A [`Job`] names its shard, its endpoint ([`EndpointId`], the position
-//!   in `endpoints`), a stable `webhook_id`, the JSON body, the attempts
-//!   already made and a not-before time (both from the journal on restart).
+//!   in `endpoints`, then among the webhooks added at runtime), a stable
+//!   `webhook_id`, the JSON body, the attempts already made and a
+//!   not-before time (both from the journal on restart).
+//! - [`Outbound::control`] gives the admin's [`ControlSender`]: runtime
+//!   config changes ([`OutboundUpdate`]: policies, new URLs and secrets,
+//!   new webhook endpoints). The endpoint table only grows, up to
+//!   [`ENDPOINTS_MAX`] per process; ids never change meaning.
 //! - Every attempt produces exactly one [`Report`] to the job's shard:
 //!   `Failed` (with `retry_at_unix_ms`, for the journal), then at last
 //!   `Delivered` or `Exhausted`.

@@ -158,7 +158,7 @@ impl OutboundStatus {
         self.exhausted.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One endpoint's breaker, by its position in `spawn`'s list.
+    /// One endpoint's breaker, by its `EndpointId` (`spawn`'s list, then the endpoints added at runtime).
     pub fn breaker(&self, endpoint: usize) -> Option<BreakerState> {
         self.slot(endpoint).map(|s| decode(s.breaker.load(Ordering::Relaxed)))
     }
