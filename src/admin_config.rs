@@ -316,7 +316,8 @@ impl ConfigAdmin {
             return (200, json!({"version": old_version, "changed": false, "changes": []}).to_string().into_bytes());
         }
         let mut restart = rc::restart_keys(&changes);
-        let table = match shard.clients().next(&new_cfg) {
+        let announced = self.control.borrow().endpoints();
+        let table = match shard.clients().next(&new_cfg, announced) {
             Ok(t) => Some(t),
             Err(keys) => {
                 restart.extend(keys);
@@ -376,7 +377,8 @@ impl ConfigAdmin {
     /// Applies the stored version in force again on every shard (after an
     /// apply that timed out), and audits it.
     async fn reapply(&self, shard: &Rc<Shard>, (actor, source): (&str, &str), cfg: &Config, version: u64) -> Answer {
-        let table = match shard.clients().next(cfg) {
+        let announced = self.control.borrow().endpoints();
+        let table = match shard.clients().next(cfg, announced) {
             Ok(t) => t,
             Err(keys) => {
                 let msg = format!("version {version} cannot be applied again without a restart ({})", keys.join(", "));

@@ -62,7 +62,9 @@ pub struct ClientTable {
     /// ([`ClientTable::with_keys_of`]).
     by_key_digest: HashMap<[u8; 32], (u32, Vec<u8>)>,
     by_id: HashMap<String, u32>,
-    /// The next webhook endpoint id to give (startup only).
+    /// The next webhook endpoint id to give: after the startup webhooks
+    /// and the providers (`outbound::provider_endpoints`), then after
+    /// every id announced to the offload thread ([`ClientTable::next`]).
     endpoints: u32,
 }
 
@@ -71,17 +73,27 @@ impl ClientTable {
     pub fn from_config(cfg: &Config) -> Self {
         let empty =
             ClientTable { clients: Vec::new(), by_key_digest: HashMap::new(), by_id: HashMap::new(), endpoints: 0 };
-        // With no previous table every webhook gets a fresh endpoint, so
-        // this cannot fail.
-        empty.build(cfg, true).unwrap_or_else(|_| unreachable!("a first table allocates every endpoint"))
+        // Webhooks take ids 0.. in client order (as `endpoints` lists
+        // them for `outbound::spawn`); the providers follow them. A
+        // validated config has far fewer than `ENDPOINTS_MAX` (spawn
+        // checks), so this cannot fail.
+        let mut table = empty.build(cfg).unwrap_or_else(|_| unreachable!("a first table has room for its endpoints"));
+        table.endpoints += cfg.providers.channels().count() as u32;
+        table
     }
 
     /// The table of a new config version, keeping every index of this one
-    /// (a removed client becomes a tombstone). Err names the clients whose
-    /// change needs a restart: a webhook the offload thread has no endpoint
-    /// for (it was not configured when the engine started).
-    pub fn next(&self, cfg: &Config) -> Result<ClientTable, Vec<String>> {
-        self.clone().build(cfg, false)
+    /// (a removed client becomes a tombstone, with its webhook endpoint)
+    /// and every endpoint id of a client that keeps a webhook. A client
+    /// given a webhook gets a new endpoint id, not below `announced`
+    /// (`ControlSender::endpoints`: ids once announced to the offload
+    /// thread are never reused). Err names the clients whose webhook finds
+    /// the endpoint table full ([`crate::outbound::ENDPOINTS_MAX`] per
+    /// process lifetime): those need a restart.
+    pub fn next(&self, cfg: &Config, announced: u32) -> Result<ClientTable, Vec<String>> {
+        let mut table = self.clone();
+        table.endpoints = table.endpoints.max(announced);
+        table.build(cfg)
     }
 
     /// This table's clients with `older`'s keys: the first phase of a
@@ -91,7 +103,7 @@ impl ClientTable {
         self
     }
 
-    fn build(mut self, cfg: &Config, allocate_endpoints: bool) -> Result<ClientTable, Vec<String>> {
+    fn build(mut self, cfg: &Config) -> Result<ClientTable, Vec<String>> {
         let mut restart = Vec::new();
         for c in &mut self.clients {
             c.removed = true;
@@ -130,7 +142,7 @@ impl ClientTable {
             let webhook = match (&c.webhook_url, old_endpoint) {
                 (None, _) => None,
                 (Some(_), Some(endpoint)) => Some(Webhook { endpoint, events }),
-                (Some(_), None) if allocate_endpoints => {
+                (Some(_), None) if (self.endpoints as usize) < crate::outbound::ENDPOINTS_MAX => {
                     let endpoint = EndpointId(self.endpoints);
                     self.endpoints += 1;
                     Some(Webhook { endpoint, events })
@@ -259,7 +271,7 @@ mod tests {
             ClientTable::from_config(&cfg(&(client("a", "a-key-0123456789ab") + &client("b", "b-key-0123456789ab"))));
         let (a, b) = (v1.index_of("a").unwrap(), v1.index_of("b").unwrap());
         // b removed, c added, a's key rotated.
-        let v2 = v1.next(&cfg(&(client("c", "c-key-0123456789ab") + &client("a", "a-key-rotated-0123")))).unwrap();
+        let v2 = v1.next(&cfg(&(client("c", "c-key-0123456789ab") + &client("a", "a-key-rotated-0123"))), 0).unwrap();
         assert_eq!(v2.index_of("a"), Some(a));
         assert_eq!(v2.index_of("b"), Some(b), "a tombstone keeps its index");
         let c = v2.index_of("c").unwrap();
@@ -275,8 +287,59 @@ mod tests {
         assert_eq!(prepared.authenticate(b"c-key-0123456789ab"), None);
         assert_eq!(prepared.id(c), "c");
         // b comes back: same index.
-        let v3 = v2.next(&cfg(&client("b", "b-key-0123456789ab"))).unwrap();
+        let v3 = v2.next(&cfg(&client("b", "b-key-0123456789ab")), 0).unwrap();
         assert_eq!(v3.index_of("b"), Some(b));
         assert_eq!(v3.authenticate(b"b-key-0123456789ab"), Some(b));
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn cfg(clients: &[(&str, Option<&str>)]) -> Config {
+        let mut text = "[engine]\ndata_dir = \"d\"\n[business]\nlisten = \"127.0.0.1:0\"\n[mobile]\n\
+                        listen = \"127.0.0.1:0\"\ntoken_secret = \"0123456789abcdef0123456789abcdef\"\n[admin]\n\
+                        listen = \"127.0.0.1:0\"\ntoken = \"admin-token-0123456789\"\n[tiers.basic]\n\
+                        messages_per_minute = 60\n[providers.email]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nstarttls = false\n\
+                        from = \"e@example.com\"\n"
+            .to_owned();
+        for (id, url) in clients {
+            text += &format!("[[clients]]\nid = \"{id}\"\napi_key = \"{id}-key-0123456789ab\"\ntier = \"basic\"\n");
+            if let Some(url) = url {
+                text += &format!("webhook_url = \"{url}\"\nwebhook_secret = \"{SECRET}\"\n");
+            }
+        }
+        Config::from_document(toml::from_str(&text).unwrap(), std::path::Path::new("e.toml")).unwrap()
+    }
+
+    fn endpoint(t: &ClientTable, id: &str) -> Option<EndpointId> {
+        t.get(t.index_of(id)?).webhook.map(|w| w.endpoint)
+    }
+
+    #[test]
+    fn webhooks_added_at_runtime_get_new_ids_after_the_providers_and_never_reuse_one() {
+        let v1 = ClientTable::from_config(&cfg(&[("a", Some("http://a.test/h")), ("b", None)]));
+        assert_eq!(endpoint(&v1, "a"), Some(EndpointId(0)));
+        // Endpoint 1 is the email provider: the next webhook is 2.
+        let v2 = v1.next(&cfg(&[("a", Some("http://a2.test/h")), ("b", Some("http://b.test/h"))]), 2).unwrap();
+        assert_eq!(endpoint(&v2, "a"), Some(EndpointId(0)), "a changed URL keeps its endpoint");
+        assert_eq!(endpoint(&v2, "b"), Some(EndpointId(2)));
+        let eps: Vec<(u32, String)> = v2
+            .endpoints_of(&cfg(&[("a", Some("http://a2.test/h")), ("b", Some("http://b.test/h"))]))
+            .into_iter()
+            .map(|(id, e)| (id.0, e.url.to_string()))
+            .collect();
+        assert_eq!(eps, [(0, "http://a2.test/h".to_owned()), (2, "http://b.test/h".to_owned())]);
+        // Ids announced by a change that was then not stored are not given again.
+        let v3 = v1.next(&cfg(&[("a", None), ("b", None), ("c", Some("http://c.test/h"))]), 3).unwrap();
+        assert_eq!(endpoint(&v3, "c"), Some(EndpointId(3)));
+        assert_eq!(endpoint(&v3, "a"), None, "a client without a webhook has no endpoint");
+        // A removed client keeps its endpoint in its tombstone.
+        let v4 = v2.next(&cfg(&[("b", Some("http://b.test/h"))]), 3).unwrap();
+        assert!(v4.get(v4.index_of("a").unwrap()).removed);
+        assert_eq!(endpoint(&v4, "a"), Some(EndpointId(0)));
     }
 }

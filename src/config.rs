@@ -12,6 +12,8 @@ use esh3ar_shards::limits::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::config_errors::Errors;
+
 /// Default request body limit.
 pub const MAX_BODY_BYTES_DEFAULT: usize = 64 * 1024;
 /// Hard upper bound for `max_body_bytes`: the one in `esh3ar_shards::limits`,
@@ -312,20 +314,16 @@ pub fn list_errors(errors: &[(String, String)]) -> String {
     errors.iter().map(|(k, m)| format!("`{k}` {m}")).collect::<Vec<_>>().join("; ")
 }
 
-/// A refusal of `key`, for `Config::validate`.
-fn bad(key: &str, message: String) -> Result<(), (String, String)> {
-    Err((key.to_owned(), message))
-}
-
 /// Checks one `[tiers.<name>]` table.
-fn validate_tier(name: &str, tier: &TierConfig) -> Result<(), (String, String)> {
-    if tier.messages_per_minute == 0 || tier.messages_per_minute > u32::MAX as u64 {
-        return bad(&format!("tiers.{name}.messages_per_minute"), "must be between 1 and 4294967295".into());
-    }
-    if tier.shed_offset_percent > 10 {
-        return bad(&format!("tiers.{name}.shed_offset_percent"), "must be between 0 and 10".into());
-    }
-    Ok(())
+fn validate_tier(name: &str, tier: &TierConfig, e: &mut Errors) {
+    e.check(
+        (1..=u32::MAX as u64).contains(&tier.messages_per_minute),
+        &format!("tiers.{name}.messages_per_minute"),
+        || "must be between 1 and 4294967295".into(),
+    );
+    e.check(tier.shed_offset_percent <= 10, &format!("tiers.{name}.shed_offset_percent"), || {
+        "must be between 0 and 10".into()
+    });
 }
 
 /// Addresses after parsing.
@@ -417,207 +415,187 @@ impl Config {
     }
 
     /// Checks every key and returns every error found, each naming its key
-    /// (empty: valid). Every tier, client, provider and listener is checked;
-    /// within one section (`engine`, `business`, `mobile`, `webhooks`) the
-    /// checks stop at that section's first error.
+    /// (empty: valid): every check of every section runs, so one answer
+    /// lists all that is wrong. A check that relates keys runs only once
+    /// the keys it relates are each valid (it would only repeat them).
     pub fn validate_all(&self) -> Vec<(String, String)> {
-        fn push(errors: &mut Vec<(String, String)>, r: Result<(), (String, String)>) {
-            if let Err(e) = r {
-                errors.push(e);
-            }
-        }
-        let mut errors = Vec::new();
+        let mut e = Errors::new();
         for (key, addr) in [
             ("business.listen", &self.business.listen),
             ("mobile.listen", &self.mobile.listen),
             ("admin.listen", &self.admin.listen),
         ] {
-            if addr.parse::<SocketAddr>().is_err() {
-                push(&mut errors, bad(key, format!("is {addr:?}, expected an address like 127.0.0.1:8080")));
-            }
+            e.check(addr.parse::<SocketAddr>().is_ok(), key, || {
+                format!("is {addr:?}, expected an address like 127.0.0.1:8080")
+            });
         }
-        push(&mut errors, self.validate_engine());
-        push(&mut errors, self.validate_business());
-        if errors.is_empty() {
+        self.validate_engine(&mut e);
+        self.validate_business(&mut e);
+        if !e.any_under("engine") && !e.any_under("business") {
             // Only meaningful once the sizes it relates are each valid.
-            push(&mut errors, self.validate_memory_for_bodies());
+            self.validate_memory_for_bodies(&mut e);
         }
-        push(&mut errors, self.validate_mobile());
-        push(&mut errors, self.validate_admin());
-        push(&mut errors, self.webhooks.validate());
-        if !(EVENTS_RETENTION_SECONDS_MIN..=EVENTS_RETENTION_SECONDS_MAX).contains(&self.events.retention_seconds) {
-            push(
-                &mut errors,
-                bad(
-                    "events.retention_seconds",
-                    format!("must be between {EVENTS_RETENTION_SECONDS_MIN} and {EVENTS_RETENTION_SECONDS_MAX}"),
-                ),
-            );
-        }
+        self.validate_mobile(&mut e);
+        self.validate_admin(&mut e);
+        e.extend(self.webhooks.errors());
+        e.check(
+            (EVENTS_RETENTION_SECONDS_MIN..=EVENTS_RETENTION_SECONDS_MAX).contains(&self.events.retention_seconds),
+            "events.retention_seconds",
+            || format!("must be between {EVENTS_RETENTION_SECONDS_MIN} and {EVENTS_RETENTION_SECONDS_MAX}"),
+        );
         for (name, tier) in &self.tiers {
-            push(&mut errors, validate_tier(name, tier));
+            validate_tier(name, tier, &mut e);
         }
-        push(&mut errors, self.providers.validate());
-        errors.extend(self.backlog.problems());
+        e.extend(self.providers.errors());
+        e.extend(self.backlog.problems());
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
-            push(&mut errors, self.validate_client(i, c, &mut ids, &mut keys));
+            self.validate_client(i, c, (&mut ids, &mut keys), &mut e);
         }
-        errors
+        e.into_vec()
     }
 
-    fn validate_admin(&self) -> Result<(), (String, String)> {
-        if self.admin.token.chars().count() < 16 {
-            return bad("admin.token", "must be at least 16 characters".into());
-        }
+    fn validate_admin(&self, e: &mut Errors) {
+        e.check(self.admin.token.chars().count() >= 16, "admin.token", || "must be at least 16 characters".into());
         let mut names = std::collections::HashSet::new();
         let mut tokens = std::collections::HashSet::from([self.admin.token.as_str()]);
         for (i, t) in self.admin.tokens.iter().enumerate() {
             let key = |f: &str| format!("admin.tokens[{i}].{f}");
             let name_ok = !t.name.is_empty()
                 && t.name.len() <= 64
-                && t.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-            if !name_ok || t.name == "admin" || t.name == "file" {
-                return bad(&key("name"), "must be 1-64 characters of A-Z a-z 0-9 - _ . (not admin or file)".into());
+                && t.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                && t.name != "admin"
+                && t.name != "file";
+            if e.check(name_ok, &key("name"), || {
+                "must be 1-64 characters of A-Z a-z 0-9 - _ . (not admin or file)".into()
+            }) {
+                e.check(names.insert(t.name.as_str()), &key("name"), || format!("{:?} is used twice", t.name));
             }
-            if !names.insert(t.name.as_str()) {
-                return bad(&key("name"), format!("{:?} is used twice", t.name));
-            }
-            if t.token.chars().count() < 16 {
-                return bad(&key("token"), "must be at least 16 characters".into());
-            }
-            if !tokens.insert(t.token.as_str()) {
-                return bad(&key("token"), "is the same as another admin token".into());
+            if e.check(t.token.chars().count() >= 16, &key("token"), || "must be at least 16 characters".into()) {
+                e.check(tokens.insert(t.token.as_str()), &key("token"), || "is the same as another admin token".into());
             }
         }
-        Ok(())
     }
 
-    fn validate_engine(&self) -> Result<(), (String, String)> {
-        if self.engine.shards > 1024 {
-            return bad("engine.shards", format!("is {}, at most 1024", self.engine.shards));
+    fn validate_engine(&self, e: &mut Errors) {
+        let engine = &self.engine;
+        e.check(engine.shards <= 1024, "engine.shards", || format!("is {}, at most 1024", engine.shards));
+        let segment_in_range = e.check(
+            (SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&engine.segment_bytes),
+            "engine.segment_bytes",
+            || format!("must be between {SEGMENT_BYTES_MIN} and {SEGMENT_BYTES_MAX}"),
+        );
+        if segment_in_range {
+            e.check(engine.segment_bytes.is_multiple_of(BLOCK_BYTES), "engine.segment_bytes", || {
+                format!("must be a multiple of {BLOCK_BYTES}")
+            });
         }
-        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.engine.segment_bytes) {
-            return bad("engine.segment_bytes", format!("must be between {SEGMENT_BYTES_MIN} and {SEGMENT_BYTES_MAX}"));
-        }
-        if !self.engine.segment_bytes.is_multiple_of(BLOCK_BYTES) {
-            return bad("engine.segment_bytes", format!("must be a multiple of {BLOCK_BYTES}"));
-        }
-        if !(MESH_CHANNEL_CAPACITY_MIN..=MESH_CHANNEL_CAPACITY_MAX).contains(&self.engine.mesh_channel_capacity) {
-            return bad(
-                "engine.mesh_channel_capacity",
-                format!("must be between {MESH_CHANNEL_CAPACITY_MIN} and {MESH_CHANNEL_CAPACITY_MAX}"),
-            );
-        }
-        if !(100..=600_000).contains(&self.engine.mesh_reply_timeout_ms) {
-            return bad("engine.mesh_reply_timeout_ms", "must be between 100 and 600000".into());
-        }
-        if self.engine.memory_limit_bytes < (64 << 20) {
-            return bad("engine.memory_limit_bytes", "must be at least 67108864 (64 MiB)".into());
-        }
-        if self.engine.connections_per_shard_max == 0 {
-            return bad("engine.connections_per_shard_max", "must be positive".into());
-        }
-        Ok(())
+        e.check(
+            (MESH_CHANNEL_CAPACITY_MIN..=MESH_CHANNEL_CAPACITY_MAX).contains(&engine.mesh_channel_capacity),
+            "engine.mesh_channel_capacity",
+            || format!("must be between {MESH_CHANNEL_CAPACITY_MIN} and {MESH_CHANNEL_CAPACITY_MAX}"),
+        );
+        e.check((100..=600_000).contains(&engine.mesh_reply_timeout_ms), "engine.mesh_reply_timeout_ms", || {
+            "must be between 100 and 600000".into()
+        });
+        e.check(engine.memory_limit_bytes >= (64 << 20), "engine.memory_limit_bytes", || {
+            "must be at least 67108864 (64 MiB)".into()
+        });
+        e.check(engine.connections_per_shard_max > 0, "engine.connections_per_shard_max", || "must be positive".into());
     }
 
-    fn validate_business(&self) -> Result<(), (String, String)> {
-        if !(BODY_BYTES_MIN..=BODY_BYTES_MAX).contains(&self.business.max_body_bytes) {
-            return bad("business.max_body_bytes", format!("must be between {BODY_BYTES_MIN} and {BODY_BYTES_MAX}"));
-        }
-        // Checked after both are in range: a message at the body limit must
+    fn validate_business(&self, e: &mut Errors) {
+        let b = &self.business;
+        let body_in_range =
+            e.check((BODY_BYTES_MIN..=BODY_BYTES_MAX).contains(&b.max_body_bytes), "business.max_body_bytes", || {
+                format!("must be between {BODY_BYTES_MIN} and {BODY_BYTES_MAX}")
+            });
+        // Checked once both are in range: a message at the body limit must
         // fit in one journal segment, or its append could never succeed.
-        if let Err(why) = check_body_and_segment(self.business.max_body_bytes, self.engine.segment_bytes) {
-            return bad("engine.segment_bytes", format!("is too small for business.max_body_bytes: {why}"));
+        if body_in_range && !e.any_under("engine.segment_bytes") {
+            if let Err(why) = check_body_and_segment(b.max_body_bytes, self.engine.segment_bytes) {
+                e.push("engine.segment_bytes", format!("is too small for business.max_body_bytes: {why}"));
+            }
         }
-        if self.business.request_timeout_ms < 100 || self.business.idle_timeout_ms < 100 {
-            return bad("business.request_timeout_ms", "timeouts must be at least 100 ms".into());
-        }
-        if self.business.default_ttl_seconds == 0 || self.business.default_ttl_seconds > self.business.max_ttl_seconds {
-            return bad("business.default_ttl_seconds", "must be positive and at most max_ttl_seconds".into());
-        }
-        if !(1..=7 * 24 * 3600).contains(&self.business.idempotency_window_seconds) {
-            return bad("business.idempotency_window_seconds", "must be between 1 and 604800 (7 days)".into());
-        }
-        Ok(())
+        e.check(b.request_timeout_ms >= 100, "business.request_timeout_ms", || "must be at least 100 ms".into());
+        e.check(b.idle_timeout_ms >= 100, "business.idle_timeout_ms", || "must be at least 100 ms".into());
+        e.check(
+            b.default_ttl_seconds > 0 && b.default_ttl_seconds <= b.max_ttl_seconds,
+            "business.default_ttl_seconds",
+            || "must be positive and at most max_ttl_seconds".into(),
+        );
+        e.check(
+            (1..=7 * 24 * 3600).contains(&b.idempotency_window_seconds),
+            "business.idempotency_window_seconds",
+            || "must be between 1 and 604800 (7 days)".into(),
+        );
     }
 
     /// A shard's shedding budget must hold a few requests at the body
     /// limit; below that, a message at the limit could never be admitted
     /// (its own buffer would fill the budget).
-    fn validate_memory_for_bodies(&self) -> Result<(), (String, String)> {
+    fn validate_memory_for_bodies(&self, e: &mut Errors) {
         let shards = self.shard_count();
         let budget = crate::pressure::shard_share_bytes(self, shards) / 2;
         let need = BUDGET_REQUESTS_AT_BODY_MAX_MIN * (HTTP_HEAD_BYTES_MAX + self.business.max_body_bytes);
-        if budget < need {
-            return bad(
-                "engine.memory_limit_bytes",
-                format!(
-                    "gives each of the {shards} shards a budget of {budget} bytes, less than \
-                     {BUDGET_REQUESTS_AT_BODY_MAX_MIN} requests at business.max_body_bytes ({need} bytes); \
-                     raise it or lower business.max_body_bytes"
-                ),
-            );
-        }
-        Ok(())
+        e.check(budget >= need, "engine.memory_limit_bytes", || {
+            format!(
+                "gives each of the {shards} shards a budget of {budget} bytes, less than \
+                 {BUDGET_REQUESTS_AT_BODY_MAX_MIN} requests at business.max_body_bytes ({need} bytes); \
+                 raise it or lower business.max_body_bytes"
+            )
+        });
     }
 
-    fn validate_mobile(&self) -> Result<(), (String, String)> {
-        if !(WS_MESSAGE_BYTES_MIN..=WS_MESSAGE_BYTES_MAX).contains(&self.mobile.max_message_bytes) {
-            return bad(
-                "mobile.max_message_bytes",
-                format!("must be between {WS_MESSAGE_BYTES_MIN} and {WS_MESSAGE_BYTES_MAX}"),
-            );
+    fn validate_mobile(&self, e: &mut Errors) {
+        let m = &self.mobile;
+        e.check(
+            (WS_MESSAGE_BYTES_MIN..=WS_MESSAGE_BYTES_MAX).contains(&m.max_message_bytes),
+            "mobile.max_message_bytes",
+            || format!("must be between {WS_MESSAGE_BYTES_MIN} and {WS_MESSAGE_BYTES_MAX}"),
+        );
+        for (key, ms) in [
+            ("mobile.ping_interval_ms", m.ping_interval_ms),
+            ("mobile.write_timeout_ms", m.write_timeout_ms),
+            ("mobile.handshake_timeout_ms", m.handshake_timeout_ms),
+        ] {
+            e.check(ms >= 100, key, || "must be at least 100 ms".into());
         }
-        if self.mobile.ping_interval_ms < 100
-            || self.mobile.write_timeout_ms < 100
-            || self.mobile.handshake_timeout_ms < 100
-        {
-            return bad("mobile.ping_interval_ms", "mobile timeouts must be at least 100 ms".into());
-        }
-        if !(100..=3_600_000).contains(&self.mobile.hub_keep_alive_ms) {
-            return bad("mobile.hub_keep_alive_ms", "must be between 100 and 3600000 ms".into());
-        }
-        if self.mobile.hub_client_timeout_ms <= self.mobile.hub_keep_alive_ms
-            || self.mobile.hub_client_timeout_ms > 7_200_000
-        {
-            return bad(
-                "mobile.hub_client_timeout_ms",
-                "must be greater than mobile.hub_keep_alive_ms and at most 7200000 ms".into(),
-            );
-        }
-        if !(1..=100_000).contains(&self.mobile.max_inflight) {
-            return bad("mobile.max_inflight", "must be between 1 and 100000".into());
-        }
-        if self.mobile.token_secret.len() < 32 {
-            return bad("mobile.token_secret", "must be at least 32 bytes".into());
-        }
-        Ok(())
+        let keep_alive_ok =
+            e.check((100..=3_600_000).contains(&m.hub_keep_alive_ms), "mobile.hub_keep_alive_ms", || {
+                "must be between 100 and 3600000 ms".into()
+            });
+        e.check(
+            (!keep_alive_ok || m.hub_client_timeout_ms > m.hub_keep_alive_ms) && m.hub_client_timeout_ms <= 7_200_000,
+            "mobile.hub_client_timeout_ms",
+            || "must be greater than mobile.hub_keep_alive_ms and at most 7200000 ms".into(),
+        );
+        e.check((1..=100_000).contains(&m.max_inflight), "mobile.max_inflight", || {
+            "must be between 1 and 100000".into()
+        });
+        e.check(m.token_secret.len() >= 32, "mobile.token_secret", || "must be at least 32 bytes".into());
     }
 
-    fn validate_client_fallback(&self, i: usize, c: &ClientConfig) -> Result<(), (String, String)> {
+    fn validate_client_fallback(&self, i: usize, c: &ClientConfig, e: &mut Errors) {
         let key = |f: &str| format!("clients[{i}].{f}");
         if let Some(after) = c.fallback_after_seconds {
-            if after > self.business.max_ttl_seconds {
-                return bad(
-                    &key("fallback_after_seconds"),
-                    format!("must be from 0 to business.max_ttl_seconds ({})", self.business.max_ttl_seconds),
-                );
-            }
+            e.check(after <= self.business.max_ttl_seconds, &key("fallback_after_seconds"), || {
+                format!("must be from 0 to business.max_ttl_seconds ({})", self.business.max_ttl_seconds)
+            });
         }
         match (&c.fallback_channels, c.fallback_after_seconds) {
-            (Some(_), None) => bad(&key("fallback_channels"), "is set but fallback_after_seconds is not".into()),
+            (Some(_), None) => e.push(key("fallback_channels"), "is set but fallback_after_seconds is not"),
             (Some(names), Some(_)) => {
-                crate::fallback::parse_channels(names.iter().map(String::as_str), &self.providers)
-                    .map(|_| ())
-                    .map_err(|m| (key("fallback_channels"), m))
+                if let Err(m) = crate::fallback::parse_channels(names.iter().map(String::as_str), &self.providers) {
+                    e.push(key("fallback_channels"), m);
+                }
             }
-            (None, Some(_)) if self.providers.channels().next().is_none() => bad(
-                &key("fallback_after_seconds"),
-                "is set but no provider is configured ([providers.whatsapp] or [providers.email])".into(),
+            (None, Some(_)) if self.providers.channels().next().is_none() => e.push(
+                key("fallback_after_seconds"),
+                "is set but no provider is configured ([providers.whatsapp] or [providers.email])",
             ),
-            _ => Ok(()),
+            _ => {}
         }
     }
 
@@ -625,57 +603,42 @@ impl Config {
         &self,
         i: usize,
         c: &'a ClientConfig,
-        ids: &mut std::collections::HashSet<&'a str>,
-        keys: &mut std::collections::HashSet<&'a str>,
-    ) -> Result<(), (String, String)> {
-        {
-            let key = |f: &str| format!("clients[{i}].{f}");
-            if c.id.is_empty()
-                || c.id.len() > CLIENT_ID_BYTES_MAX
-                || !c.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            {
-                return bad(&key("id"), format!("must be 1-{CLIENT_ID_BYTES_MAX} characters of A-Z a-z 0-9 - _ ."));
-            }
-            if !ids.insert(c.id.as_str()) {
-                return bad(&key("id"), format!("{:?} is used twice", c.id));
-            }
-            if c.api_key.len() < 16 {
-                return bad(&key("api_key"), "must be at least 16 characters".into());
-            }
-            if !keys.insert(c.api_key.as_str()) {
-                return bad(&key("api_key"), "is shared with another client".into());
-            }
-            if !self.tiers.contains_key(&c.tier) {
-                return bad(&key("tier"), format!("{:?} is not a tier defined under [tiers]", c.tier));
-            }
-            crate::outbound::parse_client_webhook(i, c.webhook_url.as_deref(), c.webhook_secret.as_deref())?;
-            if c.event_feed && c.webhook_url.is_some() {
-                return bad(
-                    &key("event_feed"),
-                    "a client's events go to its webhook or to the feed, not both: remove webhook_url or event_feed"
-                        .into(),
+        (ids, keys): (&mut std::collections::HashSet<&'a str>, &mut std::collections::HashSet<&'a str>),
+        e: &mut Errors,
+    ) {
+        let key = |f: &str| format!("clients[{i}].{f}");
+        let id_ok = !c.id.is_empty()
+            && c.id.len() <= CLIENT_ID_BYTES_MAX
+            && c.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if e.check(id_ok, &key("id"), || format!("must be 1-{CLIENT_ID_BYTES_MAX} characters of A-Z a-z 0-9 - _ .")) {
+            e.check(ids.insert(c.id.as_str()), &key("id"), || format!("{:?} is used twice", c.id));
+        }
+        if e.check(c.api_key.len() >= 16, &key("api_key"), || "must be at least 16 characters".into()) {
+            e.check(keys.insert(c.api_key.as_str()), &key("api_key"), || "is shared with another client".into());
+        }
+        e.check(self.tiers.contains_key(&c.tier), &key("tier"), || {
+            format!("{:?} is not a tier defined under [tiers]", c.tier)
+        });
+        e.extend(crate::outbound::client_webhook_errors(i, c.webhook_url.as_deref(), c.webhook_secret.as_deref()));
+        e.check(!(c.event_feed && c.webhook_url.is_some()), &key("event_feed"), || {
+            "a client's events go to its webhook or to the feed, not both: remove webhook_url or event_feed".into()
+        });
+        if let Some(events) = &c.webhook_events {
+            e.check(c.webhook_url.is_some() || c.event_feed, &key("webhook_events"), || {
+                "is set but neither webhook_url nor event_feed is".into()
+            });
+            for bad_name in events.iter().filter(|n| crate::receipts::event_status(n).is_none()) {
+                e.push(
+                    key("webhook_events"),
+                    format!(
+                        "names {bad_name:?}; known events are message.delivered, message.acked, \
+                         message.expired, message.rejected, message.failed"
+                    ),
                 );
             }
-            if let Some(events) = &c.webhook_events {
-                if c.webhook_url.is_none() && !c.event_feed {
-                    return bad(&key("webhook_events"), "is set but neither webhook_url nor event_feed is".into());
-                }
-                if let Some(bad_name) = events.iter().find(|e| crate::receipts::event_status(e).is_none()) {
-                    return bad(
-                        &key("webhook_events"),
-                        format!(
-                            "names {bad_name:?}; known events are message.delivered, message.acked, \
-                             message.expired, message.rejected, message.failed"
-                        ),
-                    );
-                }
-            }
-            if c.messages_per_minute == Some(0) {
-                return bad(&key("messages_per_minute"), "must be positive".into());
-            }
-            self.validate_client_fallback(i, c)?;
         }
-        Ok(())
+        e.check(c.messages_per_minute != Some(0), &key("messages_per_minute"), || "must be positive".into());
+        self.validate_client_fallback(i, c, e);
     }
 
     /// Parsed listener addresses (validated in `load`).
@@ -815,6 +778,54 @@ tier = "basic"
         assert!(e.to_string().contains("admin.token"), "{e}");
         let e = load(&format!("{GOOD}\n[webhooks]\ntimeout_ms = 0\n")).unwrap_err();
         assert!(e.to_string().contains("webhooks.timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn every_error_of_every_section_is_listed_with_its_key() {
+        let text = GOOD
+            .replace("data_dir = \"d\"", "data_dir = \"d\"\nsegment_bytes = 1000\nmesh_reply_timeout_ms = 1")
+            .replace("[business]\n", "[business]\nrequest_timeout_ms = 1\nidle_timeout_ms = 1\n")
+            .replace(
+                "token_secret = \"0123456789abcdef0123456789abcdef\"",
+                "token_secret = \"short-secret-value\"\nmax_inflight = 0",
+            )
+            .replace("token = \"admin-token-0123456789\"", "token = \"tiny-admin-tok\"")
+            .replace("messages_per_minute = 60", "messages_per_minute = 0\nshed_offset_percent = 50")
+            .replace(
+                "api_key = \"acme-key-0123456789\"\ntier = \"basic\"",
+                "api_key = \"short-api-key\"\ntier = \"gold\"\nwebhook_url = \"ftp://x.test/\"",
+            )
+            + "[webhooks]\ntimeout_ms = 0\nmax_attempts = 0\n";
+        let errors = match load(&text) {
+            Err(ConfigError::Invalid { errors, .. }) => errors,
+            other => panic!("{other:?}"),
+        };
+        let keys: Vec<&str> = errors.iter().map(|(k, _)| k.as_str()).collect();
+        for key in [
+            "engine.segment_bytes",
+            "engine.mesh_reply_timeout_ms",
+            "business.request_timeout_ms",
+            "business.idle_timeout_ms",
+            "mobile.max_inflight",
+            "mobile.token_secret",
+            "admin.token",
+            "tiers.basic.messages_per_minute",
+            "tiers.basic.shed_offset_percent",
+            "clients[0].api_key",
+            "clients[0].tier",
+            "clients[0].webhook_url",
+            "clients[0].webhook_secret",
+            "webhooks.timeout_ms",
+            "webhooks.max_attempts",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        assert_eq!(keys.iter().filter(|k| **k == "engine.segment_bytes").count(), 1, "one error per cause: {keys:?}");
+        assert!(!keys.contains(&"engine.memory_limit_bytes"), "a relation is checked only over valid sizes: {keys:?}");
+        let shown = list_errors(&errors);
+        for secret in ["short-secret-value", "tiny-admin-tok", "short-api-key"] {
+            assert!(!shown.contains(secret), "a value quoted in an error: {shown}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod business;
 pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod config_errors;
 pub mod config_layers;
 pub mod dashboard;
 pub mod delivery;

@@ -93,7 +93,7 @@ enum JournalCommand {
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
-        eprintln!("error: {e}");
+        print_config_error(&e);
         ExitCode::from(2)
     })
 }
@@ -103,9 +103,22 @@ fn load_layered(
     env: Option<&str>,
 ) -> Result<(Config, esh3ar::config_layers::Layered), ExitCode> {
     Config::load_layered(path, env).map_err(|e| {
-        eprintln!("error: {e}");
+        print_config_error(&e);
         ExitCode::from(2)
     })
+}
+
+/// An invalid config as one line per error (every error is listed).
+fn print_config_error(e: &esh3ar::config::ConfigError) {
+    match e {
+        esh3ar::config::ConfigError::Invalid { path, errors } => {
+            eprintln!("error: invalid config {}: {} error(s)", path.display(), errors.len());
+            for (key, message) in errors {
+                eprintln!("  `{key}` {message}");
+            }
+        }
+        other => eprintln!("error: {other}"),
+    }
 }
 
 /// `esh3ar config diff`: exit 0 when the runtime state equals the file, 1

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use esh3ar::outbound::{
-    spawn, AttemptError, AttemptResult, BreakerState, EndpointId, Job, Outbound, Report, ReportReceiver, ShardLink,
-    TrySendError, WebhooksConfig,
+    spawn, AttemptError, AttemptResult, BreakerState, EndpointId, Job, Outbound, OutboundUpdate, Report,
+    ReportReceiver, ShardLink, TrySendError, WebhooksConfig,
 };
 use outbound_support::{always, Receiver, Reply};
 
@@ -449,4 +449,82 @@ fn a_glommio_shard_drives_the_offload_thread() {
     assert!(done.load(Ordering::SeqCst));
     outbound.join().unwrap();
     assert!(rx.seen().iter().all(|s| s.signature_ok));
+}
+
+/// Endpoints added at runtime: a job for an id not announced yet is
+/// refused by the sender; once the update is queued the job is taken even
+/// if the thread reads the job channel first (20 rounds, each a fresh
+/// endpoint sent right after its update); an existing endpoint moved to
+/// another receiver keeps its id; the status list grows with them; and a
+/// new `timeout_ms` holds for the next attempt.
+#[tokio::test]
+async fn endpoints_grow_at_runtime_and_keep_their_ids() {
+    let first = Receiver::start(always(Reply::Ok));
+    let moved = Receiver::start(always(Reply::Ok));
+    let (outbound, mut link) = start(&fast_config(), &[&first]);
+    let mut control = outbound.control();
+    assert_eq!(control.endpoints(), 1);
+    assert!(matches!(link.jobs.try_send(job(100, 1)), Err(TrySendError::Invalid(_))), "not announced yet");
+    let added: Vec<Receiver> = (0..20).map(|_| Receiver::start(always(Reply::Ok))).collect();
+    for (i, rx) in added.iter().enumerate() {
+        let id = 1 + i as u32;
+        let update = OutboundUpdate {
+            webhooks: fast_config(),
+            endpoints: vec![
+                (EndpointId(0), first.endpoint("client0")),
+                (EndpointId(id), rx.endpoint(&format!("late{i}"))),
+            ],
+            providers: Vec::new(),
+        };
+        // The control channel holds a few changes: wait while it is full.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut update = Box::new(update);
+        while let Err(e) = control.try_send(update) {
+            assert!(e.is_full() && Instant::now() < deadline, "{e:?}");
+            update = e.into_inner();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(control.endpoints(), id + 1);
+        link.jobs.try_send(job(u64::from(id), id)).unwrap();
+    }
+    let ids: Vec<u64> = (1..=20).collect();
+    let reports = until_final(&mut link.reports, &ids, Duration::from_secs(5)).await;
+    assert!(reports.iter().all(|r| matches!(r, Report::Delivered { .. })), "{reports:?}");
+    for (i, rx) in added.iter().enumerate() {
+        let seen = rx.seen();
+        assert_eq!(seen.len(), 1, "endpoint {} got {seen:?}", i + 1);
+        assert!(seen[0].signature_ok && seen[0].webhook_id == format!("msg_{:04}", i + 1));
+    }
+    let names: Vec<String> = outbound.status().breakers().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 21);
+    assert_eq!((names[0].as_str(), names[20].as_str()), ("webhook:client0", "webhook:late19"));
+
+    // Endpoint 0 moves; then a 10 ms timeout cuts a receiver that hangs.
+    let update = OutboundUpdate {
+        webhooks: fast_config(),
+        endpoints: vec![(EndpointId(0), moved.endpoint("client0"))],
+        providers: Vec::new(),
+    };
+    control.try_send(Box::new(update)).unwrap();
+    assert_eq!(control.endpoints(), 21, "no new id: the count stays");
+    link.jobs.try_send(job(200, 0)).unwrap();
+    let reports = until_final(&mut link.reports, &[200], Duration::from_secs(3)).await;
+    assert_eq!(reports, [Report::Delivered { job: 200, attempts: 1, status: 200 }]);
+    assert_eq!(moved.count(), 1);
+    assert_eq!(first.count(), 0, "nothing goes to the old URL");
+    let hang = Receiver::start(always(Reply::Hang));
+    let update = OutboundUpdate {
+        webhooks: WebhooksConfig { timeout_ms: 10, max_attempts: 1, ..fast_config() },
+        endpoints: vec![(EndpointId(0), hang.endpoint("client0"))],
+        providers: Vec::new(),
+    };
+    control.try_send(Box::new(update)).unwrap();
+    let started = Instant::now();
+    link.jobs.try_send(job(201, 0)).unwrap();
+    let reports = until_final(&mut link.reports, &[201], Duration::from_secs(3)).await;
+    assert!(
+        matches!(reports[..], [Report::Exhausted { job: 201, error: Some(AttemptError::Timeout), .. }]),
+        "{reports:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(400), "the old 500 ms timeout held: {:?}", started.elapsed());
 }

@@ -260,3 +260,139 @@ fn environment_overlays_and_variables() {
     assert_eq!(got["config"]["tiers"]["basic"]["messages_per_minute"], 600);
     assert_eq!(got["config"]["business"]["max_body_bytes"], 4096);
 }
+
+/// Sends one message as `key` to `user`, has `user`'s phone take it, and
+/// returns its id: its `message.delivered` event is then owed.
+fn deliver_one(e: &Engine, s: &Setup, key: &str, user: &str) -> String {
+    let mut c = e.client();
+    let r = send_as(&mut c, key, user);
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let mut phone = common::Phone::connect(e.mobile, &common::token(&s.config, user, 3600)).expect("connect");
+    let frames = phone.recv_n(1, Duration::from_secs(10));
+    assert_eq!(frames[0]["id"].as_str(), Some(id.as_str()));
+    id
+}
+
+/// PATCH `clients` with the current (redacted) list edited by `edit`.
+fn patch_clients(e: &Engine, edit: impl FnOnce(&mut Vec<Value>)) -> common::Response {
+    let mut doc = admin(e, "GET", "/v1/config", None).json();
+    let clients = doc["config"]["clients"].as_array_mut().unwrap();
+    edit(clients);
+    admin(e, "PATCH", "/v1/config", Some(&json!({"clients": clients})))
+}
+
+/// A webhook added at runtime (a new client with a `webhook_url`), then
+/// moved to another receiver, then the same after a restart: every
+/// change is 200 (no restart needed), and each receipt, signed with the
+/// client's secret, reaches the receiver in force when it was sent.
+/// `webhooks.timeout_ms` changes at runtime too.
+#[test]
+fn webhooks_are_added_and_moved_at_runtime_and_survive_a_restart() {
+    use common::webhook::{Receiver, SECRET};
+    let (first, second) = (Receiver::start(), Receiver::start());
+    let s = Setup::new(&Opts::default());
+    let e = s.start();
+    let late_key = "late-key-0123456789abcdef";
+    let r = patch_clients(&e, |clients| {
+        clients.push(json!({"id": "late", "api_key": late_key, "tier": "basic",
+                            "webhook_url": first.url(), "webhook_secret": SECRET}));
+    });
+    assert_eq!(r.status, 200, "a webhook added at runtime: {}", String::from_utf8_lossy(&r.body));
+    let health = String::from_utf8_lossy(&admin(&e, "GET", "/healthz", None).body).into_owned();
+    assert!(health.contains("\"webhook:late\":\"closed\""), "{health}");
+    let id = deliver_one(&e, &s, late_key, "bob");
+    let got = first.wait_for("the new client's receipt", Duration::from_secs(10), |d| {
+        d.iter().any(|d| d.id == format!("evt_{id}_delivered"))
+    });
+    assert!(got.iter().all(|d| d.id.contains(&id)), "only the new client's events: {:?}", common::webhook::ids(&got));
+
+    let r = admin(&e, "PATCH", "/v1/config", Some(&json!({"webhooks": {"timeout_ms": 3000}})));
+    assert_eq!(r.status, 200, "webhooks.timeout_ms changes at runtime: {}", String::from_utf8_lossy(&r.body));
+    let r = patch_clients(&e, |clients| {
+        let late = clients.iter_mut().find(|c| c["id"] == "late").unwrap();
+        late["webhook_url"] = json!(second.url());
+    });
+    assert_eq!(r.status, 200, "a webhook moved at runtime: {}", String::from_utf8_lossy(&r.body));
+    let moved = deliver_one(&e, &s, late_key, "carol");
+    second.wait_for("the receipt after the move", Duration::from_secs(10), |d| {
+        d.iter().any(|d| d.id == format!("evt_{moved}_delivered"))
+    });
+    assert!(
+        !first.deliveries().iter().any(|d| d.id.contains(&moved)),
+        "nothing of a message sent after the move goes to the old receiver"
+    );
+    let version = admin(&e, "GET", "/v1/config", None).json()["version"].clone();
+    assert_eq!(version, 4);
+    drop(e);
+
+    // The file is unchanged: the runtime version stays in force, and the
+    // endpoint table is built from it.
+    let e = s.start();
+    assert_eq!(admin(&e, "GET", "/v1/config", None).json()["version"], version);
+    let after = deliver_one(&e, &s, late_key, "dave");
+    second.wait_for("the receipt after a restart", Duration::from_secs(10), |d| {
+        d.iter().any(|d| d.id == format!("evt_{after}_delivered"))
+    });
+    assert!(!first.deliveries().iter().any(|d| d.id.contains(&after)));
+}
+
+/// Validation lists every error, several in one section included: a PATCH
+/// with two bad values in each of four sections is refused with all eight
+/// named, nothing changes, and the audit line of the refusal lists them
+/// too. `esh3ar config check` prints every error of a file.
+#[test]
+fn every_invalid_value_is_listed_not_only_the_first_of_each_section() {
+    let s = Setup::new(&Opts::default());
+    let e = s.start();
+    let patch = json!({
+        "engine": {"mesh_reply_timeout_ms": 1, "memory_limit_bytes": 1},
+        "mobile": {"max_inflight": 0, "hub_keep_alive_ms": 1},
+        "webhooks": {"max_attempts": 0, "breaker_failures": 0},
+        "tiers": {"basic": {"messages_per_minute": 0, "shed_offset_percent": 99}},
+    });
+    let expected = [
+        "engine.mesh_reply_timeout_ms",
+        "engine.memory_limit_bytes",
+        "mobile.max_inflight",
+        "mobile.hub_keep_alive_ms",
+        "webhooks.max_attempts",
+        "webhooks.breaker_failures",
+        "tiers.basic.messages_per_minute",
+        "tiers.basic.shed_offset_percent",
+    ];
+    let r = admin(&e, "PATCH", "/v1/config", Some(&patch));
+    assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_config"), "{}", String::from_utf8_lossy(&r.body));
+    let keys_of = |errors: &Value| -> Vec<String> {
+        errors.as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap().to_owned()).collect()
+    };
+    let keys = keys_of(&r.json()["error"]["errors"]);
+    for key in expected {
+        assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
+    }
+    assert_eq!(admin(&e, "GET", "/v1/config", None).json()["version"], 1, "nothing changed");
+    let refused = audit_lines(&s).into_iter().rev().find(|l| l["result"] == "refused").expect("a refused line");
+    let audited = keys_of(&refused["errors"]);
+    for key in expected {
+        assert!(audited.iter().any(|k| k == key), "{key} not in the audit line {audited:?}");
+    }
+    assert!(refused["new_version"].is_null());
+
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("messages_per_minute = 1000000", "messages_per_minute = 0\nshed_offset_percent = 99")
+        + "\n[webhooks]\nmax_attempts = 0\nbreaker_failures = 0\n";
+    let bad = s.dir.path().join("bad.toml");
+    std::fs::write(&bad, text).unwrap();
+    let (code, _, err) = common::run_cli(&["config", "check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    for key in [
+        "tiers.basic.messages_per_minute",
+        "tiers.basic.shed_offset_percent",
+        "webhooks.max_attempts",
+        "webhooks.breaker_failures",
+    ] {
+        assert!(err.contains(&format!("`{key}`")), "{key} not in {err}");
+    }
+    assert!(err.contains("4 error(s)"), "{err}");
+}

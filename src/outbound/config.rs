@@ -7,12 +7,13 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::signing::Secret;
+use crate::config_errors::Errors;
 
 /// Longest webhook URL accepted (bytes).
 pub const WEBHOOK_URL_BYTES_MAX: usize = 2048;
 
 /// A validation error: (key, message), as `config.rs` reports them.
-pub type KeyError = (String, String);
+pub use crate::config_errors::KeyError;
 
 /// The `[webhooks]` table. Every limit has a unit in its name.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -95,37 +96,44 @@ impl Default for WebhooksConfig {
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
 impl WebhooksConfig {
-    /// Checks every value; the error names the key (`webhooks.<name>`).
+    /// Checks every value; the first error, naming its key
+    /// (`webhooks.<name>`), as `spawn` reports it.
     pub fn validate(&self) -> Result<(), KeyError> {
-        let bad = |key: &str, msg: &str| Err((format!("webhooks.{key}"), msg.to_owned()));
-        if !(10..=300_000).contains(&self.timeout_ms) {
-            return bad("timeout_ms", "must be between 10 and 300000");
-        }
-        if !(1..=DAY_MS).contains(&self.retry_base_ms) {
-            return bad("retry_base_ms", "must be between 1 and 86400000");
-        }
-        if self.retry_max_ms < self.retry_base_ms || self.retry_max_ms > DAY_MS {
-            return bad("retry_max_ms", "must be at least retry_base_ms and at most 86400000");
-        }
-        if !(1..=1_000).contains(&self.max_attempts) {
-            return bad("max_attempts", "must be between 1 and 1000");
-        }
-        if !(1..=1_000).contains(&self.breaker_failures) {
-            return bad("breaker_failures", "must be between 1 and 1000");
-        }
-        if !(1..=DAY_MS).contains(&self.breaker_open_ms) {
-            return bad("breaker_open_ms", "must be between 1 and 86400000");
-        }
-        if !(1..=1_024).contains(&self.max_in_flight_per_endpoint) {
-            return bad("max_in_flight_per_endpoint", "must be between 1 and 1024");
-        }
-        if !(1..=1 << 20).contains(&self.queue_capacity) {
-            return bad("queue_capacity", "must be between 1 and 1048576");
-        }
-        if !(1..=1 << 24).contains(&self.max_jobs_held) {
-            return bad("max_jobs_held", "must be between 1 and 16777216");
-        }
-        Ok(())
+        self.errors().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every error, each naming its key (`webhooks.<name>`).
+    pub fn errors(&self) -> Vec<KeyError> {
+        let mut e = Errors::new();
+        let key = |k: &str| format!("webhooks.{k}");
+        e.check((10..=super::TIMEOUT_MS_MAX).contains(&self.timeout_ms), &key("timeout_ms"), || {
+            "must be between 10 and 300000".into()
+        });
+        let base_ok = e.check((1..=DAY_MS).contains(&self.retry_base_ms), &key("retry_base_ms"), || {
+            "must be between 1 and 86400000".into()
+        });
+        e.check(
+            (!base_ok || self.retry_max_ms >= self.retry_base_ms) && self.retry_max_ms <= DAY_MS,
+            &key("retry_max_ms"),
+            || "must be at least retry_base_ms and at most 86400000".into(),
+        );
+        e.check((1..=1_000).contains(&self.max_attempts), &key("max_attempts"), || "must be between 1 and 1000".into());
+        e.check((1..=1_000).contains(&self.breaker_failures), &key("breaker_failures"), || {
+            "must be between 1 and 1000".into()
+        });
+        e.check((1..=DAY_MS).contains(&self.breaker_open_ms), &key("breaker_open_ms"), || {
+            "must be between 1 and 86400000".into()
+        });
+        e.check((1..=1_024).contains(&self.max_in_flight_per_endpoint), &key("max_in_flight_per_endpoint"), || {
+            "must be between 1 and 1024".into()
+        });
+        e.check((1..=1 << 20).contains(&self.queue_capacity), &key("queue_capacity"), || {
+            "must be between 1 and 1048576".into()
+        });
+        e.check((1..=1 << 24).contains(&self.max_jobs_held), &key("max_jobs_held"), || {
+            "must be between 1 and 16777216".into()
+        });
+        e.into_vec()
     }
 }
 
@@ -149,6 +157,28 @@ pub fn parse_webhook_url(raw: &str) -> Result<Url, String> {
         return Err("must not have a #fragment".into());
     }
     Ok(url)
+}
+
+/// Every error of one client's webhook keys (`clients[index].webhook_url`
+/// and `.webhook_secret`): both are checked.
+pub fn client_webhook_errors(index: usize, url: Option<&str>, secret: Option<&str>) -> Vec<KeyError> {
+    let key = |f: &str| format!("clients[{index}].{f}");
+    let mut e = Errors::new();
+    match (url, secret) {
+        (None, None) => {}
+        (None, Some(_)) => e.push(key("webhook_secret"), "is set but webhook_url is not"),
+        (Some(u), s) => {
+            if let Err(m) = parse_webhook_url(u) {
+                e.push(key("webhook_url"), m);
+            }
+            match s.map(Secret::parse) {
+                None => e.push(key("webhook_secret"), "is required when webhook_url is set"),
+                Some(Err(m)) => e.push(key("webhook_secret"), m),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+    e.into_vec()
 }
 
 /// Checks one client's webhook keys (`clients[index].webhook_url` and

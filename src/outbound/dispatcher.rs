@@ -57,6 +57,22 @@ struct Endpoint {
     dirty: bool,
 }
 
+impl Endpoint {
+    fn new(name: String, policy: Policy, kind: Kind) -> Endpoint {
+        Endpoint {
+            name,
+            kind,
+            policy,
+            breaker: Breaker::new(policy.breaker_failures, Duration::from_millis(policy.breaker_open_ms)),
+            published: BreakerState::Closed,
+            ready: VecDeque::new(),
+            in_flight: 0,
+            wake_at: None,
+            dirty: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Wake {
     Job(u64),
@@ -127,20 +143,7 @@ impl Dispatcher {
         status: Arc<OutboundStatus>,
         control: mpsc::Receiver<Box<super::OutboundUpdate>>,
     ) -> Dispatcher {
-        let endpoints = endpoints
-            .into_iter()
-            .map(|(name, policy, kind)| Endpoint {
-                name,
-                kind,
-                policy,
-                breaker: Breaker::new(policy.breaker_failures, Duration::from_millis(policy.breaker_open_ms)),
-                published: BreakerState::Closed,
-                ready: VecDeque::new(),
-                in_flight: 0,
-                wake_at: None,
-                dirty: false,
-            })
-            .collect();
+        let endpoints = endpoints.into_iter().map(|(name, policy, kind)| Endpoint::new(name, policy, kind)).collect();
         let reports = ReportOut::new(report_senders, config.queue_capacity);
         Dispatcher {
             config,
@@ -197,17 +200,24 @@ impl Dispatcher {
     }
 
     /// Takes a runtime config change: new webhook URLs, secrets and
-    /// policies, new provider policies. Jobs held keep their place; an
-    /// attempt in flight finishes with what it started with. A breaker is
-    /// rebuilt (closed) only if its thresholds changed and nothing is in flight.
+    /// policies, new webhook endpoints, new provider policies. Jobs held
+    /// keep their place; an attempt in flight finishes with what it started
+    /// with. A breaker is rebuilt (closed) only if its thresholds changed
+    /// and nothing is in flight.
     fn update(&mut self, update: super::OutboundUpdate) {
         let webhook_policy = super::webhook_policy(&update.webhooks);
         self.config = update.webhooks;
-        let mut targets: HashMap<usize, Arc<Target>> = update
-            .endpoints
-            .into_iter()
-            .map(|(id, e)| (id.0 as usize, Arc::new(Target { url: e.url, secret: e.secret })))
-            .collect();
+        let mut endpoints = update.endpoints;
+        endpoints.sort_by_key(|(id, _)| id.0);
+        let mut targets: HashMap<usize, Arc<Target>> = HashMap::new();
+        for (id, e) in endpoints {
+            let (i, target) = (id.0 as usize, Arc::new(Target { url: e.url, secret: e.secret }));
+            if i < self.endpoints.len() {
+                targets.insert(i, target);
+            } else {
+                self.add_webhook(i, e.name, webhook_policy, target);
+            }
+        }
         let providers: HashMap<usize, Policy> =
             update.providers.into_iter().map(|(id, p)| (id.0 as usize, p)).collect();
         for (i, e) in self.endpoints.iter_mut().enumerate() {
@@ -238,6 +248,41 @@ impl Dispatcher {
         tracing::info!(endpoints = self.endpoints.len(), "outbound: runtime configuration applied");
     }
 
+    /// Appends webhook endpoint `i` (a client given a webhook at runtime).
+    /// Ids come from one counter (`ControlSender::endpoints`), so a new one
+    /// is the table's length; anything else is a bug upstream, refused
+    /// loudly in the log (its jobs are then refused by `admit`).
+    fn add_webhook(&mut self, i: usize, name: String, policy: Policy, target: Arc<Target>) {
+        if i != self.endpoints.len() {
+            tracing::error!(
+                endpoint = i,
+                known = self.endpoints.len(),
+                "outbound: a new endpoint id leaves a gap; ignored"
+            );
+            return;
+        }
+        let Some(at) = self.status.push(format!("webhook:{name}")) else {
+            tracing::error!(endpoint = i, "outbound: the endpoint table is full; ignored");
+            return;
+        };
+        assert_eq!(at, i, "the status list and the endpoint table grow together");
+        tracing::info!(endpoint = %name, "outbound: webhook endpoint added");
+        self.endpoints.push(Endpoint::new(name, policy, Kind::Webhook(target)));
+    }
+
+    /// Applies every change already queued on the control channel, without
+    /// waiting: a job may name an endpoint whose change was queued before
+    /// the job but not taken yet (the two channels are read in any order).
+    fn take_queued_updates(&mut self) {
+        while let Some(rx) = &mut self.control {
+            match rx.try_recv() {
+                Ok(update) => self.update(*update),
+                Err(mpsc::TryRecvError::Closed) => self.control = None,
+                Err(mpsc::TryRecvError::Empty) => return,
+            }
+        }
+    }
+
     async fn shut_down(mut self) {
         self.accepting = false;
         let slowest = self.endpoints.iter().map(|e| e.policy.timeout_ms).max().unwrap_or(0);
@@ -260,6 +305,23 @@ impl Dispatcher {
     }
 
     fn admit(&mut self, job: Job) {
+        if job.endpoint.0 as usize >= self.endpoints.len() {
+            self.take_queued_updates();
+        }
+        if job.endpoint.0 as usize >= self.endpoints.len() {
+            // Cannot happen: a JobSender refuses ids not announced, and an
+            // id is announced after its change is queued. Refused loudly,
+            // never silently: the shard dead-letters the event.
+            tracing::error!(
+                endpoint = job.endpoint.0,
+                shard = job.shard,
+                "outbound: job for an unknown endpoint refused"
+            );
+            self.status.count_exhausted();
+            let report = Report::Exhausted { job: job.id, attempts: job.attempts, error: Some(AttemptError::Request) };
+            self.reports.send(job.shard, report);
+            return;
+        }
         if job.attempts >= self.endpoints[job.endpoint.0 as usize].policy.max_attempts {
             self.status.count_exhausted();
             let report = Report::Exhausted { job: job.id, attempts: job.attempts, error: None };

@@ -1,12 +1,18 @@
 //! What crosses the boundary between a shard and the offload thread: `Job`s
 //! in, `Report`s out, and the two channel ends a shard holds.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures_channel::mpsc;
 
 use super::signing::is_valid_webhook_id;
 
-/// An endpoint, by its position in the list given to `spawn`.
+/// An endpoint, by its position in the offload thread's table: the list
+/// given to `spawn`, then the webhooks added at runtime, in the order
+/// announced (`Control::try_send`). A position never changes meaning while
+/// the process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EndpointId(pub u32);
 
@@ -109,19 +115,22 @@ pub enum TrySendError {
 #[derive(Debug)]
 pub struct JobSender {
     tx: mpsc::Sender<Job>,
-    endpoints: u32,
+    /// Endpoints announced to the offload thread (grows with runtime
+    /// config changes; `Control::try_send` raises it after queueing the
+    /// change, so a job for a new endpoint always finds it queued).
+    endpoints: Arc<AtomicU32>,
     shard: usize,
 }
 
 impl JobSender {
-    pub(super) fn new(tx: mpsc::Sender<Job>, endpoints: u32, shard: usize) -> JobSender {
+    pub(super) fn new(tx: mpsc::Sender<Job>, endpoints: Arc<AtomicU32>, shard: usize) -> JobSender {
         JobSender { tx, endpoints, shard }
     }
 
     /// Another sender for the same shard (its reports go to the same
     /// receiver): the fallback task's, beside the receipts outbox's.
     pub fn duplicate(&self) -> JobSender {
-        JobSender { tx: self.tx.clone(), endpoints: self.endpoints, shard: self.shard }
+        JobSender { tx: self.tx.clone(), endpoints: self.endpoints.clone(), shard: self.shard }
     }
 
     /// The shard this sender belongs to (what `Job::shard` must say).
@@ -131,7 +140,10 @@ impl JobSender {
 
     /// Hands a job over without waiting.
     pub fn try_send(&mut self, job: Job) -> Result<(), TrySendError> {
-        if job.endpoint.0 >= self.endpoints || job.shard != self.shard || !is_valid_webhook_id(&job.webhook_id) {
+        if job.endpoint.0 >= self.endpoints.load(Ordering::Acquire)
+            || job.shard != self.shard
+            || !is_valid_webhook_id(&job.webhook_id)
+        {
             return Err(TrySendError::Invalid(job));
         }
         self.tx.try_send(job).map_err(|e| {

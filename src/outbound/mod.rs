@@ -22,8 +22,13 @@
 //!   [`Outbound`] (status, join) and one [`ShardLink`] per shard: its
 //!   [`JobSender`] and its [`ReportReceiver`] (a `Stream` of [`Report`]).
 //! - A [`Job`] names its shard, its endpoint ([`EndpointId`], the position
-//!   in `endpoints`), a stable `webhook_id`, the JSON body, the attempts
-//!   already made and a not-before time (both from the journal on restart).
+//!   in `endpoints`, then among the webhooks added at runtime), a stable
+//!   `webhook_id`, the JSON body, the attempts already made and a
+//!   not-before time (both from the journal on restart).
+//! - [`Outbound::control`] gives the admin's [`ControlSender`]: runtime
+//!   config changes ([`OutboundUpdate`]: policies, new URLs and secrets,
+//!   new webhook endpoints). The endpoint table only grows, up to
+//!   [`ENDPOINTS_MAX`] per process; ids never change meaning.
 //! - Every attempt produces exactly one [`Report`] to the job's shard:
 //!   `Failed` (with `retry_at_unix_ms`, for the journal), then at last
 //!   `Delivered` or `Exhausted`.
@@ -88,6 +93,7 @@ mod reports;
 mod signing;
 mod status;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -98,16 +104,20 @@ use url::Url;
 pub use attempt::BODY_READ_BYTES_MAX;
 pub use backoff::{backoff_ceiling_ms, full_jitter_ms, parse_retry_after, RETRY_AFTER_MS_MAX};
 pub use breaker::BreakerState;
-pub use config::{parse_client_webhook, parse_webhook_url, KeyError, WebhooksConfig};
+pub use config::{client_webhook_errors, parse_client_webhook, parse_webhook_url, KeyError, WebhooksConfig};
 pub use dispatcher::SHUTDOWN_GRACE_MS;
 pub use job::{AttemptError, EndpointId, Job, JobSender, Report, ReportReceiver, TrySendError};
 pub use providers::{EmailConfig, Policy, ProvidersConfig, Redacted, WhatsAppConfig, PROVIDER_MESSAGE_ID_BYTES_MAX};
 pub use signing::{is_valid_webhook_id, Secret};
-pub use status::{AttemptResult, OutboundStatus};
+pub use status::{AttemptResult, OutboundStatus, ENDPOINTS_MAX};
 
 /// Helper threads for blocking DNS lookups (getaddrinfo, as reqwest does by
 /// default); the offload thread itself never blocks on one.
 pub const DNS_THREADS_MAX: usize = 4;
+
+/// The longest attempt any policy allows (`webhooks.timeout_ms`,
+/// `providers.*.timeout_ms`), checked by their validation.
+pub const TIMEOUT_MS_MAX: u64 = 300_000;
 
 /// One webhook receiver: a client's URL and signing secret.
 pub struct Endpoint {
@@ -138,8 +148,13 @@ pub struct ShardLink {
 
 /// A runtime config change for the offload thread: the webhook policy,
 /// the current URL and secret of each webhook endpoint, and each fallback
-/// provider's policy. Endpoints keep their ids; an id the thread does not
-/// know is ignored (a new endpoint needs a restart, see `runtime_config`).
+/// provider's policy. Known endpoints keep their ids (a new URL or secret
+/// replaces the old one for the next attempt); ids from the thread's
+/// table length on are new webhook endpoints, appended in id order (they
+/// must follow on without a gap, see [`ControlSender::endpoints`]). An
+/// endpoint absent from the update (a removed client's, or a client's
+/// whose webhook was removed) keeps its last URL and secret for the jobs
+/// it still holds.
 #[derive(Debug)]
 pub struct OutboundUpdate {
     pub webhooks: WebhooksConfig,
@@ -151,8 +166,37 @@ pub struct OutboundUpdate {
 /// are rare and applied one at a time.
 pub const CONTROL_CAPACITY: usize = 4;
 
-/// The admin's end of the control channel (`try_send` never waits).
-pub type ControlSender = mpsc::Sender<Box<OutboundUpdate>>;
+/// The admin's end of the control channel (`try_send` never waits), and
+/// the count of endpoints announced to the thread, which every
+/// [`JobSender`] checks its jobs against.
+#[derive(Debug, Clone)]
+pub struct ControlSender {
+    tx: mpsc::Sender<Box<OutboundUpdate>>,
+    endpoints: Arc<AtomicU32>,
+}
+
+impl ControlSender {
+    /// Queues a change without waiting. On success the announced endpoint
+    /// count covers every id in it: raised only after the change is
+    /// queued, so a shard that sees a new id accepted by its `JobSender`
+    /// sends the job after the change that creates the endpoint, and the
+    /// thread applies pending changes before it takes a job for an id it
+    /// does not know yet.
+    pub fn try_send(&mut self, update: Box<OutboundUpdate>) -> Result<(), mpsc::TrySendError<Box<OutboundUpdate>>> {
+        let ids_end = update.endpoints.iter().map(|(id, _)| id.0 + 1).max().unwrap_or(0);
+        self.tx.try_send(update)?;
+        self.endpoints.fetch_max(ids_end, Ordering::Release);
+        Ok(())
+    }
+
+    /// Endpoints announced so far: the first id a new webhook endpoint
+    /// may take. Monotonic; an id announced once is never given to
+    /// another endpoint, even if the config change that announced it was
+    /// then not stored.
+    pub fn endpoints(&self) -> u32 {
+        self.endpoints.load(Ordering::Acquire)
+    }
+}
 
 /// The running offload thread.
 #[derive(Debug)]
@@ -188,7 +232,7 @@ pub enum SpawnError {
     Runtime(std::io::Error),
     #[error("cannot build the webhook HTTP client: {0}")]
     Client(String),
-    #[error("more than {} endpoints", u32::MAX)]
+    #[error("more than {ENDPOINTS_MAX} endpoints")]
     TooManyEndpoints,
 }
 
@@ -235,14 +279,16 @@ pub fn spawn_with_providers(
         .unwrap_or(1);
     let client = {
         let _in_runtime = runtime.enter();
-        http_client(config, idle_per_host as usize)?
+        http_client(idle_per_host as usize)?
     };
     let provider_targets = {
         let _in_runtime = runtime.enter();
         providers.targets().map_err(|(k, m)| SpawnError::Config(k, m))?
     };
-    let endpoint_count =
-        u32::try_from(endpoints.len() + provider_targets.len()).map_err(|_| SpawnError::TooManyEndpoints)?;
+    if endpoints.len() + provider_targets.len() > ENDPOINTS_MAX {
+        return Err(SpawnError::TooManyEndpoints);
+    }
+    let endpoint_count = Arc::new(AtomicU32::new((endpoints.len() + provider_targets.len()) as u32));
     let labels = endpoints
         .iter()
         .map(|e| format!("webhook:{}", e.name))
@@ -262,7 +308,8 @@ pub fn spawn_with_providers(
             (format!("provider:{}", c.as_str()), policy, dispatcher::Kind::Provider(Arc::new(target)))
         }))
         .collect();
-    let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+    let control = ControlSender { tx: control_tx, endpoints: endpoint_count.clone() };
     let dispatcher =
         dispatcher::Dispatcher::new(config.clone(), client, job_rx, targets, report_txs, status.clone(), control_rx);
     let thread = std::thread::Builder::new()
@@ -272,7 +319,10 @@ pub fn spawn_with_providers(
     let links = report_rxs
         .into_iter()
         .enumerate()
-        .map(|(shard, reports)| ShardLink { jobs: JobSender::new(job_tx.clone(), endpoint_count, shard), reports })
+        .map(|(shard, reports)| ShardLink {
+            jobs: JobSender::new(job_tx.clone(), endpoint_count.clone(), shard),
+            reports,
+        })
         .collect();
     Ok((Outbound { thread, status, control }, links))
 }
@@ -290,11 +340,14 @@ pub fn webhook_policy(config: &WebhooksConfig) -> Policy {
     }
 }
 
-fn http_client(config: &WebhooksConfig, idle_per_host: usize) -> Result<reqwest::Client, SpawnError> {
-    let timeout = Duration::from_millis(config.timeout_ms);
+/// The one HTTP client. No client-wide timeout: every request sets its
+/// own (`RequestBuilder::timeout`, connect to last byte, from its
+/// endpoint's policy, so `webhooks.timeout_ms` changes at runtime) inside
+/// an outer deadline of the same length. The connect timeout is only a
+/// backstop at the largest timeout a policy may have.
+fn http_client(idle_per_host: usize) -> Result<reqwest::Client, SpawnError> {
     reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout)
+        .connect_timeout(Duration::from_millis(TIMEOUT_MS_MAX))
         .pool_max_idle_per_host(idle_per_host)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()

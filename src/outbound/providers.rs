@@ -22,6 +22,7 @@ use url::Url;
 use super::attempt::BODY_READ_BYTES_MAX;
 use super::config::KeyError;
 use super::job::AttemptError;
+use crate::config_errors::Errors;
 
 /// A secret from the config: `Debug` shows `***`.
 #[derive(Clone, Deserialize, Serialize, Default)]
@@ -150,31 +151,25 @@ fn default_subject() -> String {
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
-#[allow(clippy::too_many_arguments)]
-fn check_policy(prefix: &str, p: Policy) -> Result<(), KeyError> {
-    let bad = |key: &str, msg: &str| Err((format!("{prefix}.{key}"), msg.to_owned()));
-    if !(10..=300_000).contains(&p.timeout_ms) {
-        return bad("timeout_ms", "must be between 10 and 300000");
-    }
-    if !(1..=1_000).contains(&p.max_attempts) {
-        return bad("max_attempts", "must be between 1 and 1000");
-    }
-    if !(1..=DAY_MS).contains(&p.retry_base_ms) {
-        return bad("retry_base_ms", "must be between 1 and 86400000");
-    }
-    if p.retry_max_ms < p.retry_base_ms || p.retry_max_ms > DAY_MS {
-        return bad("retry_max_ms", "must be at least retry_base_ms and at most 86400000");
-    }
-    if !(1..=1_000).contains(&p.breaker_failures) {
-        return bad("breaker_failures", "must be between 1 and 1000");
-    }
-    if !(1..=DAY_MS).contains(&p.breaker_open_ms) {
-        return bad("breaker_open_ms", "must be between 1 and 86400000");
-    }
-    if !(1..=4_096).contains(&p.max_in_flight) {
-        return bad("max_in_flight", "must be between 1 and 4096");
-    }
-    Ok(())
+fn check_policy(prefix: &str, p: Policy, e: &mut Errors) {
+    let key = |k: &str| format!("{prefix}.{k}");
+    e.check((10..=super::TIMEOUT_MS_MAX).contains(&p.timeout_ms), &key("timeout_ms"), || {
+        "must be between 10 and 300000".into()
+    });
+    e.check((1..=1_000).contains(&p.max_attempts), &key("max_attempts"), || "must be between 1 and 1000".into());
+    let base_ok = e.check((1..=DAY_MS).contains(&p.retry_base_ms), &key("retry_base_ms"), || {
+        "must be between 1 and 86400000".into()
+    });
+    e.check((!base_ok || p.retry_max_ms >= p.retry_base_ms) && p.retry_max_ms <= DAY_MS, &key("retry_max_ms"), || {
+        "must be at least retry_base_ms and at most 86400000".into()
+    });
+    e.check((1..=1_000).contains(&p.breaker_failures), &key("breaker_failures"), || {
+        "must be between 1 and 1000".into()
+    });
+    e.check((1..=DAY_MS).contains(&p.breaker_open_ms), &key("breaker_open_ms"), || {
+        "must be between 1 and 86400000".into()
+    });
+    e.check((1..=4_096).contains(&p.max_in_flight), &key("max_in_flight"), || "must be between 1 and 4096".into());
 }
 
 impl WhatsAppConfig {
@@ -210,17 +205,27 @@ impl WhatsAppConfig {
         Ok(url)
     }
 
-    fn validate(&self) -> Result<(), KeyError> {
-        let bad = |key: &str, msg: &str| Err((format!("providers.whatsapp.{key}"), msg.to_owned()));
-        if self.kind != "whatsapp_cloud" {
-            return bad("kind", "must be \"whatsapp_cloud\"");
+    fn collect_errors(&self, e: &mut Errors) {
+        let key = |k: &str| format!("providers.whatsapp.{k}");
+        e.check(self.kind == "whatsapp_cloud", &key("kind"), || "must be \"whatsapp_cloud\"".into());
+        let id = &self.phone_number_id;
+        e.check(
+            !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit()),
+            &key("phone_number_id"),
+            || "must be 1 to 64 digits".into(),
+        );
+        if let Err((k, m)) = self.messages_url() {
+            if k != key("phone_number_id") {
+                e.push(k, m);
+            }
         }
-        self.messages_url()?;
         let token = &self.access_token.0;
-        if token.is_empty() || token.len() > 4096 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return bad("access_token", "must be 1 to 4096 visible ASCII characters");
-        }
-        check_policy("providers.whatsapp", self.policy())
+        e.check(
+            !token.is_empty() && token.len() <= 4096 && token.bytes().all(|b| b.is_ascii_graphic()),
+            &key("access_token"),
+            || "must be 1 to 4096 visible ASCII characters".into(),
+        );
+        check_policy("providers.whatsapp", self.policy(), e);
     }
 }
 
@@ -237,36 +242,30 @@ impl EmailConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), KeyError> {
-        let bad = |key: &str, msg: &str| Err((format!("providers.email.{key}"), msg.to_owned()));
-        if self.kind != "smtp" {
-            return bad("kind", "must be \"smtp\"");
-        }
-        if self.host.is_empty() || self.host.len() > 253 || self.host.bytes().any(|b| b.is_ascii_whitespace()) {
-            return bad("host", "must be a host name or IP address");
-        }
-        if self.port == 0 {
-            return bad("port", "must be between 1 and 65535");
-        }
-        if !self.starttls && !is_loopback(&self.host) {
-            return bad("starttls", "may be false only for a loopback host (127.0.0.0/8, ::1, localhost)");
-        }
+    fn collect_errors(&self, e: &mut Errors) {
+        let key = |k: &str| format!("providers.email.{k}");
+        e.check(self.kind == "smtp", &key("kind"), || "must be \"smtp\"".into());
+        let host_ok =
+            !self.host.is_empty() && self.host.len() <= 253 && !self.host.bytes().any(|b| b.is_ascii_whitespace());
+        e.check(host_ok, &key("host"), || "must be a host name or IP address".into());
+        e.check(self.port != 0, &key("port"), || "must be between 1 and 65535".into());
+        e.check(self.starttls || is_loopback(&self.host), &key("starttls"), || {
+            "may be false only for a loopback host (127.0.0.0/8, ::1, localhost)".into()
+        });
         if self.username.is_some() != self.password.is_some() {
-            return bad(
-                if self.username.is_some() { "password" } else { "username" },
+            e.push(
+                key(if self.username.is_some() { "password" } else { "username" }),
                 "username and password go together",
             );
         }
-        if self.password.is_some() && !self.starttls {
-            return bad("password", "is never sent without starttls");
-        }
-        if self.from.parse::<lettre::message::Mailbox>().is_err() {
-            return bad("from", "must be an address, e.g. \"Esh3ar <noreply@example.com>\"");
-        }
-        if self.subject.len() > 200 || self.subject.chars().any(char::is_control) {
-            return bad("subject", "must be at most 200 bytes without control characters");
-        }
-        check_policy("providers.email", self.policy())
+        e.check(self.password.is_none() || self.starttls, &key("password"), || "is never sent without starttls".into());
+        e.check(self.from.parse::<lettre::message::Mailbox>().is_ok(), &key("from"), || {
+            "must be an address, e.g. \"Esh3ar <noreply@example.com>\"".into()
+        });
+        e.check(self.subject.len() <= 200 && !self.subject.chars().any(char::is_control), &key("subject"), || {
+            "must be at most 200 bytes without control characters".into()
+        });
+        check_policy("providers.email", self.policy(), e);
     }
 }
 
@@ -276,15 +275,22 @@ fn is_loopback(host: &str) -> bool {
 }
 
 impl ProvidersConfig {
-    /// Checks every provider; the error names the key (`providers.<name>.<key>`).
+    /// Checks every provider; the first error, naming its key
+    /// (`providers.<name>.<key>`), as `spawn` reports it.
     pub fn validate(&self) -> Result<(), KeyError> {
+        self.errors().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every error of every provider, each naming its key.
+    pub fn errors(&self) -> Vec<KeyError> {
+        let mut e = Errors::new();
         if let Some(w) = &self.whatsapp {
-            w.validate()?;
+            w.collect_errors(&mut e);
         }
-        if let Some(e) = &self.email {
-            e.validate()?;
+        if let Some(m) = &self.email {
+            m.collect_errors(&mut e);
         }
-        Ok(())
+        e.into_vec()
     }
 
     /// Whether `channel`'s provider is configured.
@@ -476,6 +482,13 @@ async fn email(t: &EmailTarget, key: &str, to: &str, body: Bytes) -> ProviderOut
 mod tests {
     use super::*;
 
+    /// The first error a provider's checks find.
+    fn first_error(collect: impl FnOnce(&mut Errors)) -> Result<(), KeyError> {
+        let mut e = Errors::new();
+        collect(&mut e);
+        e.into_vec().into_iter().next().map_or(Ok(()), Err)
+    }
+
     fn whatsapp() -> WhatsAppConfig {
         toml::from_str(
             "kind = \"whatsapp_cloud\"\nbase_url = \"https://graph.facebook.com/v21.0\"\n\
@@ -488,11 +501,11 @@ mod tests {
     fn whatsapp_url_and_secret_stay_hidden() {
         let w = whatsapp();
         assert_eq!(w.messages_url().unwrap().as_str(), "https://graph.facebook.com/v21.0/1234567890/messages");
-        assert!(w.validate().is_ok());
+        assert!(first_error(|e| w.collect_errors(e)).is_ok());
         let shown = format!("{w:?}");
         assert!(!shown.contains("EAAGsecret") && shown.contains("***"), "{shown}");
         let bad = WhatsAppConfig { phone_number_id: "12a".into(), ..whatsapp() };
-        assert_eq!(bad.validate().unwrap_err().0, "providers.whatsapp.phone_number_id");
+        assert_eq!(first_error(|e| bad.collect_errors(e)).unwrap_err().0, "providers.whatsapp.phone_number_id");
     }
 
     #[test]
@@ -503,10 +516,13 @@ mod tests {
             ))
             .unwrap()
         };
-        assert!(email("127.0.0.1", false).validate().is_ok());
-        assert!(email("localhost", false).validate().is_ok());
-        assert_eq!(email("smtp.example.com", false).validate().unwrap_err().0, "providers.email.starttls");
-        assert!(email("smtp.example.com", true).validate().is_ok());
+        assert!(first_error(|e| email("127.0.0.1", false).collect_errors(e)).is_ok());
+        assert!(first_error(|e| email("localhost", false).collect_errors(e)).is_ok());
+        assert_eq!(
+            first_error(|e| email("smtp.example.com", false).collect_errors(e)).unwrap_err().0,
+            "providers.email.starttls"
+        );
+        assert!(first_error(|e| email("smtp.example.com", true).collect_errors(e)).is_ok());
     }
 
     #[test]

@@ -29,7 +29,12 @@ pub const SECRET_KEYS: &[&str] = &[
 /// Keys whose change needs a restart: they size channels, files or
 /// sockets at startup, or build the providers' connections. A key listed
 /// as a table (`providers.whatsapp`) covers every key under it except
-/// [`PROVIDER_RUNTIME_KEYS`].
+/// [`PROVIDER_RUNTIME_KEYS`]. Everything else changes at runtime, clients'
+/// webhooks included: the offload thread's endpoint table grows
+/// (`outbound::OutboundUpdate`), and every attempt sets its own timeout
+/// (`webhooks.timeout_ms`). The one exception is not a key: a webhook
+/// that finds that table full (`outbound::ENDPOINTS_MAX` per process
+/// lifetime) is refused as `clients[<id>].webhook_url` by `ClientTable::next`.
 pub const RESTART_KEYS: &[&str] = &[
     "engine.shards",
     "engine.data_dir",
@@ -42,8 +47,9 @@ pub const RESTART_KEYS: &[&str] = &[
     "admin.listen",
     "webhooks.queue_capacity",
     "webhooks.max_jobs_held",
-    "webhooks.timeout_ms",
     "events.retention_seconds",
+    "backlog.cache_bytes",
+    "backlog.write_buffer_bytes",
     "providers.whatsapp",
     "providers.email",
 ];
@@ -394,11 +400,26 @@ mod tests {
             ch("providers.email.host"),
             ch("providers.whatsapp"),
             ch("business.listen_other"),
+            ch("webhooks.timeout_ms"),
+            ch("webhooks.max_in_flight_per_endpoint"),
+            ch("webhooks.queue_capacity"),
+            ch("webhooks.max_jobs_held"),
+            ch("clients[acme].webhook_url"),
+            ch("clients[new]"),
         ];
         assert_eq!(
             restart_keys(&changes),
-            ["business.listen", "engine.shards", "providers.email.host", "providers.whatsapp"]
+            [
+                "business.listen",
+                "engine.shards",
+                "providers.email.host",
+                "providers.whatsapp",
+                "webhooks.queue_capacity",
+                "webhooks.max_jobs_held"
+            ]
         );
+        // The list holds only keys that size something at startup.
+        assert!(!RESTART_KEYS.iter().any(|k| k.starts_with("clients") || *k == "webhooks.timeout_ms"));
     }
 
     #[test]
