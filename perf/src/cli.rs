@@ -50,8 +50,10 @@ pub enum Cmd {
     Plot {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "esh3ar-perf: latency percentiles")]
-        title: String,
+        /// Default: "esh3ar-perf: latency percentiles", or for backlog
+        /// reports "esh3ar backlog: engine RSS and data dir on disk".
+        #[arg(long)]
+        title: Option<String>,
         reports: Vec<PathBuf>,
     },
     /// A markdown table of several reports.
@@ -273,9 +275,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Cmd::Plot { out, title, reports }) => {
             let rs = reports.iter().map(|p| Report::load(p)).collect::<anyhow::Result<Vec<_>>>()?;
             if !rs.is_empty() && rs.iter().all(|r| r.backlog.is_some()) {
-                crate::backlog::plot::plot(&rs, &title, &out)?;
+                let title = title.as_deref().unwrap_or(crate::backlog::plot::TITLE);
+                crate::backlog::plot::plot(&rs, title, &out)?;
             } else {
-                crate::plot::plot(&rs, &title, &out)?;
+                crate::plot::plot(&rs, title.as_deref().unwrap_or("esh3ar-perf: latency percentiles"), &out)?;
             }
             println!("wrote {}", out.display());
             Ok(())

@@ -393,7 +393,7 @@ fn save(out: Option<&Path>, report: &Report) -> anyhow::Result<()> {
     let csv: PathBuf = out.with_extension("csv");
     samples::write_csv(&profile.samples, &csv)?;
     let png = out.with_extension("png");
-    match plot::plot(std::slice::from_ref(report), "esh3ar backlog: RSS and disk", &png) {
+    match plot::plot(std::slice::from_ref(report), plot::TITLE, &png) {
         Ok(()) => eprintln!("backlog: wrote {}, {} and {}", out.display(), csv.display(), png.display()),
         Err(e) => eprintln!("backlog: wrote {} and {}; no plot: {e:#}", out.display(), csv.display()),
     }

@@ -12,6 +12,9 @@ use crate::report::Report;
 
 const MIB: f64 = 1048576.0;
 
+/// The plot's title unless told otherwise.
+pub const TITLE: &str = "esh3ar backlog: engine RSS and data dir on disk";
+
 /// Draws the samples of every backlog report in `reports` into `out`.
 pub fn plot(reports: &[Report], title: &str, out: &Path) -> anyhow::Result<()> {
     let runs: Vec<(&Report, &super::Profile)> =
