@@ -324,7 +324,7 @@ fn spawn_ceiling(threads: usize, cpus: Option<&str>) -> anyhow::Result<(Spawned,
     if let Some(c) = cpus {
         cmd.args(["--cpus", c]);
     }
-    let s = engine::spawn_until_ready(cmd, "esh3ar-perf ceiling ready ")?;
+    let s = engine::spawn_until_ready(cmd, "esh3ar-perf ceiling ready ", engine::START_TIMEOUT)?;
     let addr =
         engine::ready_field(&s.ready_line, "addr").and_then(|a| a.parse().ok()).context("bad ceiling ready line")?;
     Ok((s, Target::Ceiling { addr }))

@@ -110,9 +110,13 @@ impl Drop for Spawned {
     }
 }
 
-/// Runs `cmd` and waits (up to 60 s) for a stdout line starting with
-/// `ready_prefix`.
-pub fn spawn_until_ready(mut cmd: Command, ready_prefix: &str) -> anyhow::Result<Spawned> {
+/// How long a started server may stay silent before its ready line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` and waits for a stdout line starting with `ready_prefix`,
+/// failing if no line comes for `silence_max` (a replay of a large journal
+/// prints nothing until it is done).
+pub fn spawn_until_ready(mut cmd: Command, ready_prefix: &str, silence_max: Duration) -> anyhow::Result<Spawned> {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
@@ -126,7 +130,7 @@ pub fn spawn_until_ready(mut cmd: Command, ready_prefix: &str) -> anyhow::Result
     let prefix = ready_prefix.to_owned();
     let mut early_lines = Vec::new();
     loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
+        match rx.recv_timeout(silence_max) {
             Ok(line) if line.starts_with(&prefix) => {
                 // Keep draining stdout so the child never blocks on it.
                 std::thread::spawn(move || while rx.recv().is_ok() {});
@@ -256,18 +260,19 @@ pub fn spawn_engine(
     }
     .context("cannot create a data dir")?;
     let config = write_engine_config(dir.path(), shards, memory_limit, webhook_url, whatsapp)?;
-    let (mut spawned, target) = start_engine(bin, &config)?;
+    let (mut spawned, target) = start_engine(bin, &config, START_TIMEOUT)?;
     spawned.dir = Some(dir);
     Ok((spawned, target))
 }
 
 /// Starts `esh3ar serve --config config` (a config [`write_engine_config`]
 /// wrote: its data dir is reused, so this is also a restart) and waits for
-/// its ready line. The caller keeps the config's directory alive.
-pub fn start_engine(bin: &Path, config: &Path) -> anyhow::Result<(Spawned, Target)> {
+/// its ready line, for at most `ready_within` after its last output line.
+/// The caller keeps the config's directory alive.
+pub fn start_engine(bin: &Path, config: &Path, ready_within: Duration) -> anyhow::Result<(Spawned, Target)> {
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--config"]).arg(config).env("ESH3AR_LOG", "warn");
-    let spawned = spawn_until_ready(cmd, "esh3ar ready ")
+    let spawned = spawn_until_ready(cmd, "esh3ar ready ", ready_within)
         .with_context(|| format!("cannot start the engine {}", bin.display()))?;
     let line = spawned.ready_line.clone();
     let addr = |name: &str| -> anyhow::Result<SocketAddr> {

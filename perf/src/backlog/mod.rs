@@ -53,7 +53,8 @@ pub const DEFAULT_DRAIN_USERS: usize = 10_000;
 pub const DEFAULT_MEMORY_LIMIT: u64 = 1 << 30;
 /// Sender connections of the fill unless `--connections` says.
 pub const DEFAULT_CONNECTIONS: usize = 16;
-/// How long a restarted engine has to answer `200` on `/readyz`.
+/// How long a restarted engine has to replay its journal and answer `200`
+/// on `/readyz` (20 million messages replay in about a minute today).
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a backlog run saw beyond the common report.
@@ -222,7 +223,7 @@ fn restart(old: &mut Spawned, bin: &Path, config: &Path) -> anyhow::Result<Resta
     old.kill_hard();
     let dir = old.dir.take();
     let spawned_at = Instant::now();
-    let (mut engine, mut target) = engine::start_engine(bin, config)?;
+    let (mut engine, mut target) = engine::start_engine(bin, config, READY_TIMEOUT)?;
     engine.dir = dir;
     let ready_line_s = spawned_at.elapsed().as_secs_f64();
     let admin = engine.admin_addr().context("no admin listener in the restarted engine's output")?;
