@@ -2,7 +2,7 @@
 //! offline users through `POST /v1/messages/batch`, as fast as the engine
 //! answers (closed loop, one request in flight per lane), with every
 //! message's answer counted and the engine's RSS and disk sampled at every
-//! 1% of the messages answered.
+//! 1% of the messages answered and every second.
 //!
 //! Message `i` goes to user `u{i % users}` with key `i` in its body, so the
 //! drain can tell which accepted messages each user is owed. A message
@@ -157,8 +157,10 @@ pub fn run(plan: &FillPlan, pid: u32, data: &Path) -> anyhow::Result<Filled> {
     })
 }
 
-/// The main thread during the fill: samples at every 1% answered, and a
-/// progress line on stderr every second. Returns the samples.
+/// The main thread during the fill: samples at every 1% answered and every
+/// second (a fill that sheds most messages still gets a dense curve while
+/// it accepts), and a progress line on stderr every second. Returns the
+/// samples.
 fn watch(shared: &Shared, threads: usize, pid: u32, data: &Path, start: Instant) -> Vec<Sample> {
     let messages = shared.plan.messages;
     let step = (messages / SAMPLES_PER_FILL).max(1);
@@ -169,11 +171,12 @@ fn watch(shared: &Shared, threads: usize, pid: u32, data: &Path, start: Instant)
         let answered = shared.answered.load(Ordering::Relaxed);
         let accepted = shared.accepted.load(Ordering::Relaxed);
         let t = start.elapsed().as_secs_f64();
-        if answered >= next_sample || finished {
+        let line_due = t >= next_line || finished;
+        if answered >= next_sample || line_due {
             samples.push(samples::take(pid, data, t, answered, accepted));
             next_sample = (answered / step + 1) * step;
         }
-        if t >= next_line || finished {
+        if line_due {
             next_line = t.floor() + 1.0;
             let last = samples.last().expect("one sample at least");
             eprintln!(

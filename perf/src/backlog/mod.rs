@@ -12,7 +12,7 @@
 //!    as `item:overloaded`, or the request's status or transport failure,
 //!    `503`, `io`, `timeout`); a refused message is not retried. The
 //!    engine's RSS and its data dir's disk use are sampled at every 1% of
-//!    the messages answered ([`samples`]).
+//!    the messages answered and every second ([`samples`]).
 //! 2. restart: `kill -9`, then the engine starts again on the same data
 //!    dir; `restart_seconds` runs from the spawn to the first `200` of
 //!    `/readyz` (every shard recovered its journal and listens), and the
