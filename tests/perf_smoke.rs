@@ -201,3 +201,47 @@ fn fallback_reaches_the_fake_provider_once_per_message() {
     // The provider answers after 50 ms: no call can take less from the send.
     assert!(x("provider_lag_from_send_p50_ms") > 0.0, "{}", r.human());
 }
+
+/// The backlog scenario, tiny: a fill through the batch endpoint, `kill -9`
+/// and a restart on the same data dir, then some of the users drain; every
+/// message accepted for them arrives once. No figure is checked.
+#[test]
+fn backlog_survives_a_restart_and_every_owed_message_is_drained() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("backlog.json");
+    let r = perf(&[
+        "--scenario",
+        "backlog",
+        "--messages",
+        "2000",
+        "--receivers",
+        "200",
+        "--drain-users",
+        "50",
+        "--batch",
+        "50",
+        "--connections",
+        "2",
+        "--drain-timeout",
+        "30s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.scenario, "backlog");
+    let p = r.backlog.as_ref().expect("a backlog report has its profile");
+    assert_eq!(p.answers.get("202"), Some(&2000), "every message accepted under 1 GiB\n{}", r.human());
+    assert_eq!(r.accepted, 2000, "{}", r.human());
+    let x = |k: &str| *r.extra.get(k).unwrap_or_else(|| panic!("no `{k}` in the report\n{}", r.human()));
+    assert_eq!(x("drain_owed"), 500.0, "50 of 200 users own a quarter\n{}", r.human());
+    assert_eq!(x("missing"), 0.0, "{}", r.human());
+    assert_eq!(x("unexpected"), 0.0, "{}", r.human());
+    assert_eq!(r.duplicates, 0, "{}", r.human());
+    assert_eq!(r.delivery.as_ref().map(|d| d.count), Some(500), "{}", r.human());
+    assert!(x("restart_seconds") > 0.0 && x("rss_bytes_after_restart") > 0.0, "{}", r.human());
+    let last = p.samples.last().expect("samples over the fill");
+    assert!(p.samples.len() >= 2 && last.accepted == 2000 && last.disk_bytes > 0, "{}", r.human());
+    assert!(out.with_extension("csv").exists());
+    let back = Report::load(&out).unwrap();
+    assert_eq!(back.backlog, r.backlog);
+    assert!(esh3ar_perf::backlog::table(&[back]).contains("| 2000 → 200 | 2000 | 0 |"));
+}

@@ -45,12 +45,15 @@ pub enum Cmd {
     },
     /// The ratio table between two JSON reports (B / A).
     Compare { a: PathBuf, b: PathBuf },
-    /// A PNG of latency percentiles of several reports.
+    /// A PNG of latency percentiles of several reports; of backlog
+    /// reports, their RSS and disk against the backlog size.
     Plot {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "esh3ar-perf: latency percentiles")]
-        title: String,
+        /// Default: "esh3ar-perf: latency percentiles", or for backlog
+        /// reports "esh3ar backlog: engine RSS and data dir on disk".
+        #[arg(long)]
+        title: Option<String>,
         reports: Vec<PathBuf>,
     },
     /// A markdown table of several reports.
@@ -105,9 +108,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub connections: Option<usize>,
     /// Receivers (WebSocket users or queue consumers); default 1000 for
-    /// e2e and offline-drain, 10000 for idle-connections.
+    /// e2e and offline-drain, 10000 for idle-connections. backlog: the
+    /// distinct offline users the messages are spread over (default 100000).
     #[arg(long)]
     pub receivers: Option<usize>,
+    /// backlog: how many of the users (`u0`..) connect and drain after the
+    /// restart (default 10000, at most --receivers).
+    #[arg(long)]
+    pub drain_users: Option<usize>,
     /// Distinct recipients of ingest and batch messages.
     #[arg(long, default_value_t = 10_000)]
     pub users: usize,
@@ -126,13 +134,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub body_bytes: Option<usize>,
     /// `memory_limit_bytes` of a started engine (at least 67108864);
-    /// default 4 GiB, 96 MiB for overload.
+    /// default 4 GiB, 96 MiB for overload, 1 GiB for backlog.
     #[arg(long)]
     pub memory_limit_bytes: Option<u64>,
-    /// Messages per batch request.
-    #[arg(long, default_value_t = 100)]
+    /// Messages per batch request (batch, backlog).
+    #[arg(long, visible_alias = "batch", default_value_t = 100)]
     pub batch_size: usize,
-    /// Messages offline-drain queues.
+    /// Messages offline-drain queues; backlog: messages it sends.
     #[arg(long, default_value_t = 100_000)]
     pub messages: u64,
     /// Use this many 127.0.0.x source addresses (default: as many as needed).
@@ -266,7 +274,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Cmd::Plot { out, title, reports }) => {
             let rs = reports.iter().map(|p| Report::load(p)).collect::<anyhow::Result<Vec<_>>>()?;
-            crate::plot::plot(&rs, &title, &out)?;
+            if !rs.is_empty() && rs.iter().all(|r| r.backlog.is_some()) {
+                let title = title.as_deref().unwrap_or(crate::backlog::plot::TITLE);
+                crate::backlog::plot::plot(&rs, title, &out)?;
+            } else {
+                crate::plot::plot(&rs, title.as_deref().unwrap_or("esh3ar-perf: latency percentiles"), &out)?;
+            }
             println!("wrote {}", out.display());
             Ok(())
         }
@@ -276,6 +289,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let idle = report::idle_table(&rs);
             if !idle.is_empty() {
                 print!("\n{idle}");
+            }
+            let backlog = crate::backlog::table(&rs);
+            if !backlog.is_empty() {
+                print!("\n{backlog}");
             }
             Ok(())
         }
@@ -307,7 +324,7 @@ fn spawn_ceiling(threads: usize, cpus: Option<&str>) -> anyhow::Result<(Spawned,
     if let Some(c) = cpus {
         cmd.args(["--cpus", c]);
     }
-    let s = engine::spawn_until_ready(cmd, "esh3ar-perf ceiling ready ")?;
+    let s = engine::spawn_until_ready(cmd, "esh3ar-perf ceiling ready ", engine::START_TIMEOUT)?;
     let addr =
         engine::ready_field(&s.ready_line, "addr").and_then(|a| a.parse().ok()).context("bad ceiling ready line")?;
     Ok((s, Target::Ceiling { addr }))
@@ -321,6 +338,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     }
     if args.scenario == Scenario::Fallback {
         return crate::fallback::run(args);
+    }
+    if args.scenario == Scenario::Backlog {
+        return crate::backlog::run(args);
     }
     let sockets = args.connections.unwrap_or(0) + args.receivers.unwrap_or(0);
     crate::net::raise_open_files(sockets.max(default_connections(args.scenario)))?;
@@ -480,6 +500,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         duplicates,
         extra: stats.extra.clone(),
         overload: outcome.overload,
+        backlog: None,
         machine: Machine::probe(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         unix_time_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -491,7 +512,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
 }
 
 /// The CPUs the generator pins its threads to.
-fn generator_cpus(spec: &str, server: &[usize], threads: usize) -> anyhow::Result<Vec<usize>> {
+pub(crate) fn generator_cpus(spec: &str, server: &[usize], threads: usize) -> anyhow::Result<Vec<usize>> {
     match spec {
         "none" => Ok(Vec::new()),
         "auto" => {
@@ -511,6 +532,7 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
     let receivers = args.receivers.unwrap_or(match args.scenario {
         Scenario::E2e | Scenario::OfflineDrain | Scenario::Receipts => 1000,
         Scenario::IdleConnections => 10_000,
+        Scenario::Backlog => crate::backlog::DEFAULT_USERS,
         Scenario::Ingest | Scenario::Batch | Scenario::Overload | Scenario::AcceptAll | Scenario::Fallback => 0,
     });
     let overload = args.scenario == Scenario::Overload;
@@ -549,11 +571,11 @@ fn default_connections(scenario: Scenario) -> usize {
 }
 
 /// The memory limit of an engine started here.
-fn memory_limit(args: &RunArgs) -> u64 {
-    args.memory_limit_bytes.unwrap_or(if args.scenario == Scenario::Overload {
-        scenario::overload::DEFAULT_MEMORY_LIMIT
-    } else {
-        engine::DEFAULT_MEMORY_LIMIT
+pub(crate) fn memory_limit(args: &RunArgs) -> u64 {
+    args.memory_limit_bytes.unwrap_or(match args.scenario {
+        Scenario::Overload => scenario::overload::DEFAULT_MEMORY_LIMIT,
+        Scenario::Backlog => crate::backlog::DEFAULT_MEMORY_LIMIT,
+        _ => engine::DEFAULT_MEMORY_LIMIT,
     })
 }
 

@@ -110,9 +110,13 @@ impl Drop for Spawned {
     }
 }
 
-/// Runs `cmd` and waits (up to 60 s) for a stdout line starting with
-/// `ready_prefix`.
-pub fn spawn_until_ready(mut cmd: Command, ready_prefix: &str) -> anyhow::Result<Spawned> {
+/// How long a started server may stay silent before its ready line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` and waits for a stdout line starting with `ready_prefix`,
+/// failing if no line comes for `silence_max` (a replay of a large journal
+/// prints nothing until it is done).
+pub fn spawn_until_ready(mut cmd: Command, ready_prefix: &str, silence_max: Duration) -> anyhow::Result<Spawned> {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
@@ -126,7 +130,7 @@ pub fn spawn_until_ready(mut cmd: Command, ready_prefix: &str) -> anyhow::Result
     let prefix = ready_prefix.to_owned();
     let mut early_lines = Vec::new();
     loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
+        match rx.recv_timeout(silence_max) {
             Ok(line) if line.starts_with(&prefix) => {
                 // Keep draining stdout so the child never blocks on it.
                 std::thread::spawn(move || while rx.recv().is_ok() {});
@@ -256,11 +260,20 @@ pub fn spawn_engine(
     }
     .context("cannot create a data dir")?;
     let config = write_engine_config(dir.path(), shards, memory_limit, webhook_url, whatsapp)?;
-    let mut cmd = Command::new(bin);
-    cmd.args(["serve", "--config"]).arg(&config).env("ESH3AR_LOG", "warn");
-    let mut spawned = spawn_until_ready(cmd, "esh3ar ready ")
-        .with_context(|| format!("cannot start the engine {}", bin.display()))?;
+    let (mut spawned, target) = start_engine(bin, &config, START_TIMEOUT)?;
     spawned.dir = Some(dir);
+    Ok((spawned, target))
+}
+
+/// Starts `esh3ar serve --config config` (a config [`write_engine_config`]
+/// wrote: its data dir is reused, so this is also a restart) and waits for
+/// its ready line, for at most `ready_within` after its last output line.
+/// The caller keeps the config's directory alive.
+pub fn start_engine(bin: &Path, config: &Path, ready_within: Duration) -> anyhow::Result<(Spawned, Target)> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--config"]).arg(config).env("ESH3AR_LOG", "warn");
+    let spawned = spawn_until_ready(cmd, "esh3ar ready ", ready_within)
+        .with_context(|| format!("cannot start the engine {}", bin.display()))?;
     let line = spawned.ready_line.clone();
     let addr = |name: &str| -> anyhow::Result<SocketAddr> {
         ready_field(&line, name)
@@ -278,6 +291,23 @@ pub fn spawn_engine(
 }
 
 impl Spawned {
+    /// Kills the server with SIGKILL, as a crash would, and reaps it. The
+    /// data dir stays (it is dropped with `self`).
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The config [`spawn_engine`] wrote for this server, if it did.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.path().join("engine.toml"))
+    }
+
+    /// The data dir of the config [`spawn_engine`] wrote, if it did.
+    pub fn data_path(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.path().join("data"))
+    }
+
     /// The admin listener of a started esh3ar (its `esh3ar admin=` line).
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.early_lines
@@ -285,6 +315,31 @@ impl Spawned {
             .filter(|l| l.starts_with("esh3ar admin="))
             .find_map(|l| ready_field(l, "admin")?.parse().ok())
     }
+}
+
+/// The status of `GET /readyz` on an admin listener (`200` once every shard
+/// recovered its journal and listens), or None if it did not answer
+/// within a second.
+pub fn readyz_status(admin: SocketAddr) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let timeout = Duration::from_secs(1);
+    let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = [0u8; 512];
+    let mut end = 0;
+    while end < buf.len() {
+        match s.read(&mut buf[end..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => end += n,
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(_)) = resp.parse(&buf[..end]) {
+            return resp.code;
+        }
+    }
+    None
 }
 
 /// The `esh3ar` binary next to this executable (cargo puts workspace

@@ -8,6 +8,7 @@
 //! the same load shapes, and reports throughput and latency percentiles
 //! from HdrHistogram. docs/PERFORMANCE.md holds the latest figures.
 
+pub mod backlog;
 pub mod ceiling;
 pub mod cli;
 pub mod clock;

@@ -17,7 +17,7 @@ const FONT_PATHS: &[&str] = &[
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
 ];
 
-const COLORS: &[RGBColor] = &[
+pub(crate) const COLORS: &[RGBColor] = &[
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -34,7 +34,7 @@ fn nines(percentile: f64) -> f64 {
     -rest.log10()
 }
 
-fn load_font() -> anyhow::Result<()> {
+pub(crate) fn load_font() -> anyhow::Result<()> {
     let env = std::env::var("ESH3AR_PERF_FONT").ok();
     let candidates = env.iter().map(String::as_str).chain(FONT_PATHS.iter().copied());
     for path in candidates {

@@ -81,6 +81,9 @@ pub struct Report {
     /// overload: answers by second, status and priority; the engine's RSS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overload: Option<crate::scenario::overload::Profile>,
+    /// backlog: answers by cause, RSS and disk as the backlog grew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<crate::backlog::Profile>,
     pub machine: Machine,
     pub command: String,
     pub unix_time_s: u64,
@@ -177,6 +180,9 @@ impl Report {
         for (k, v) in &self.extra {
             let _ = writeln!(s, "  {k:<28} {v:.3}");
         }
+        if let Some(b) = &self.backlog {
+            s.push_str(&b.summary());
+        }
         if let Some(p) = &self.overload {
             s.push_str(&p.table());
             let _ = writeln!(
@@ -270,7 +276,8 @@ pub fn markdown_table(reports: &[Report], base: &str) -> String {
         "| system | scenario | load | msg/s | vs {base} | accept p50 | p90 | p99 | p99.9 | max | deliver p50 | p99 | p99.9 | max | errors | lost | dup |"
     );
     let _ = writeln!(s, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for r in reports.iter().filter(|r| r.scenario != "idle-connections") {
+    // These two have tables of their own (idle_table, backlog::table).
+    for r in reports.iter().filter(|r| r.scenario != "idle-connections" && r.scenario != "backlog") {
         let mut load = match r.rate_per_s {
             Some(rate) => format!("open {rate:.0}/s, {} conns", r.connections),
             None => format!("closed, {} conns", r.connections),

@@ -58,6 +58,11 @@ pub enum Scenario {
     /// the harness: the ingest cost and the channel's throughput and lag
     /// (esh3ar only).
     Fallback,
+    /// Fill a backlog for many offline users through the batch endpoint
+    /// (RSS and disk sampled as it grows), `kill -9` and restart the
+    /// engine, then connect some of the users and time their drain
+    /// (esh3ar only; `crate::backlog`).
+    Backlog,
 }
 
 impl Scenario {
@@ -72,6 +77,7 @@ impl Scenario {
             Scenario::AcceptAll => "accept-all",
             Scenario::Receipts => "receipts",
             Scenario::Fallback => "fallback",
+            Scenario::Backlog => "backlog",
         }
     }
 
@@ -110,7 +116,8 @@ pub struct Plan {
     pub cpus: Vec<usize>,
     pub body_bytes: usize,
     pub batch_size: usize,
-    /// Messages queued in `offline-drain`.
+    /// Messages queued in `offline-drain`; in `backlog`'s drain, the
+    /// messages owed to its receivers (the drain waits for that many).
     pub messages: u64,
     /// Force this many 127.0.0.x source addresses (else: as many as needed).
     pub source_addrs: Option<usize>,
@@ -158,7 +165,7 @@ impl Plan {
         let system = target.system();
         let esh3ar_only = matches!(
             self.scenario,
-            Scenario::Batch | Scenario::IdleConnections | Scenario::Overload | Scenario::AcceptAll
+            Scenario::Batch | Scenario::IdleConnections | Scenario::Overload | Scenario::AcceptAll | Scenario::Backlog
         );
         if esh3ar_only && system != "esh3ar" {
             bail!("scenario {} runs against esh3ar only", self.scenario.name());
@@ -166,8 +173,10 @@ impl Plan {
         if system == "ceiling" && self.scenario != Scenario::Ingest {
             bail!("the ceiling server only takes the ingest scenario (it delivers nothing)");
         }
-        let needs_receivers =
-            matches!(self.scenario, Scenario::E2e | Scenario::OfflineDrain | Scenario::IdleConnections);
+        let needs_receivers = matches!(
+            self.scenario,
+            Scenario::E2e | Scenario::OfflineDrain | Scenario::IdleConnections | Scenario::Backlog
+        );
         if needs_receivers && self.receivers == 0 {
             bail!("scenario {} needs --receivers > 0", self.scenario.name());
         }
@@ -207,7 +216,7 @@ pub struct Shared {
     /// Process-clock instant the load starts (0 until set).
     t0: AtomicU64,
     senders_done: AtomicUsize,
-    /// offline-drain: when receivers start connecting.
+    /// offline-drain and backlog: when receivers start connecting.
     drain_start: AtomicU64,
     /// Receivers stop.
     stop: AtomicBool,
@@ -351,7 +360,7 @@ pub fn run(plan: &Plan, target: &Target, engine_pid: Option<u32>) -> anyhow::Res
         }
     }
     let duration_s = match plan.scenario {
-        Scenario::OfflineDrain => merged.extra.get("drain_s").copied().unwrap_or(0.0),
+        Scenario::OfflineDrain | Scenario::Backlog => merged.extra.get("drain_s").copied().unwrap_or(0.0),
         Scenario::IdleConnections => 0.0,
         _ => plan.duration.as_secs_f64(),
     };
@@ -453,6 +462,20 @@ async fn thread_main(ctx: Rc<ThreadCtx>) {
             st.extra.insert("queue_s".into(), queued_s);
             st.extra.insert("drain_s".into(), (drained.saturating_sub(start)) as f64 / 1e9);
         }
+        Scenario::Backlog => {
+            // The fill and the restart ran before (`crate::backlog`): here
+            // only the drain, timed like offline-drain's.
+            barrier(&shared.ready, n).await;
+            let start = set_once(&shared.drain_start, now_ns());
+            let receivers = receivers::spawn_all(&ctx).await;
+            let drained = drain(&ctx, start).await;
+            shared.stop.store(true, Ordering::Release);
+            for r in receivers {
+                r.await;
+            }
+            let mut st = ctx.stats.borrow_mut();
+            st.extra.insert("drain_s".into(), (drained.saturating_sub(start)) as f64 / 1e9);
+        }
         Scenario::IdleConnections => {
             let receivers = receivers::spawn_all(&ctx).await;
             barrier(&shared.ready, n).await;
@@ -467,11 +490,16 @@ async fn thread_main(ctx: Rc<ThreadCtx>) {
     }
 }
 
-/// Waits until every accepted message was received (or the drain timeout
-/// passes, counted from `since`); returns when the last one came.
+/// Waits until every accepted message was received (backlog: the
+/// `plan.messages` owed to the receivers), or the drain timeout passes,
+/// counted from `since`; returns when the last one came.
 async fn drain(ctx: &ThreadCtx, since: u64) -> u64 {
     let shared = &ctx.shared;
     let deadline = since + shared.plan.drain_timeout.as_nanos() as u64;
+    let owed = || match shared.plan.scenario {
+        Scenario::Backlog => shared.plan.messages,
+        _ => shared.accepted_total(),
+    };
     let mut last_change = now_ns();
     let mut last = shared.delivered_total();
     loop {
@@ -479,7 +507,7 @@ async fn drain(ctx: &ThreadCtx, since: u64) -> u64 {
         if delivered != last {
             (last, last_change) = (delivered, now_ns());
         }
-        if delivered >= shared.accepted_total() || now_ns() > deadline {
+        if delivered >= owed() || now_ns() > deadline {
             return last_change;
         }
         glommio::timer::sleep(Duration::from_micros(500)).await;

@@ -1,6 +1,6 @@
 //! Receivers: esh3ar WebSocket users, or consumers of a peer's queue. Each
 //! records the end-to-end latency of every message it gets (from the send
-//! stamp in the body, or from the drain start in offline-drain) and acks
+//! stamp in the body, or from the drain start in offline-drain and backlog) and acks
 //! it.
 
 use std::io;
@@ -97,7 +97,7 @@ fn received(ctx: &ThreadCtx, body: &[u8]) {
         st.delivered_at.push((key, now));
     }
     Progress::add(&ctx.progress().delivered, 1);
-    if shared.plan.scenario == Scenario::OfflineDrain {
+    if matches!(shared.plan.scenario, Scenario::OfflineDrain | Scenario::Backlog) {
         let origin = shared.drain_start.load(Ordering::Acquire);
         st.delivered += 1;
         record_ns(&mut st.delivery, now.saturating_sub(origin));
