@@ -102,7 +102,8 @@ fn meta_shards(data_dir: &Path) -> anyhow::Result<usize> {
     read_meta_shards(&text).ok_or_else(|| anyhow::anyhow!("{} is damaged", meta.display()))
 }
 
-/// Prints every message still in the journal as one JSON line:
+/// Prints every message still in the journal, then those in the offline
+/// backlog's cold store (when no engine runs), as one JSON line each:
 /// `{"id","to","client","priority","status","accepted_at","body"}`, in
 /// journal order per shard. Read-only, like `verify`.
 pub fn dump(data_dir: &Path, out: &mut impl std::io::Write) -> anyhow::Result<u64> {
@@ -142,6 +143,43 @@ pub fn dump(data_dir: &Path, out: &mut impl std::io::Write) -> anyhow::Result<u6
             });
             result?;
         }
+        count += dump_cold(&dir, id, out)?;
+    }
+    Ok(count)
+}
+
+/// The messages of the offline backlog's cold store (docs/ARCHITECTURE.md,
+/// "Offline backlog"), as `dump` lines with status `accepted`. Only when no
+/// engine runs on the data dir: the store is not shared between processes.
+fn dump_cold(dir: &Path, id: usize, out: &mut impl std::io::Write) -> anyhow::Result<u64> {
+    use esh3ar_shards::id::TrackingId;
+    let cold = dir.join("cold");
+    if !cold.exists() {
+        return Ok(0);
+    }
+    if esh3ar_shards::recovery::writer_running(dir)? {
+        eprintln!(
+            "shard {id}: an engine is running on this data dir: messages in its cold store (the offline backlog) are \
+             not listed; stop it to list them"
+        );
+        return Ok(0);
+    }
+    let store = esh3ar_shards::cold::ColdStore::open(&cold, Default::default())?;
+    let mut count = 0;
+    for m in store.all() {
+        let m = m?;
+        let a = m.accepted()?;
+        let line = serde_json::json!({
+            "id": TrackingId { shard: id as u16, seq: a.seq }.to_string_id(),
+            "to": a.to,
+            "client": a.client,
+            "priority": a.priority.as_str(),
+            "status": "accepted",
+            "accepted_at": a.accepted_at_ms,
+            "body": String::from_utf8_lossy(a.body),
+        });
+        writeln!(out, "{line}")?;
+        count += 1;
     }
     Ok(count)
 }

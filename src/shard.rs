@@ -333,19 +333,33 @@ impl Shard {
         Ok((seqs, generation))
     }
 
-    /// Fill level of this shard's memory budget, in percent.
+    /// Fill level of this shard's memory budget, in percent: everything it
+    /// holds. At 100% connections stop reading new requests.
     pub fn pressure_percent(&self) -> u64 {
+        self.fill_percent(false)
+    }
+
+    /// The fill that decides shedding: the pending messages held in memory
+    /// do not count while the offline backlog can move them to disk
+    /// (docs/ARCHITECTURE.md, "Offline backlog": a backlog alone never
+    /// causes a 503; when spilling lags, connections wait for room instead).
+    pub fn shed_pressure_percent(&self) -> u64 {
+        self.fill_percent(self.cfg.borrow().backlog.spill_after_ms > 0)
+    }
+
+    fn fill_percent(&self, without_pending: bool) -> u64 {
         let index = self.index.borrow();
         // The directory is held in memory too (docs/ARCHITECTURE.md, "User directory and opt-out").
         let directory_bytes = index.users_len() * esh3ar_shards::directory::USER_ENTRY_BYTES;
         let keys_bytes = index.idempotency().bytes();
-        self.pressure.percent(self.journal.unflushed_bytes() + directory_bytes + keys_bytes, index.len())
+        let entries = if without_pending { index.len().saturating_sub(index.pending_messages()) } else { index.len() };
+        self.pressure.percent(self.journal.unflushed_bytes() + directory_bytes + keys_bytes, entries)
     }
 
     /// True if a message of `priority` (from a tier with `offset`) may be
     /// taken into memory now.
     pub fn admits(&self, priority: esh3ar_shards::Priority, offset: u8) -> bool {
-        self.pressure_percent() < threshold_percent(priority, offset)
+        self.shed_pressure_percent() < threshold_percent(priority, offset)
     }
 
     /// True when the budget is used up: connections stop reading.

@@ -240,6 +240,38 @@ fn overload_answers_only_202_429_503_sheds_low_first_and_recovers() {
             })
         })
         .collect();
+    // A batch of low messages during the overload: accepted, or, when every
+    // item is shed, one 503 for the whole request (docs/API.md), never a
+    // 202 whose items are all refused.
+    let batches = {
+        let (stop, addr, body) = (stop.clone(), engine.business, body.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(addr);
+            let (mut accepted, mut refused, mut all_shed_202) = (0u64, 0u64, 0u64);
+            let items: Vec<serde_json::Value> =
+                (0..3).map(|i| serde_json::json!({"to": format!("o{i}"), "body": body, "priority": "low"})).collect();
+            let json = serde_json::json!({ "messages": items }).to_string();
+            while !stop.load(Ordering::Relaxed) {
+                let r = c.request("POST", "/v1/messages/batch", Some(API_KEY), Some(&json));
+                match r.status {
+                    202 => {
+                        let results = r.json()["results"].as_array().cloned().unwrap_or_default();
+                        if results.iter().all(|x| x["error"]["code"] == "overloaded") {
+                            all_shed_202 += 1;
+                        }
+                        accepted += 1;
+                    }
+                    503 => {
+                        assert_eq!(r.error_code(), "overloaded");
+                        refused += 1;
+                    }
+                    other => panic!("batch answered {other} under overload"),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (accepted, refused, all_shed_202)
+        })
+    };
     // Run until shedding was seen and high kept flowing for a while, at most 20 s.
     loop {
         std::thread::sleep(Duration::from_millis(100));
@@ -257,6 +289,10 @@ fn overload_answers_only_202_429_503_sheds_low_first_and_recovers() {
         w.join().unwrap();
     }
     sampler.join().unwrap();
+    let (batch_accepted, batch_refused, all_shed_202) = batches.join().unwrap();
+    eprintln!("low batches during the overload: {batch_accepted} accepted, {batch_refused} refused with 503");
+    assert_eq!(all_shed_202, 0, "a batch whose every item was shed must be a 503, not a 202");
+    assert!(batch_refused > 0, "no low batch was refused while low priority was shed");
     let errors = errors.lock().unwrap().clone();
     let tl = tally.lock().unwrap();
     eprintln!(

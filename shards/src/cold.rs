@@ -112,6 +112,10 @@ impl Default for ColdSizing {
     }
 }
 
+/// Snapshots opened and closed to advance fjall's garbage-collection
+/// watermark (see [`ColdStore::advance_gc_watermark`]).
+const GC_PUMP_SNAPSHOTS: usize = 50;
+
 /// One shard's cold store. Cheap to clone (handles); every method blocks.
 #[derive(Clone)]
 pub struct ColdStore {
@@ -194,6 +198,18 @@ impl ColdStore {
         Ok(out)
     }
 
+    /// Every cold message, by user hash then sequence number (tools).
+    pub fn all(&self) -> impl Iterator<Item = Result<ColdMessage, ColdError>> + '_ {
+        self.by_user.iter().map(|kv| {
+            let (k, v) = kv?;
+            let user_hash = be_u64(&k).ok_or(ColdError::Damaged { seq: 0, why: "short key" })?;
+            let seq = be_u64(&k[8..]).ok_or(ColdError::Damaged { seq: 0, why: "short key" })?;
+            let mut m = ColdMessage { seq, user_hash, expires_at_ms: 0, record: v.to_vec() };
+            m.expires_at_ms = m.accepted()?.expires_at_ms;
+            Ok(m)
+        })
+    }
+
     /// The message with sequence number `seq`, if it is cold.
     pub fn get(&self, seq: u64) -> Result<Option<ColdMessage>, ColdError> {
         let Some(hash) = self.by_seq.get(seq.to_be_bytes())? else { return Ok(None) };
@@ -218,7 +234,10 @@ impl ColdStore {
                     out.push(m);
                 }
                 // Restored and removed, its expiry entry's removal still in flight.
-                None => self.expiry.remove(k)?,
+                None => {
+                    self.expiry.remove(k)?;
+                    self.advance_gc_watermark();
+                }
             }
         }
         Ok(out)
@@ -247,6 +266,7 @@ impl ColdStore {
             removed += 1;
         }
         batch.commit()?;
+        self.advance_gc_watermark();
         Ok(removed)
     }
 
@@ -257,11 +277,29 @@ impl ColdStore {
     /// `rotate_memtable_and_wait`, public but hidden from its docs: pinned
     /// to fjall 2.11 (docs/ARCHITECTURE.md, "Offline backlog").
     pub fn compact(&self) -> Result<(), ColdError> {
+        self.advance_gc_watermark();
         for p in [&self.by_user, &self.by_seq, &self.expiry] {
             p.rotate_memtable_and_wait()?;
             p.major_compact()?;
         }
         Ok(())
+    }
+
+    /// Moves fjall's garbage-collection watermark up to now.
+    ///
+    /// fjall 2.11 (lsm-tree 2.10) advances the seqno below which old
+    /// versions may be dropped only when snapshots close (every 50th close),
+    /// and a compaction into the last level drops tombstones regardless.
+    /// A store that never opens snapshots keeps the watermark at 0, so a
+    /// removed key's old value survives the compaction that drops its
+    /// tombstone: the removed message comes back (a unit test below shows
+    /// it). Opening and closing 50 snapshots right after each removal moves
+    /// the watermark past it before any flush can carry the tombstone to a
+    /// compaction.
+    fn advance_gc_watermark(&self) {
+        for _ in 0..GC_PUMP_SNAPSHOTS {
+            drop(self.by_seq.snapshot());
+        }
     }
 
     /// Makes every write and removal so far durable.
@@ -342,12 +380,52 @@ mod tests {
         assert_eq!(store.remove(&[1, 2, 99]).unwrap(), 2);
         store.persist().unwrap();
         store.compact().unwrap();
+        let sizes = |s: &ColdStore| (s.by_user.len().unwrap(), s.by_seq.len().unwrap(), s.expiry.len().unwrap());
+        assert_eq!(sizes(&store), (2, 2, 2), "a compaction never brings removed messages back");
         assert_eq!(store.expired(1000, 10).unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 3]);
         assert_eq!(
             store.user_messages(user_hash("a"), None, 10).unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(),
             vec![3]
         );
         assert_eq!(store.len().unwrap(), 2);
+    }
+
+    #[test]
+    fn most_removed_then_compacted_leaves_exactly_the_rest_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ColdStore::open(dir.path(), ColdSizing::default()).unwrap();
+            for chunk in (0..10_000u64).collect::<Vec<_>>().chunks(1000) {
+                let puts: Vec<_> = chunk.iter().map(|&s| put(s, &format!("u{}", s % 97), s)).collect();
+                store.put(&puts).unwrap();
+            }
+            let gone: Vec<u64> = (0..10_000).filter(|s| s % 10 != 0).collect();
+            for chunk in gone.chunks(500) {
+                store.remove(chunk).unwrap();
+            }
+            store.persist().unwrap();
+            store.compact().unwrap();
+            assert_eq!(store.len().unwrap(), 1000);
+        }
+        let store = ColdStore::open(dir.path(), ColdSizing::default()).unwrap();
+        assert_eq!(store.len().unwrap(), 1000);
+        assert!(store.all().all(|m| m.unwrap().seq % 10 == 0));
+        assert_eq!(store.expired(u64::MAX, 100_000).unwrap().len(), 999, "seq 0 never expires");
+    }
+
+    /// The hazard `advance_gc_watermark` works around, shown on fjall
+    /// itself: without snapshots, a compaction brings a removed key back.
+    /// If this fails after an upgrade, fjall fixed it and the pump can go.
+    #[test]
+    fn fjall_without_snapshots_brings_a_removed_key_back_on_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyspace = Config::new(dir.path()).open().unwrap();
+        let p = keyspace.open_partition("p", PartitionCreateOptions::default()).unwrap();
+        p.insert("k", "v").unwrap();
+        p.remove("k").unwrap();
+        p.rotate_memtable_and_wait().unwrap();
+        p.major_compact().unwrap();
+        assert!(p.get("k").unwrap().is_some(), "fjall no longer resurrects: drop advance_gc_watermark");
     }
 
     #[test]

@@ -259,6 +259,25 @@ pub fn wait_for_earlier_writers(dir: &Path) -> Result<(), RecoveryError> {
     Ok(())
 }
 
+/// True if a running process (an engine) holds the segments of `dir`: the
+/// lock its writes keep ([`wait_for_earlier_writers`] waits on it). Tools
+/// that must not touch what only a stopped engine leaves alone ask this.
+pub fn writer_running(dir: &Path) -> Result<bool, RecoveryError> {
+    use std::os::fd::AsRawFd;
+    for no in list_segments(dir)? {
+        let path = segment_path(dir, no);
+        let file = fs::File::open(&path).map_err(io_err(&path))?;
+        // Exclusive, and let go at once (on close): fails while any
+        // process holds its shared lock on the segment.
+        if let Err(nix::errno::Errno::EWOULDBLOCK) =
+            nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Reads every segment of shard `shard` in `dir` and rebuilds its index.
 pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, RecoveryError> {
     let segments = list_segments(dir)?;

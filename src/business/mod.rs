@@ -436,7 +436,7 @@ impl BusinessConn {
         // One reading for the whole loop: nothing in it changes the
         // shard's memory pressure (same answers as `Shard::admits` per
         // item, which recomputed it for every item).
-        let pressure = self.shard.pressure_percent();
+        let pressure = self.shard.shed_pressure_percent();
         let admits = |m: &NewMessage| pressure < crate::pressure::threshold_percent(m.priority, offset);
         for (i, item) in items.iter().enumerate() {
             match new_message(item, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now) {
@@ -494,6 +494,11 @@ impl BusinessConn {
         if tally.accepted == 0 {
             if let Some(r) = tally.refusal {
                 return Err(ApiError::refusal(r));
+            }
+            // Every item shed (here or on its home shard): the engine is
+            // overloaded, and the whole request says so (docs/API.md).
+            if results.iter().all(|r| matches!(r, Err(e) if e.code == "overloaded")) {
+                return Err(ApiError::refusal(Refusal::Shed));
             }
         }
         Ok(Reply { status: 202, body: batch_json(&results) })
