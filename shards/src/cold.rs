@@ -150,6 +150,9 @@ impl ColdStore {
             .compaction_workers(1)
             .cache_size(sizing.cache_bytes)
             .max_write_buffer_size(sizing.write_buffer_bytes)
+            // What fjall replays at open (its journal) stays near the write
+            // buffers, so a restart's cost does not grow with the backlog.
+            .max_journaling_size((sizing.write_buffer_bytes * 2).max(64 << 20))
             .manual_journal_persist(true)
             .open()?;
         let memtable = (sizing.write_buffer_bytes / 4).clamp(1 << 20, u32::MAX as u64) as u32;

@@ -1042,6 +1042,76 @@ mod tests {
         assert!(ix.get(1).is_some());
     }
 
+    fn spilled(ix: &mut MessageIndex, seg: u64, seqs: &[u64]) {
+        let mut buf = Vec::new();
+        crate::record::SeqList::encode(seqs, &mut buf);
+        ix.apply(seg, 0, &Record::Spilled(crate::record::SeqList::new(&buf)));
+    }
+
+    fn restored(ix: &mut MessageIndex, seg: u64, seq: u64, to: &str) {
+        ix.apply(
+            seg,
+            seq * 100,
+            &Record::Restored(Accepted {
+                seq,
+                client: "c",
+                to,
+                priority: Priority::Normal,
+                expires_at_ms: 0,
+                accepted_at_ms: seq,
+                body: b"x",
+            }),
+        );
+    }
+
+    #[test]
+    fn spilled_messages_leave_memory_and_unpin_restored_ones_come_back_in_order() {
+        let mut ix = MessageIndex::new();
+        for seq in 0..4 {
+            accept(&mut ix, 1, seq, "a");
+        }
+        status(&mut ix, 3, Status::Delivered); // delivered: not spillable
+        spilled(&mut ix, 2, &[0, 1, 3]);
+        assert_eq!(ix.pending_for("a").collect::<Vec<_>>(), vec![2, 3], "3 stays: it was delivered");
+        assert!(ix.get(0).is_none() && ix.get(3).is_some());
+        assert_eq!((ix.spilled(), ix.pending_messages(), ix.unsettled()), (2, 2, 2));
+        // Back in a newer segment, with their old numbers, in order.
+        restored(&mut ix, 3, 1, "a");
+        restored(&mut ix, 3, 0, "a");
+        assert_eq!(ix.pending_for("a").collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(ix.take_restored(), vec![1, 0]);
+        assert_eq!(ix.pending_count_upto("a", 1), 2);
+        // Segment 1 goes once 2 and 3 settle; the restored ones stay (their records are in 3).
+        status(&mut ix, 2, Status::Acked);
+        status(&mut ix, 3, Status::Acked);
+        assert_eq!(ix.deletable_segments(3), vec![1]);
+        ix.forget_segment(1);
+        assert!(ix.get(0).is_some() && ix.get(1).is_some() && ix.get(2).is_none());
+        assert_eq!(ix.pending_for("a").collect::<Vec<_>>(), vec![0, 1]);
+        // Restored twice (a replay where the spill never completed): one copy.
+        restored(&mut ix, 3, 0, "a");
+        assert_eq!(ix.pending_for("a").collect::<Vec<_>>(), vec![0, 1]);
+        status(&mut ix, 0, Status::Acked);
+        status(&mut ix, 1, Status::Acked);
+        ix.forget_segment(3);
+        assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn spill_candidates_stop_at_young_or_not_durable_and_skip_kept_users() {
+        let mut ix = MessageIndex::new();
+        for seq in 0..6 {
+            accept(&mut ix, 1, seq, if seq == 1 { "online" } else { "a" });
+        }
+        ix.set_generation(4, 7);
+        let (c, next) = ix.spill_candidates(0, 100, 6, 10, |u| u == "online");
+        assert_eq!((c, next), (vec![0, 2, 3], 4), "4 is not durable yet");
+        let (c, next) = ix.spill_candidates(0, 2, 7, 10, |_| false);
+        assert_eq!((c, next), (vec![0, 1, 2], 3), "accepted_at 3 is too young");
+        let (c, _) = ix.spill_candidates(3, 100, 7, 2, |_| false);
+        assert_eq!(c, vec![3, 4], "at most max");
+    }
+
     fn put_user(ix: &mut MessageIndex, seg: u64, user: &str, phone: &str, blocked: &[&str]) {
         let mut draft = crate::directory::UserDraft::new(seg * 10);
         draft.phone = phone.to_owned();
