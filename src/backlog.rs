@@ -45,6 +45,10 @@ pub const RESTORE_PAGE_MAX: usize = 4096;
 pub const SPILL_AFTER_MS_MAX: u64 = 86_400_000;
 /// Memory budget fill (percent) from which messages spill at any age.
 pub const SPILL_NOW_PERCENT: u64 = 40;
+/// Share of the memory budget (percent) the pending messages held in memory
+/// may take before connections stop reading new requests until the spill
+/// has moved some to disk ([`Shard::is_full`]).
+pub const HOLD_PERCENT: u64 = 25;
 /// Messages written to the cold store in one batch (one fdatasync).
 const SPILL_BATCH: usize = SPILLED_SEQS_MAX;
 
@@ -600,42 +604,102 @@ async fn spill_once(shard: &Shard, spill_after_ms: u64) -> Result<usize, String>
     Ok(count)
 }
 
+/// Most bytes one journal read of [`cold_copies`] covers.
+const SPAN_BYTES_MAX: u64 = 1 << 20;
+/// Largest gap between two records read in one span.
+const SPAN_GAP_MAX: u64 = 64 << 10;
+
 /// The cold copies of `seqs`: each message's `Accepted` record, its body
-/// from the body cache or read back from the journal.
+/// from the body cache or read back from the journal. Journal reads are
+/// grouped: messages accepted together lie together, so one read of up to
+/// 1 MiB brings back the records of many (one read per message was the
+/// spill's bottleneck once the body cache no longer held them).
 async fn cold_copies(shard: &Shard, seqs: &[u64]) -> Result<Vec<ColdPut>, String> {
-    let mut puts = Vec::with_capacity(seqs.len());
-    for &seq in seqs {
-        let (client, to, priority, expires, accepted_at, segment, offset, bytes) = {
-            let index = shard.index().borrow();
-            let Some(m) = index.get(seq) else { continue };
-            (
-                m.client.clone(),
-                m.to.clone(),
-                m.priority,
-                m.expires_at_ms,
-                m.accepted_at_ms,
-                m.segment,
-                m.offset,
-                m.record_bytes,
-            )
-        };
-        let cached = shard.bodies().borrow().get(seq);
-        let body: Rc<[u8]> = match cached {
-            Some(b) => b,
-            None => Rc::from(shard.journal().read_body(segment, offset, bytes).await?),
-        };
+    struct Meta {
+        seq: u64,
+        client: Rc<str>,
+        to: Rc<str>,
+        priority: esh3ar_shards::Priority,
+        expires: u64,
+        accepted_at: u64,
+        segment: u64,
+        offset: u64,
+        bytes: u32,
+    }
+    let metas: Vec<Meta> = {
+        let index = shard.index().borrow();
+        seqs.iter()
+            .filter_map(|&seq| {
+                index.get(seq).map(|m| Meta {
+                    seq,
+                    client: m.client.clone(),
+                    to: m.to.clone(),
+                    priority: m.priority,
+                    expires: m.expires_at_ms,
+                    accepted_at: m.accepted_at_ms,
+                    segment: m.segment,
+                    offset: m.offset,
+                    bytes: m.record_bytes,
+                })
+            })
+            .collect()
+    };
+    let mut bodies: Vec<Option<Rc<[u8]>>> = {
+        let cache = shard.bodies().borrow();
+        metas.iter().map(|m| cache.get(m.seq)).collect()
+    };
+    // The misses, by place in the journal, read in spans.
+    let mut misses: Vec<usize> = (0..metas.len()).filter(|&i| bodies[i].is_none()).collect();
+    misses.sort_by_key(|&i| (metas[i].segment, metas[i].offset));
+    let mut at = 0;
+    while at < misses.len() {
+        let first = &metas[misses[at]];
+        let (segment, start) = (first.segment, first.offset);
+        let mut end = start + first.bytes as u64;
+        let mut last = at + 1;
+        while last < misses.len() {
+            let m = &metas[misses[last]];
+            let m_end = m.offset + m.bytes as u64;
+            if m.segment != segment || m.offset > end + SPAN_GAP_MAX || m_end - start > SPAN_BYTES_MAX {
+                break;
+            }
+            end = end.max(m_end);
+            last += 1;
+        }
+        let span = shard.journal().read_span(segment, start, (end - start) as usize).await?;
+        for &i in &misses[at..last] {
+            let m = &metas[i];
+            let from = (m.offset - start) as usize;
+            let record = span.get(from..from + m.bytes as usize).ok_or("short journal read")?;
+            match record::decode(record) {
+                record::Decoded::Record { record: Record::Accepted(a) | Record::Restored(a), .. } if a.seq == m.seq => {
+                    bodies[i] = Some(Rc::from(a.body));
+                }
+                _ => {
+                    return Err(format!(
+                        "no valid record of message {} at segment {segment} offset {}",
+                        m.seq, m.offset
+                    ))
+                }
+            }
+        }
+        at = last;
+    }
+    let mut puts = Vec::with_capacity(metas.len());
+    for (m, body) in metas.iter().zip(bodies) {
+        let Some(body) = body else { continue };
         let a = Accepted {
-            seq,
-            client: &client,
-            to: &to,
-            priority,
-            expires_at_ms: expires,
-            accepted_at_ms: accepted_at,
+            seq: m.seq,
+            client: &m.client,
+            to: &m.to,
+            priority: m.priority,
+            expires_at_ms: m.expires,
+            accepted_at_ms: m.accepted_at,
             body: &body,
         };
-        let mut record = Vec::with_capacity(bytes as usize);
+        let mut record = Vec::with_capacity(m.bytes as usize);
         record::encode(&Record::Accepted(a), &mut record);
-        puts.push(ColdPut { seq, user_hash: user_hash(&to), expires_at_ms: expires, record });
+        puts.push(ColdPut { seq: m.seq, user_hash: user_hash(&m.to), expires_at_ms: m.expires, record });
     }
     Ok(puts)
 }

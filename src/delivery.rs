@@ -353,6 +353,9 @@ impl Shard {
                 tracing::debug!(shard = self.id(), count = expired.len(), "expired messages");
             }
             self.expire_cold().await;
+            if self.index().borrow_mut().shrink() {
+                self.pressure().wake();
+            }
             if !self.backlog().is_compacting() {
                 let shard = self.clone();
                 glommio::spawn_local(async move { shard.compact_cold_when_sparse().await }).detach();

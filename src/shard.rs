@@ -362,9 +362,20 @@ impl Shard {
         self.shed_pressure_percent() < threshold_percent(priority, offset)
     }
 
-    /// True when the budget is used up: connections stop reading.
+    /// True when the budget is used up, or when the pending messages held in
+    /// memory pass [`crate::backlog::HOLD_PERCENT`] of it while the offline
+    /// backlog moves them to disk: connections stop reading until there is
+    /// room (ingest runs at the speed of the spill, memory stays flat).
     pub fn is_full(&self) -> bool {
-        self.pressure_percent() >= 100
+        self.pressure_percent() >= 100 || self.backlog_holds()
+    }
+
+    fn backlog_holds(&self) -> bool {
+        if self.cfg.borrow().backlog.spill_after_ms == 0 {
+            return false;
+        }
+        let pending_bytes = self.index.borrow().pending_messages() * crate::pressure::INDEX_ENTRY_BYTES;
+        pending_bytes as u128 * 100 > self.pressure.budget() as u128 * crate::backlog::HOLD_PERCENT as u128
     }
 
     /// Returns once the budget has room (or shutdown began), waking on what

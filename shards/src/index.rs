@@ -316,6 +316,30 @@ impl MessageIndex {
         self.segments.values().find(|l| l.any).map(|l| l.first_seq)
     }
 
+    /// Gives back the memory of tables that grew for a backlog since moved
+    /// to disk (hash tables never shrink by themselves): forgets interned ids
+    /// nothing refers to, and shrinks each table holding under a quarter of
+    /// its capacity to twice what it holds. O(size); maintenance calls it
+    /// once a second.
+    pub fn shrink(&mut self) -> bool {
+        fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) -> bool {
+            let shrinks = m.capacity() > 4 * m.len() + 1024;
+            if shrinks {
+                m.shrink_to(2 * m.len());
+            }
+            shrinks
+        }
+        let a = shrink(&mut self.messages);
+        let b = shrink(&mut self.pending);
+        // Ids no message or entry refers to any more (spilled, forgotten).
+        self.interned.retain(|s| Rc::strong_count(s) > 1);
+        let c = self.interned.capacity() > 4 * self.interned.len() + 1024;
+        if c {
+            self.interned.shrink_to(2 * self.interned.len());
+        }
+        a || b || c
+    }
+
     /// Sequence numbers of [`Record::Restored`] messages applied since the
     /// last call: their cold copies are to be removed.
     pub fn take_restored(&mut self) -> Vec<u64> {

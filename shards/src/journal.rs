@@ -272,6 +272,18 @@ impl<S: Storage> Journal<S> {
     /// long, as the index recorded) and returns its body. Only durable
     /// records may be read: the tail in memory is not on disk yet.
     pub async fn read_body(&self, segment: u64, offset: u64, bytes: u32) -> Result<Vec<u8>, String> {
+        let data = self.read_span(segment, offset, bytes as usize).await?;
+        match crate::record::decode(&data) {
+            crate::record::Decoded::Record { record: Record::Accepted(a) | Record::Restored(a), .. } => {
+                Ok(a.body.to_vec())
+            }
+            _ => Err(format!("no valid message record at {}:{offset}", segment_path(&self.cfg.dir, segment).display())),
+        }
+    }
+
+    /// Reads `len` durable bytes of `segment` from `offset` (one read: the
+    /// offline backlog reads the records of many messages at once).
+    pub async fn read_span(&self, segment: u64, offset: u64, len: usize) -> Result<Vec<u8>, String> {
         let path = segment_path(&self.cfg.dir, segment);
         let file = self.readers.borrow().get(&segment).cloned();
         let file = match file {
@@ -287,16 +299,7 @@ impl<S: Storage> Journal<S> {
                 f
             }
         };
-        let data = file
-            .read_at(offset, bytes as usize)
-            .await
-            .map_err(|e| format!("read of {}:{offset} failed: {e}", path.display()))?;
-        match crate::record::decode(&data) {
-            crate::record::Decoded::Record { record: Record::Accepted(a) | Record::Restored(a), .. } => {
-                Ok(a.body.to_vec())
-            }
-            _ => Err(format!("no valid message record at {}:{offset}", path.display())),
-        }
+        file.read_at(offset, len).await.map_err(|e| format!("read of {}:{offset} failed: {e}", path.display()))
     }
 
     /// Flushes everything appended, stops accepting appends, and leaves the
