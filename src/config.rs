@@ -121,6 +121,18 @@ pub struct EngineConfig {
     /// `503 shard_timeout` (docs/API.md).
     #[serde(default = "default_mesh_reply_timeout_ms")]
     pub mesh_reply_timeout_ms: u64,
+    /// Free space the data_dir's file system keeps for the journal's own
+    /// status records (acks, deliveries): under it, new messages get `503
+    /// storage_full`. Default: three segments (`EngineConfig::disk_reserve_bytes`).
+    #[serde(default, rename = "disk_reserve_bytes")]
+    pub disk_reserve_bytes_set: Option<u64>,
+}
+
+impl EngineConfig {
+    /// `disk_reserve_bytes`, or three segments when not set.
+    pub fn disk_reserve_bytes(&self) -> u64 {
+        self.disk_reserve_bytes_set.unwrap_or(3 * self.segment_bytes)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -341,6 +341,7 @@ impl Shard {
     pub async fn run_maintenance(self: Rc<Self>) {
         while !self.shutdown().is_set() {
             glommio::timer::sleep(Duration::from_secs(1)).await;
+            self.check_disk_room();
             let window_ms = self.cfg().business.idempotency_window_seconds * 1000;
             self.index().borrow_mut().expire_idempotency(now_ms().saturating_sub(window_ms));
             let expired = self.index().borrow().expired(now_ms(), 10_000);

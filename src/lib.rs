@@ -16,6 +16,7 @@ pub mod config_errors;
 pub mod config_layers;
 pub mod dashboard;
 pub mod delivery;
+pub mod disk_room;
 pub mod dispatch;
 pub mod fallback;
 pub mod http;

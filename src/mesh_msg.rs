@@ -35,6 +35,8 @@ pub struct NewMessage {
 pub enum AppendRefusal {
     /// The journal failed (disk error): nothing is acknowledged any more.
     StorageFailed,
+    /// The journal's disk has no room for it (nothing of it was kept).
+    StorageFull,
     /// The shard is shutting down.
     ShuttingDown,
 }
@@ -43,6 +45,7 @@ impl From<&JournalError> for AppendRefusal {
     fn from(e: &JournalError) -> Self {
         match e {
             JournalError::Failed(_) => AppendRefusal::StorageFailed,
+            JournalError::Full(_) => AppendRefusal::StorageFull,
             JournalError::Closed => AppendRefusal::ShuttingDown,
         }
     }

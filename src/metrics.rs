@@ -184,6 +184,8 @@ pub struct ShardSnapshot {
     pub spilled_total: u64,
     pub restored_total: u64,
     pub cold_disk_bytes: u64,
+    /// The journal refuses new messages for want of disk space.
+    pub storage_full: bool,
     /// The runtime config version this shard has installed.
     pub config_version: u64,
 }
@@ -218,6 +220,7 @@ pub fn snapshot_local(shard: &Shard) -> ShardSnapshot {
         spilled_total: shard.backlog().spilled_total(),
         restored_total: shard.backlog().restored_total(),
         cold_disk_bytes: shard.backlog().disk_bytes(),
+        storage_full: shard.journal().storage_full(),
         config_version: shard.config_version(),
     }
 }
@@ -284,6 +287,19 @@ impl ProcessStats {
 
 /// `(blocks - free) / (blocks - free + available)`, the `Use%` of `df`.
 fn disk_used_ratio(dir: &std::path::Path) -> Option<f64> {
+    let st = statvfs(dir)?;
+    let used = st.f_blocks.saturating_sub(st.f_bfree) as f64;
+    let total = used + st.f_bavail as f64;
+    (total > 0.0).then(|| used / total)
+}
+
+/// Bytes of `dir`'s file system an unprivileged writer may still use (`df`'s `Avail`).
+pub fn available_bytes(dir: &std::path::Path) -> Option<u64> {
+    let st = statvfs(dir)?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+fn statvfs(dir: &std::path::Path) -> Option<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
@@ -292,9 +308,7 @@ fn disk_used_ratio(dir: &std::path::Path) -> Option<f64> {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    let used = st.f_blocks.saturating_sub(st.f_bfree) as f64;
-    let total = used + st.f_bavail as f64;
-    (total > 0.0).then(|| used / total)
+    Some(st)
 }
 
 #[cfg(test)]

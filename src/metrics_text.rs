@@ -108,6 +108,13 @@ pub fn render(s: &Scrape<'_>) -> String {
     per_shard(&mut out, s, "esh3ar_backlog_disk_bytes", "Bytes of the offline backlog's cold store on disk.", |x| {
         x.cold_disk_bytes as f64
     });
+    per_shard(
+        &mut out,
+        s,
+        "esh3ar_storage_full",
+        "1 while the shard refuses new messages for want of disk space (503 storage_full).",
+        |x| if x.storage_full { 1.0 } else { 0.0 },
+    );
     header(&mut out, "esh3ar_backlog_spilled_total", "counter", "Pending messages moved to the cold store.");
     let _ = writeln!(out, "esh3ar_backlog_spilled_total {}", sum(&|x| x.spilled_total));
     header(&mut out, "esh3ar_backlog_restored_total", "counter", "Cold messages brought back into the journal.");

@@ -600,6 +600,8 @@ async fn open_shard(
         );
     }
     shard.install_config(crate::mesh_msg::ConfigUpdate::Commit { version: shared.config_version });
+    // Free space is known before the first request (a restart on a full disk).
+    shard.check_disk_room();
     glommio::spawn_local(shard.clone().run_maintenance()).detach();
     glommio::spawn_local(crate::backlog::run_spill(shard.clone())).detach();
     for (_peer, rx) in receivers {

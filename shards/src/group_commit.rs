@@ -243,6 +243,13 @@ impl GroupCommit {
         &self.tails[0].bytes[write.start..write.end]
     }
 
+    /// Takes back the write in flight, which was not issued (its segment
+    /// could not be allocated): the next [`GroupCommit::next_write`] offers
+    /// its bytes again.
+    pub fn abandon(&mut self, write: Write) {
+        assert_eq!(self.in_flight.take(), Some(write), "abandoning a write that is not in flight");
+    }
+
     /// Records that `write` and its fdatasync completed.
     pub fn complete(&mut self, write: Write) {
         assert_eq!(self.in_flight.take(), Some(write), "completing a write that is not in flight");

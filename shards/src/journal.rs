@@ -13,6 +13,17 @@
 //! shard answers 503 and an operator restarts the engine, which recovers
 //! from what is on disk.
 //!
+//! Running out of disk space is not a failure: segments are pre-allocated,
+//! and the *next* segment is allocated ahead (the spare) by the committer
+//! right after the active one is opened. An append that would rotate with no
+//! spare ready is refused ([`JournalError::Full`]) before anything of it is
+//! kept, so nothing partially written is ever acknowledged, and every write
+//! and fdatasync lands in space allocated beforehand. Maintenance asks for
+//! the spare again once a second ([`Journal::retry_room`]) and tells the
+//! journal when free space falls under the reserve
+//! ([`Journal::set_low_on_space`]): new messages are then refused while
+//! status records (acks, deliveries) still fit.
+//!
 //! A clean stop ([`Journal::close`]) leaves a clean-shutdown marker beside
 //! the segments (where the journal ends and its last commit); recovery then
 //! knows that nothing can be torn and treats any damage as corruption.
@@ -43,6 +54,11 @@ pub enum JournalError {
     /// A write or fdatasync failed; the message names file and operation.
     #[error("journal failed: {0}")]
     Failed(Rc<str>),
+    /// No room on the journal's file system (the next segment could not be
+    /// allocated, or free space is under the reserve). Nothing of the
+    /// refused append was kept; the journal accepts again once there is room.
+    #[error("journal is out of disk space: {0}")]
+    Full(Rc<str>),
     /// The journal is shutting down.
     #[error("journal is closed")]
     Closed,
@@ -73,7 +89,66 @@ pub struct Journal<S: Storage = DmaStorage> {
     commits: Cell<u64>,
     /// Read handles of segments, for delivering bodies not in memory.
     readers: RefCell<HashMap<u64, Rc<S::File>>>,
+    room: Room<S::File>,
     stats: JournalStats,
+}
+
+/// What the journal knows about disk space (see the module doc).
+struct Room<F> {
+    /// The next segment, created and pre-allocated, not yet rotated into.
+    spare: Cell<Option<u64>>,
+    /// Its open file, until the committer takes it.
+    spare_file: RefCell<Option<(u64, Rc<F>)>>,
+    /// The committer should try to allocate the spare.
+    spare_wanted: Cell<bool>,
+    /// The committer is allocating the spare now.
+    preparing: Cell<bool>,
+    /// Why the last allocation of the spare failed.
+    spare_error: RefCell<Option<Rc<str>>>,
+    /// A write waits for its segment, which found no room: appenders are
+    /// told [`JournalError::Full`]; maintenance's retry lifts it.
+    write_blocked: Cell<bool>,
+    /// Set by maintenance: free space is under the reserve (new messages refused).
+    low_on_space: RefCell<Option<Rc<str>>>,
+    /// When the last "no room" error line was logged (rate limit).
+    logged_at: Cell<Option<std::time::Instant>>,
+}
+
+impl<F> Default for Room<F> {
+    fn default() -> Self {
+        Room {
+            spare: Cell::new(None),
+            spare_file: RefCell::new(None),
+            spare_wanted: Cell::new(true),
+            preparing: Cell::new(false),
+            spare_error: RefCell::new(None),
+            write_blocked: Cell::new(false),
+            low_on_space: RefCell::new(None),
+            logged_at: Cell::new(None),
+        }
+    }
+}
+
+/// At most one "no room" error line per this many seconds per shard.
+const NO_ROOM_LOG_EVERY_SECONDS: u64 = 60;
+
+/// Why a commit did not happen.
+enum CommitError {
+    /// Its segment could not be allocated; nothing was written.
+    NoRoom(String),
+    /// A write or fdatasync failed: never retried.
+    Failed(String),
+}
+
+/// The committer's next job.
+enum Work {
+    Write(Write),
+    AllocateSpare(u64),
+}
+
+/// ENOSPC or EDQUOT: the file system (or the quota) has no room.
+pub fn is_no_room(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) || e.kind() == std::io::ErrorKind::StorageFull
 }
 
 /// What `/metrics` shows of one journal: plain cells, this shard's only.
@@ -161,6 +236,7 @@ impl<S: Storage> Journal<S> {
             committer: RefCell::new(None),
             commits: Cell::new(0),
             readers: RefCell::new(HashMap::new()),
+            room: Room::default(),
             stats: JournalStats::default(),
         });
         if let Some(segment) = first_segment {
@@ -197,15 +273,70 @@ impl<S: Storage> Journal<S> {
         self.failed.borrow().clone()
     }
 
+    /// True while the journal refuses new messages for want of disk space
+    /// (free space under the reserve, or the next segment not allocatable).
+    pub fn storage_full(&self) -> bool {
+        self.room.low_on_space.borrow().is_some() || self.room.spare_error.borrow().is_some()
+    }
+
+    /// Maintenance: free space is under the reserve (`Some(why)`, new
+    /// messages refused) or not (`None`).
+    pub fn set_low_on_space(&self, why: Option<String>) {
+        let was = self.room.low_on_space.borrow().is_some();
+        match why {
+            Some(why) => {
+                if !was || self.no_room_log_due() {
+                    tracing::error!(shard = self.cfg.shard, dir = %self.cfg.dir.display(), reason = %why,
+                        "journal disk is nearly full; refusing new messages (503 storage_full) until there is room");
+                }
+                *self.room.low_on_space.borrow_mut() = Some(Rc::from(why));
+            }
+            None if was => {
+                tracing::info!(shard = self.cfg.shard, dir = %self.cfg.dir.display(),
+                    "journal disk has room again; accepting new messages");
+                *self.room.low_on_space.borrow_mut() = None;
+            }
+            None => {}
+        }
+    }
+
+    /// Maintenance, once a second: if the spare segment is missing, ask the
+    /// committer to allocate it again (space may have been freed).
+    pub fn retry_room(&self) {
+        if (self.room.spare.get().is_none() || self.room.write_blocked.get()) && !self.room.preparing.get() {
+            self.room.spare_wanted.set(true);
+            self.wake_committer();
+        }
+    }
+
+    fn no_room_log_due(&self) -> bool {
+        let due = self.room.logged_at.get().is_none_or(|t| t.elapsed().as_secs() >= NO_ROOM_LOG_EVERY_SECONDS);
+        if due {
+            self.room.logged_at.set(Some(std::time::Instant::now()));
+        }
+        due
+    }
+
     /// Appends a record to the active segment (rotating first if it would
     /// not fit) and applies it to `index`. Durable only after
     /// [`Journal::wait_durable`] on the returned generation.
+    ///
+    /// Refused with [`JournalError::Full`], before anything is kept, when
+    /// the record needs a new segment and none is allocated, or when it is
+    /// a new message and free space is under the reserve.
     pub fn append(&self, record: &Record<'_>, index: &mut MessageIndex) -> Result<Appended, JournalError> {
         if let Some(e) = self.failed.borrow().as_ref() {
             return Err(JournalError::Failed(e.clone()));
         }
         if self.closing.get() {
             return Err(JournalError::Closed);
+        }
+        if self.room.write_blocked.get() {
+            let why = self.room.spare_error.borrow().clone().unwrap_or_else(|| Rc::from("no room"));
+            return Err(JournalError::Full(why));
+        }
+        if let (Record::Accepted(_), Some(why)) = (record, self.room.low_on_space.borrow().as_ref()) {
+            return Err(JournalError::Full(why.clone()));
         }
         let len = encoded_len(record);
         let rotate_to = {
@@ -216,6 +347,16 @@ impl<S: Storage> Journal<S> {
                 .then(|| gc.active_segment().map_or(1, |s| s + 1))
         };
         if let Some(next) = rotate_to {
+            // Without a spare the committer allocates the segment when it
+            // first writes there (a burst can outrun the spare); but once
+            // an allocation found no room, rotating is refused up front.
+            if self.room.spare.get() != Some(next) {
+                if let Some(why) = self.room.spare_error.borrow().as_ref() {
+                    return Err(JournalError::Full(why.clone()));
+                }
+            }
+            self.room.spare.set(None);
+            self.room.spare_wanted.set(true);
             self.gc.borrow_mut().start_segment(next);
             self.push_segment_header(next);
         }
@@ -309,6 +450,17 @@ impl<S: Storage> Journal<S> {
         self.closing.set(true);
         self.wake_committer();
         self.wait_durable(last).await?;
+        // A clean stop leaves no segment beyond the recorded end.
+        while self.room.preparing.get() {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if let Some(spare) = self.room.spare.take() {
+            self.room.spare_file.borrow_mut().take();
+            let path = segment_path(&self.cfg.dir, spare);
+            self.storage.remove(&path).and_then(|()| self.storage.sync_dir(&self.cfg.dir)).map_err(|e| {
+                JournalError::Failed(Rc::from(format!("cannot remove the spare segment {}: {e}", path.display())))
+            })?;
+        }
         let end = self.gc.borrow().clean_end();
         if let Some((segment, end, commit_seq)) = end {
             let marker = CleanShutdown { segment, end, commit_seq };
@@ -359,10 +511,23 @@ impl<S: Storage> Journal<S> {
     pub async fn run_committer(self: Rc<Self>) {
         let mut files: HashMap<u64, Rc<S::File>> = HashMap::new();
         loop {
-            let Some(write) = std::future::poll_fn(|cx| self.poll_write(cx)).await else {
-                return;
+            let write = match std::future::poll_fn(|cx| self.poll_work(cx)).await {
+                None => return,
+                Some(Work::AllocateSpare(segment)) => {
+                    self.allocate_spare(segment).await;
+                    continue;
+                }
+                Some(Work::Write(write)) => write,
             };
-            if let Err(e) = self.commit(&mut files, write).await {
+            let result = match self.commit(&mut files, write).await {
+                Err(CommitError::NoRoom(why)) if !self.closing.get() => {
+                    self.block_on_no_room(why);
+                    continue;
+                }
+                Err(CommitError::NoRoom(e) | CommitError::Failed(e)) => Err(e),
+                Ok(()) => Ok(()),
+            };
+            if let Err(e) = result {
                 let msg: Rc<str> = Rc::from(e);
                 tracing::error!(shard = self.cfg.shard, error = %msg, "journal failed; refusing further writes");
                 *self.failed.borrow_mut() = Some(msg);
@@ -372,10 +537,27 @@ impl<S: Storage> Journal<S> {
         }
     }
 
-    fn poll_write(&self, cx: &mut Context<'_>) -> Poll<Option<Write>> {
+    fn poll_work(&self, cx: &mut Context<'_>) -> Poll<Option<Work>> {
         let mut gc = self.gc.borrow_mut();
+        if self.room.write_blocked.get() {
+            if !self.room.spare_wanted.get() && !self.closing.get() {
+                *self.committer.borrow_mut() = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            // Maintenance's retry (or a stop, which then fails the journal
+            // if there is still no room: nothing it holds was acknowledged).
+            self.room.spare_wanted.set(false);
+            self.room.write_blocked.set(false);
+        }
         if let Some(w) = gc.next_write() {
-            return Poll::Ready(Some(w));
+            return Poll::Ready(Some(Work::Write(w)));
+        }
+        if self.room.spare_wanted.get() && !self.closing.get() && self.room.spare.get().is_none() {
+            self.room.spare_wanted.set(false);
+            if let Some(active) = gc.active_segment() {
+                self.room.preparing.set(true);
+                return Poll::Ready(Some(Work::AllocateSpare(active + 1)));
+            }
         }
         if self.closing.get() && gc.durable_generation() == gc.appended_generation() {
             return Poll::Ready(None);
@@ -384,17 +566,90 @@ impl<S: Storage> Journal<S> {
         Poll::Pending
     }
 
-    async fn commit(&self, files: &mut HashMap<u64, Rc<S::File>>, write: Write) -> Result<(), String> {
+    /// Creates and pre-allocates `segment` ahead of the rotation into it.
+    /// No room (or any other error) leaves no file behind and no spare: the
+    /// next rotation is refused until maintenance's retry succeeds.
+    async fn allocate_spare(&self, segment: u64) {
+        let path = segment_path(&self.cfg.dir, segment);
+        // A file left there is not part of the journal (it lies beyond the
+        // active segment): a failed allocation of an earlier try.
+        let result = match self.storage.remove(&path) {
+            Ok(()) => self.storage.open(&path, Some(self.cfg.segment_bytes)).await,
+            Err(e) => Err(e),
+        };
+        self.room.preparing.set(false);
+        match result {
+            Ok(file) if !self.closing.get() => {
+                *self.room.spare_file.borrow_mut() = Some((segment, Rc::new(file)));
+                self.room.spare.set(Some(segment));
+                if self.room.spare_error.borrow_mut().take().is_some() {
+                    tracing::info!(shard = self.cfg.shard, dir = %self.cfg.dir.display(),
+                        "journal disk has room again: next segment allocated");
+                }
+            }
+            Ok(_) => {
+                let _ = self.storage.remove(&path);
+            }
+            Err(e) => {
+                if let Err(e) = self.storage.remove(&path) {
+                    tracing::warn!(shard = self.cfg.shard, path = %path.display(), error = %e,
+                        "cannot remove a segment whose allocation failed");
+                }
+                let full = is_no_room(&e);
+                let why: Rc<str> =
+                    Rc::from(format!("cannot allocate {} bytes for {}: {e}", self.cfg.segment_bytes, path.display()));
+                let first = self.room.spare_error.borrow().is_none();
+                if first || self.no_room_log_due() {
+                    tracing::error!(shard = self.cfg.shard, dir = %self.cfg.dir.display(), reason = %why, no_room = full,
+                        "journal cannot allocate its next segment; new appends that need it get 503 storage_full until there is room");
+                }
+                *self.room.spare_error.borrow_mut() = Some(why);
+            }
+        }
+    }
+
+    /// A segment could not be allocated when first written: its bytes stay
+    /// in memory, unwritten; appenders waiting on them get
+    /// [`JournalError::Full`], and maintenance's retry tries again.
+    fn block_on_no_room(&self, why: String) {
+        if self.room.spare_error.borrow().is_none() || self.no_room_log_due() {
+            tracing::error!(shard = self.cfg.shard, dir = %self.cfg.dir.display(), reason = %why,
+                "journal cannot allocate a segment; appends get 503 storage_full until there is room");
+        }
+        *self.room.spare_error.borrow_mut() = Some(Rc::from(why));
+        self.room.write_blocked.set(true);
+        self.wake_all_waiters();
+    }
+
+    async fn commit(&self, files: &mut HashMap<u64, Rc<S::File>>, write: Write) -> Result<(), CommitError> {
         let path = segment_path(&self.cfg.dir, write.segment);
-        let file = match files.get(&write.segment) {
-            Some(f) => f.clone(),
+        let spare = self.room.spare_file.borrow_mut().take_if(|(s, _)| *s == write.segment).map(|(_, f)| f);
+        let file = match files.get(&write.segment).cloned().or(spare) {
+            Some(f) => {
+                if !files.contains_key(&write.segment) {
+                    let oldest = self.gc.borrow().oldest_unflushed_segment();
+                    files.retain(|&seg, _| seg >= oldest);
+                    files.insert(write.segment, f.clone());
+                }
+                f
+            }
             None => {
-                let f = Rc::new(
-                    self.storage
-                        .open(&path, Some(self.cfg.segment_bytes))
-                        .await
-                        .map_err(|e| format!("open of {} failed: {e}", path.display()))?,
-                );
+                let f = match self.storage.open(&path, Some(self.cfg.segment_bytes)).await {
+                    Ok(f) => Rc::new(f),
+                    Err(e) if is_no_room(&e) && write.file_offset == 0 => {
+                        // Nothing of this segment was ever written: take the
+                        // write back and remove the file, so the next try
+                        // allocates it whole.
+                        self.gc.borrow_mut().abandon(write);
+                        let _ = self.storage.remove(&path);
+                        return Err(CommitError::NoRoom(format!(
+                            "cannot allocate {} bytes for {}: {e}",
+                            self.cfg.segment_bytes,
+                            path.display()
+                        )));
+                    }
+                    Err(e) => return Err(CommitError::Failed(format!("open of {} failed: {e}", path.display()))),
+                };
                 // Close the files of segments that are fully written.
                 let oldest = self.gc.borrow().oldest_unflushed_segment();
                 files.retain(|&seg, _| seg >= oldest);
@@ -405,10 +660,15 @@ impl<S: Storage> Journal<S> {
         file.write_at(write.file_offset, write.len, |dst| dst.copy_from_slice(self.gc.borrow().write_bytes(&write)))
             .await
             .map_err(|e| {
-                format!("write of {} bytes at {}:{} failed: {e}", write.len, path.display(), write.file_offset)
+                CommitError::Failed(format!(
+                    "write of {} bytes at {}:{} failed: {e}",
+                    write.len,
+                    path.display(),
+                    write.file_offset
+                ))
             })?;
         let synced_from = std::time::Instant::now();
-        file.sync().await.map_err(|e| format!("fdatasync of {} failed: {e}", path.display()))?;
+        file.sync().await.map_err(|e| CommitError::Failed(format!("fdatasync of {} failed: {e}", path.display())))?;
         self.stats.fsync_seconds.observe(synced_from.elapsed().as_secs_f64());
         self.stats.commit_records.observe((write.generation - self.durable_generation()) as f64);
         self.stats.bytes_written.set(self.stats.bytes_written.get() + write.len as u64);
@@ -459,6 +719,10 @@ impl<S: Storage> Future for WaitDurable<'_, S> {
         }
         if let Some(e) = j.failed.borrow().as_ref() {
             return Poll::Ready(Err(JournalError::Failed(e.clone())));
+        }
+        if j.room.write_blocked.get() {
+            let why = j.room.spare_error.borrow().clone().unwrap_or_else(|| Rc::from("no room"));
+            return Poll::Ready(Err(JournalError::Full(why)));
         }
         // A spurious re-poll adds a second entry; both go at the next commit
         // that covers this generation, so the list stays bounded.

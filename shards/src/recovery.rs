@@ -278,9 +278,33 @@ pub fn writer_running(dir: &Path) -> Result<bool, RecoveryError> {
     Ok(false)
 }
 
+/// True if the segment at `path` holds nothing but zeros (pre-allocated, never written).
+fn is_unwritten(path: &Path) -> Result<bool, RecoveryError> {
+    use std::io::Read as _;
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+}
+
 /// Reads every segment of shard `shard` in `dir` and rebuilds its index.
 pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, RecoveryError> {
-    let segments = list_segments(dir)?;
+    let mut segments = list_segments(dir)?;
+    // The journal allocates its next segment ahead (the spare, all zeros
+    // until rotated into): after a crash it is not the tail, the segment
+    // before it is. The writer allocates it again.
+    if let [.., _, spare] = segments[..] {
+        if is_unwritten(&segment_path(dir, spare))? {
+            segments.pop();
+        }
+    }
     let clean = read_clean_marker(dir)?;
     let mut rec = Recovered {
         index: MessageIndex::new(),

@@ -141,6 +141,11 @@ impl ApiError {
             Refusal::Home(AppendRefusal::StorageFailed) => {
                 Self::new(503, "storage_unavailable", "the journal cannot write; retry later")
             }
+            Refusal::Home(AppendRefusal::StorageFull) => Self::new(
+                503,
+                "storage_full",
+                "the journal's disk is full; nothing of this request was accepted; retry later",
+            ),
             Refusal::Home(AppendRefusal::ShuttingDown) => {
                 Self::new(503, "shutting_down", "the engine is shutting down; retry later")
             }
