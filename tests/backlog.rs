@@ -353,28 +353,49 @@ fn kill_9_while_spilling_restoring_and_compacting_loses_nothing() {
 fn disk_returns_near_the_live_size_once_the_backlog_drains() {
     let setup = Setup::new(&opts(1, 50));
     let engine = setup.start();
-    let (users, per_user) = (200, 200);
+    let (users, per_user) = (200, 300);
     let total = (users * per_user) as f64;
     fill_padded(engine.business, users, per_user, 2, "", 1000);
     wait_metric(engine.admin, "esh3ar_backlog_spilled_total", total, Duration::from_secs(60));
     let full = du(&setup.data_dir());
-    // Drain 95% of the users.
+    // Drain 95% of the users, under load: other senders go on meanwhile.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, addr) = (stop.clone(), engine.business);
+        std::thread::spawn(move || {
+            let mut c = Client::connect(addr);
+            let mut ids: HashMap<String, Vec<String>> = HashMap::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let user = format!("w{}", i % 50);
+                let r = c.send(&user, &format!("load {i}"));
+                assert_eq!(r.status, 202, "under load: {}", String::from_utf8_lossy(&r.body));
+                ids.entry(user).or_default().push(r.json()["id"].as_str().unwrap().to_owned());
+                i += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            ids
+        })
+    };
     let mobile = engine.mobile;
     let drained: Vec<String> = (0..users * 95 / 100).map(|u| format!("u{u}")).collect();
     in_parallel(drained, 8, move |user| {
         drain_at(mobile, user, per_user, Duration::from_millis(100));
     });
-    // About 5% of the bodies (2 MB) is still pending, plus fixed costs: the
-    // active journal segment (4 MiB, preallocated) and the store's files.
+    // About 5% of the bodies (3 MB) is still pending, plus fixed costs: the
+    // active journal segment and the spare (4 MiB each, preallocated) and
+    // the store's files.
     let live = total as u64 / 20 * 1000;
     // Maintenance compacts the cold store now (its removals outnumber what
     // is left); kill -9 while it runs, then let the next process finish.
     std::thread::sleep(Duration::from_millis(1200));
+    stop.store(true, Ordering::Relaxed);
+    let loaded = load.join().unwrap();
     engine.kill9();
     let engine = setup.start();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut now = du(&setup.data_dir());
-    let target = live * 2 + (8 << 20);
+    let target = live * 2 + (12 << 20);
     while now > target && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
         now = du(&setup.data_dir());
@@ -390,5 +411,10 @@ fn disk_returns_near_the_live_size_once_the_backlog_drains() {
     }
     for u in (0..users * 95 / 100).step_by(10) {
         drain_user(&engine, &format!("u{u}"), 0);
+    }
+    // Every message sent under load arrives too.
+    for (user, ids) in &loaded {
+        let bodies = drain_user(&engine, user, ids.len());
+        assert_eq!(bodies.len(), ids.len(), "{user}");
     }
 }
