@@ -48,7 +48,7 @@ pub const SPILL_NOW_PERCENT: u64 = 40;
 /// Share of the memory budget (percent) the pending messages held in memory
 /// may take before connections stop reading new requests until the spill
 /// has moved some to disk ([`Shard::is_full`]).
-pub const HOLD_PERCENT: u64 = 25;
+pub const HOLD_PERCENT: u64 = 10;
 /// Messages written to the cold store in one batch (one fdatasync).
 const SPILL_BATCH: usize = SPILLED_SEQS_MAX;
 

@@ -157,9 +157,11 @@ impl ColdStore {
             .open()?;
         let memtable = (sizing.write_buffer_bytes / 4).clamp(1 << 20, u32::MAX as u64) as u32;
         let options = || PartitionCreateOptions::default().manual_journal_persist(true).max_memtable_size(memtable);
-        let by_user = keyspace.open_partition("by_user", options())?;
+        // `by_user` and `expiry` are only read by ranges: no bloom filters,
+        // whose memory would grow with the backlog (10 bits a key).
+        let by_user = keyspace.open_partition("by_user", options().bloom_filter_bits(None))?;
         let by_seq = keyspace.open_partition("by_seq", options())?;
-        let expiry = keyspace.open_partition("expiry", options())?;
+        let expiry = keyspace.open_partition("expiry", options().bloom_filter_bits(None))?;
         Ok(Self { keyspace, by_user, by_seq, expiry })
     }
 
