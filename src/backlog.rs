@@ -29,7 +29,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use esh3ar_shards::cold::{user_hash, ColdMessage, ColdPut, ColdStore};
+use esh3ar_shards::cold::{user_hash, ColdKey, ColdMessage, ColdPut, ColdStore};
 use esh3ar_shards::index::MessageIndex;
 use esh3ar_shards::record::{self, Accepted, Record, SeqList, SPILLED_SEQS_MAX};
 use esh3ar_shards::{Reason, Status};
@@ -362,9 +362,9 @@ impl Shard {
             self.events_ready().notify_all();
         }
         self.journal().wait_durable(generation).await.map_err(|e| e.to_string())?;
-        let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
-        let n = seqs.len() as u64;
-        self.remove_cold(seqs).await;
+        let keys: Vec<ColdKey> = messages.iter().map(ColdMessage::key).collect();
+        let n = keys.len() as u64;
+        self.remove_cold(keys).await;
         let backlog = self.backlog();
         backlog.sub_cold(n);
         backlog.restored_total.set(backlog.restored_total.get() + n);
@@ -373,11 +373,11 @@ impl Shard {
 
     /// Removes cold copies (restored or stale) without waiting for the disk;
     /// maintenance makes them durable before deleting segments.
-    async fn remove_cold(&self, seqs: Vec<u64>) {
+    async fn remove_cold(&self, keys: Vec<ColdKey>) {
         let backlog = self.backlog();
         backlog.removing.set(backlog.removing.get() + 1);
-        let n = seqs.len() as u64;
-        let result = blocking(self, move |s| s.remove(&seqs)).await;
+        let n = keys.len() as u64;
+        let result = blocking(self, move |s| s.remove_known(&keys)).await;
         backlog.removing.set(backlog.removing.get() - 1);
         backlog.dirty.set(true);
         backlog.removed_since_compaction.set(backlog.removed_since_compaction.get() + n);
@@ -574,6 +574,7 @@ async fn spill_once(shard: &Shard, spill_after_ms: u64) -> Result<usize, String>
     }
     let puts = cold_copies(shard, &candidates).await?;
     let count = puts.len();
+    let keys: HashMap<u64, ColdKey> = puts.iter().map(|p| (p.seq, p.key())).collect();
     blocking(shard, move |s| s.put(&puts)).await.map_err(|e| e.to_string())?;
     // Durable in the cold store. Journal as spilled those still spillable
     // (a user may have connected meanwhile); the others' cold copies go.
@@ -598,7 +599,7 @@ async fn spill_once(shard: &Shard, spill_after_ms: u64) -> Result<usize, String>
     backlog.spilled_total.set(backlog.spilled_total.get() + spilled.len() as u64);
     backlog.cursor.set(next);
     if !stale.is_empty() {
-        shard.remove_cold(stale).await;
+        shard.remove_cold(stale.iter().filter_map(|seq| keys.get(seq).copied()).collect()).await;
     }
     shard.pressure().wake();
     Ok(count)

@@ -68,6 +68,24 @@ pub struct ColdPut {
     pub record: Vec<u8>,
 }
 
+/// Where a cold message's entries are: enough to remove them without a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColdKey {
+    /// Its sequence number.
+    pub seq: u64,
+    /// [`user_hash`] of its recipient.
+    pub user_hash: u64,
+    /// Unix ms it expires (0: never).
+    pub expires_at_ms: u64,
+}
+
+impl ColdPut {
+    /// Its key.
+    pub fn key(&self) -> ColdKey {
+        ColdKey { seq: self.seq, user_hash: self.user_hash, expires_at_ms: self.expires_at_ms }
+    }
+}
+
 /// One message read back from the cold store.
 #[derive(Debug, Clone)]
 pub struct ColdMessage {
@@ -82,6 +100,11 @@ pub struct ColdMessage {
 }
 
 impl ColdMessage {
+    /// Its key.
+    pub fn key(&self) -> ColdKey {
+        ColdKey { seq: self.seq, user_hash: self.user_hash, expires_at_ms: self.expires_at_ms }
+    }
+
     /// The record, decoded and checked (CRC, kind, sequence number).
     pub fn accepted(&self) -> Result<record::Accepted<'_>, ColdError> {
         match record::decode(&self.record) {
@@ -307,6 +330,23 @@ impl ColdStore {
         }
     }
 
+    /// Removes messages whose keys the caller knows (it just read or wrote
+    /// them): no lookups, unlike [`ColdStore::remove`]. Not durable until
+    /// [`ColdStore::persist`].
+    pub fn remove_known(&self, keys: &[ColdKey]) -> Result<(), ColdError> {
+        let mut batch = self.keyspace.batch();
+        for k in keys {
+            batch.remove(&self.by_user, key16(k.user_hash, k.seq));
+            batch.remove(&self.by_seq, k.seq.to_be_bytes());
+            if k.expires_at_ms > 0 {
+                batch.remove(&self.expiry, key16(k.expires_at_ms, k.seq));
+            }
+        }
+        batch.commit()?;
+        self.advance_gc_watermark();
+        Ok(())
+    }
+
     /// Makes every write and removal so far durable.
     pub fn persist(&self) -> Result<(), ColdError> {
         self.keyspace.persist(PersistMode::SyncData)?;
@@ -382,7 +422,8 @@ mod tests {
         let store = ColdStore::open(dir.path(), ColdSizing::default()).unwrap();
         store.put(&[put(1, "a", 50), put(2, "a", 0), put(3, "a", 70), put(4, "b", 60)]).unwrap();
         assert_eq!(store.expired(65, 10).unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 4]);
-        assert_eq!(store.remove(&[1, 2, 99]).unwrap(), 2);
+        assert_eq!(store.remove(&[1, 99]).unwrap(), 1);
+        store.remove_known(&[put(2, "a", 0).key()]).unwrap();
         store.persist().unwrap();
         store.compact().unwrap();
         let sizes = |s: &ColdStore| (s.by_user.len().unwrap(), s.by_seq.len().unwrap(), s.expiry.len().unwrap());
