@@ -406,9 +406,14 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// The session loop. It spends its life waiting in the `select` below,
+    /// and an async fn's future is as large as its largest await point: the
+    /// work that follows an event (delivery, an incoming frame) is boxed,
+    /// so an idle session holds only the wait (docs/PERFORMANCE.md, memory
+    /// per idle WebSocket). One allocation per event, against a system call.
     async fn serve(&mut self, signal: &SessionSignal, first: &str) -> End {
         if !first.is_empty() {
-            if let Err(end) = self.on_text(first).await {
+            if let Err(end) = Box::pin(self.on_text(first)).await {
                 return end;
             }
         }
@@ -418,13 +423,13 @@ impl Session<'_> {
                 return End::close(CloseCode::Away, "server shutting down");
             }
             // Deliver what is ready: pending first, live after, one order.
-            match self.deliver_batch(&mut cursor).await {
+            match Box::pin(self.deliver_batch(&mut cursor)).await {
                 Err(end) => return end,
                 Ok(false) => {}
                 Ok(true) => {
                     // Take the acks that arrived meanwhile without waiting.
                     while let Some(incoming) = futures_lite::future::poll_once(self.ws.next()).await {
-                        if let Err(end) = self.on_incoming(incoming).await {
+                        if let Err(end) = Box::pin(self.on_incoming(incoming)).await {
                             return end;
                         }
                     }
@@ -454,7 +459,7 @@ impl Session<'_> {
             };
             match event {
                 Event::Incoming(incoming) => {
-                    if let Err(end) = self.on_incoming(incoming).await {
+                    if let Err(end) = Box::pin(self.on_incoming(incoming)).await {
                         return end;
                     }
                 }
