@@ -216,7 +216,12 @@ pub async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_read_timeout(None);
     let home = crate::route(&upgrade.user, shard.count());
     if home == shard.id() {
-        return session::start(shard, stream, upgrade.user, &upgrade.accept_key, upgrade.wire).await;
+        // Its own task, as an adopted session: this task's future (sized for
+        // the handshake and the hand-over) is freed rather than kept around
+        // the session's for the connection's life.
+        let Upgrade { user, accept_key, wire } = upgrade;
+        glommio::spawn_local(async move { session::start(shard, stream, user, &accept_key, wire).await }).detach();
+        return;
     }
     // SAFETY: dup of a descriptor we own; the copy is owned by the Adoption.
     let fd = unsafe { libc::dup(stream.as_raw_fd()) };

@@ -648,3 +648,42 @@ fn incoming_message(incoming: Option<Result<Message, tungstenite::Error>>) -> Re
         Some(Err(_)) => Err(End::Drop),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, Read};
+
+    /// A socket that yields `data` once, then has nothing (`WouldBlock`).
+    struct Once(Option<Vec<u8>>);
+
+    impl Read for Once {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.0.take() {
+                Some(data) => {
+                    buf[..data.len()].copy_from_slice(&data);
+                    Ok(data.len())
+                }
+                None => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+    }
+
+    /// Canary for the patched tungstenite (vendor/tungstenite/ESH3AR-PATCH.md):
+    /// an idle connection's read buffer holds no memory. Fails if the
+    /// `[patch.crates-io]` entry is dropped for a tungstenite that keeps one.
+    #[test]
+    fn tungstenite_read_buffer_is_released_when_idle() {
+        let mut buffer = tungstenite::buffer::ReadBuffer::<4096>::new();
+        assert_eq!(buffer.as_cursor().get_ref().capacity(), 0, "nothing allocated before the first read");
+        let mut socket = Once(Some(b"hello".to_vec()));
+        assert_eq!(buffer.read_from(&mut socket).unwrap(), 5);
+        assert_eq!(bytes::Buf::chunk(&buffer), b"hello");
+        // Unread bytes are kept across an empty read.
+        assert!(buffer.read_from(&mut socket).is_err());
+        assert_eq!(bytes::Buf::chunk(&buffer), b"hello");
+        // All consumed and the socket empty: the storage is given back.
+        bytes::Buf::advance(&mut buffer, 5);
+        assert!(buffer.read_from(&mut socket).is_err());
+        assert_eq!(buffer.as_cursor().get_ref().capacity(), 0);
+    }
+}
