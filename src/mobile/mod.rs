@@ -178,40 +178,50 @@ pub fn check_upgrade(buf: &[u8], secret: &[u8], now_secs: u64) -> Handshake {
 pub async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + Duration::from_millis(shard.cfg().mobile.handshake_timeout_ms);
-    let mut buf = vec![0u8; 2048];
-    let mut len = 0;
-    let upgrade = loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return refuse_conn(
-                stream,
-                &HttpError::closing(408, "request_timeout", "upgrade request not completed in time"),
-            )
-            .await;
-        }
-        let _ = stream.set_read_timeout(Some(remaining));
-        if len == buf.len() {
-            buf.resize((buf.len() * 2).min(HEAD_BYTES_MAX + 1), 0);
-        }
-        match stream.read(&mut buf[len..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => len += n,
-        }
-        let now = crate::clock::now_ms() / 1000;
-        match check_upgrade(&buf[..len], shard.cfg().mobile.token_secret.as_bytes(), now) {
-            Handshake::Partial => continue,
-            Handshake::Refuse(e) => return refuse_conn(stream, &e).await,
-            Handshake::Negotiate => return negotiate(stream).await,
-            Handshake::RefuseHub { accept_key, error } => {
-                return session::refuse_hub(shard, stream, &accept_key, error).await
+    // The request buffer lives in this block only: a local of an async fn
+    // otherwise stays allocated until the function returns, i.e. for the
+    // whole session served below (2 KiB per idle connection).
+    let upgrade = {
+        let mut buf = vec![0u8; 2048];
+        let mut len = 0;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return refuse_conn(
+                    stream,
+                    &HttpError::closing(408, "request_timeout", "upgrade request not completed in time"),
+                )
+                .await;
             }
-            Handshake::Upgrade(u) => break u,
+            let _ = stream.set_read_timeout(Some(remaining));
+            if len == buf.len() {
+                buf.resize((buf.len() * 2).min(HEAD_BYTES_MAX + 1), 0);
+            }
+            match stream.read(&mut buf[len..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => len += n,
+            }
+            let now = crate::clock::now_ms() / 1000;
+            match check_upgrade(&buf[..len], shard.cfg().mobile.token_secret.as_bytes(), now) {
+                Handshake::Partial => continue,
+                Handshake::Refuse(e) => return refuse_conn(stream, &e).await,
+                Handshake::Negotiate => return negotiate(stream).await,
+                Handshake::RefuseHub { accept_key, error } => {
+                    return session::refuse_hub(shard, stream, &accept_key, error).await
+                }
+                Handshake::Upgrade(u) => break u,
+            }
         }
     };
     let _ = stream.set_read_timeout(None);
     let home = crate::route(&upgrade.user, shard.count());
     if home == shard.id() {
-        return session::start(shard, stream, upgrade.user, &upgrade.accept_key, upgrade.wire).await;
+        // Its own task, as an adopted session: this task's future (sized for
+        // the handshake and the hand-over) is freed rather than kept around
+        // the session's for the connection's life.
+        let Upgrade { user, accept_key, wire } = upgrade;
+        glommio::spawn_local(async move { session::start(shard, stream, user, &accept_key, wire).await }).detach();
+        return;
     }
     // SAFETY: dup of a descriptor we own; the copy is owned by the Adoption.
     let fd = unsafe { libc::dup(stream.as_raw_fd()) };

@@ -406,9 +406,14 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// The session loop. It spends its life waiting in the `select` below,
+    /// and an async fn's future is as large as its largest await point: the
+    /// work that follows an event (delivery, an incoming frame) is boxed,
+    /// so an idle session holds only the wait (docs/PERFORMANCE.md, memory
+    /// per idle WebSocket). One allocation per event, against a system call.
     async fn serve(&mut self, signal: &SessionSignal, first: &str) -> End {
         if !first.is_empty() {
-            if let Err(end) = self.on_text(first).await {
+            if let Err(end) = Box::pin(self.on_text(first)).await {
                 return end;
             }
         }
@@ -418,13 +423,13 @@ impl Session<'_> {
                 return End::close(CloseCode::Away, "server shutting down");
             }
             // Deliver what is ready: pending first, live after, one order.
-            match self.deliver_batch(&mut cursor).await {
+            match Box::pin(self.deliver_batch(&mut cursor)).await {
                 Err(end) => return end,
                 Ok(false) => {}
                 Ok(true) => {
                     // Take the acks that arrived meanwhile without waiting.
                     while let Some(incoming) = futures_lite::future::poll_once(self.ws.next()).await {
-                        if let Err(end) = self.on_incoming(incoming).await {
+                        if let Err(end) = Box::pin(self.on_incoming(incoming)).await {
                             return end;
                         }
                     }
@@ -454,7 +459,7 @@ impl Session<'_> {
             };
             match event {
                 Event::Incoming(incoming) => {
-                    if let Err(end) = self.on_incoming(incoming).await {
+                    if let Err(end) = Box::pin(self.on_incoming(incoming)).await {
                         return end;
                     }
                 }
@@ -641,5 +646,44 @@ fn incoming_message(incoming: Option<Result<Message, tungstenite::Error>>) -> Re
         }
         Some(Err(Error::Protocol(_))) => Err(End::close(CloseCode::Protocol, "protocol error")),
         Some(Err(_)) => Err(End::Drop),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, Read};
+
+    /// A socket that yields `data` once, then has nothing (`WouldBlock`).
+    struct Once(Option<Vec<u8>>);
+
+    impl Read for Once {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.0.take() {
+                Some(data) => {
+                    buf[..data.len()].copy_from_slice(&data);
+                    Ok(data.len())
+                }
+                None => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+    }
+
+    /// Canary for the patched tungstenite (vendor/tungstenite/ESH3AR-PATCH.md):
+    /// an idle connection's read buffer holds no memory. Fails if the
+    /// `[patch.crates-io]` entry is dropped for a tungstenite that keeps one.
+    #[test]
+    fn tungstenite_read_buffer_is_released_when_idle() {
+        let mut buffer = tungstenite::buffer::ReadBuffer::<4096>::new();
+        assert_eq!(buffer.as_cursor().get_ref().capacity(), 0, "nothing allocated before the first read");
+        let mut socket = Once(Some(b"hello".to_vec()));
+        assert_eq!(buffer.read_from(&mut socket).unwrap(), 5);
+        assert_eq!(bytes::Buf::chunk(&buffer), b"hello");
+        // Unread bytes are kept across an empty read.
+        assert!(buffer.read_from(&mut socket).is_err());
+        assert_eq!(bytes::Buf::chunk(&buffer), b"hello");
+        // All consumed and the socket empty: the storage is given back.
+        bytes::Buf::advance(&mut buffer, 5);
+        assert!(buffer.read_from(&mut socket).is_err());
+        assert_eq!(buffer.as_cursor().get_ref().capacity(), 0);
     }
 }
