@@ -155,6 +155,8 @@ pub struct Backlog {
     /// Totals since start (`/metrics`).
     spilled_total: Cell<u64>,
     restored_total: Cell<u64>,
+    /// Bounds the calls queued on the blocking thread ([`BLOCKING_IN_FLIGHT`]).
+    in_flight: glommio::sync::Semaphore,
     /// Where the next spill scan starts, and when it last started over.
     cursor: Cell<u64>,
     rescanned_at: Cell<Option<Instant>>,
@@ -174,6 +176,7 @@ impl Backlog {
             compacting: Cell::new(false),
             spilled_total: Cell::new(0),
             restored_total: Cell::new(0),
+            in_flight: glommio::sync::Semaphore::new(BLOCKING_IN_FLIGHT),
             cursor: Cell::new(0),
             rescanned_at: Cell::new(None),
         }
@@ -243,9 +246,19 @@ impl Drop for RestorePass<'_> {
     }
 }
 
+/// Most calls a shard has queued on its blocking thread at once. glommio's
+/// pool has bounded request and answer channels (4,096 each) and its
+/// thread blocks on a full answer channel before waking the executor: with
+/// 10,000 phones connecting at once the two filled and the shard stalled.
+/// A few calls in flight keep the thread busy; more only queue.
+const BLOCKING_IN_FLIGHT: u64 = 32;
+
 /// Runs `f` with the shard's cold store on the blocking thread.
 async fn blocking<R: Send + 'static>(shard: &Shard, f: impl FnOnce(&ColdStore) -> R + Send + 'static) -> R {
-    let store = shard.backlog().store().clone();
+    let backlog = shard.backlog();
+    // Never closed, so acquiring cannot fail (and without a permit it runs anyway).
+    let _permit = backlog.in_flight.acquire_permit(1).await;
+    let store = backlog.store().clone();
     glommio::executor().spawn_blocking(move || f(&store)).await
 }
 
