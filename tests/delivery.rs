@@ -303,11 +303,13 @@ fn journal_segments_are_deleted_once_every_message_in_them_is_settled() {
     for chunk in got_ids.chunks(100) {
         p.ack_many(chunk);
     }
+    // What stays: the active segment and the spare allocated ahead of it
+    // (docs/ARCHITECTURE.md, "Disk full").
     let deadline = Instant::now() + Duration::from_secs(10);
-    while segments() > 1 && Instant::now() < deadline {
+    while segments() > 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(segments(), 1, "settled segments must be deleted, the active one kept (had {before})");
+    assert!(segments() <= 2, "settled segments must be deleted, the active one and its spare kept (had {before})");
     // After a restart nothing comes back, and new messages still flow.
     drop(p);
     assert_eq!(engine.terminate(), Some(0));

@@ -300,8 +300,10 @@ fn blocks_survive_the_deletion_of_their_segment() {
             })
             .count()
     };
+    // What stays: the active segment and the spare allocated ahead of it
+    // (docs/ARCHITECTURE.md, "Disk full").
     let deadline = Instant::now() + Duration::from_secs(15);
-    while segments() > 1 {
+    while segments() > 2 {
         assert!(Instant::now() < deadline, "settled segments were not deleted: {} left", segments());
         std::thread::sleep(Duration::from_millis(100));
     }
