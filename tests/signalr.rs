@@ -475,7 +475,7 @@ fn every_acknowledged_message_reaches_raw_and_signalr_phones_across_kill_9() {
         send_then_kill(setup.start(), user, USERS, &obs, &mut rng);
     }
     // Final run: phones drain everything still pending.
-    let _engine = setup.start();
+    let engine = setup.start();
     let missing = wait_for_all(&obs, Duration::from_secs(90));
     stop_phones.store(true, Ordering::Relaxed);
     drop(node_phones); // ends the node processes, and so their event threads
@@ -499,6 +499,17 @@ fn every_acknowledged_message_reaches_raw_and_signalr_phones_across_kill_9() {
     );
     assert!(o.acked.len() > 500, "too little traffic to mean anything: {}", o.acked.len());
     assert!(hub_acked > 200, "too little traffic to SignalR phones: {hub_acked}");
+    if !missing.is_empty() {
+        // What the engine saw, to tell a stuck user from a lost message.
+        for line in engine.stderr_lines().iter().rev().take(40).rev() {
+            eprintln!("engine: {line}");
+        }
+        let mut c = engine.client();
+        for (id, _) in missing.iter().take(3) {
+            let r = c.get_status(id);
+            eprintln!("status of missing {id}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+        }
+    }
     assert!(missing.is_empty(), "acknowledged messages never delivered: {:?}", &missing[..missing.len().min(10)]);
     assert_eq!(o.foreign(), 0, "a message reached the wrong user");
 }
