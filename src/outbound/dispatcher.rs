@@ -305,9 +305,10 @@ impl Dispatcher {
     }
 
     fn admit(&mut self, job: Job) {
-        if job.endpoint.0 as usize >= self.endpoints.len() {
-            self.take_queued_updates();
-        }
+        // A change queued before this job applies to it (a moved URL, a new
+        // endpoint, a new timeout), whichever channel the loop read first:
+        // one `try_recv` on an empty channel when nothing changed.
+        self.take_queued_updates();
         if job.endpoint.0 as usize >= self.endpoints.len() {
             // Cannot happen: a JobSender refuses ids not announced, and an
             // id is announced after its change is queued. Refused loudly,
