@@ -433,6 +433,12 @@ impl Shard {
         if backlog.compacting.get() || removed < 1000 || removed < backlog.cold() {
             return;
         }
+        // A compaction writes before it frees: never while the disk is
+        // (nearly) full, where it would take the journal's room and leave
+        // fjall refusing every later write until a restart.
+        if self.journal().storage_full() {
+            return;
+        }
         backlog.compacting.set(true);
         backlog.removed_since_compaction.set(0);
         let store = backlog.store().clone();
@@ -566,6 +572,12 @@ pub async fn run_spill(shard: Rc<Shard>) {
 /// One spill batch; returns how many messages it moved.
 async fn spill_once(shard: &Shard, spill_after_ms: u64) -> Result<usize, String> {
     let backlog = shard.backlog();
+    // No spill while the disk is (nearly) full: the messages are safe in the
+    // journal, and a cold-store write that fails for want of space leaves
+    // fjall refusing every later write (and restores) until a restart.
+    if shard.journal().storage_full() {
+        return Ok(0);
+    }
     // Start over now and then: a message skipped while its user was
     // connected may be spillable now.
     let rescan = backlog.rescanned_at.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(30));

@@ -6,8 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,19 +24,6 @@ fn opts(shards: usize, spill_after_ms: u64) -> Opts {
         extra_toml: format!("\n[backlog]\nspill_after_ms = {spill_after_ms}\nrestore_page = 256\n"),
         ..Opts::default()
     }
-}
-
-/// The sum over shards of a metric from `GET /metrics` (0 if absent).
-fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Sends `per_user` messages to each of `users` users through the batch
@@ -189,30 +175,16 @@ fn a_backlog_beyond_the_memory_budget_is_accepted_flat_and_delivered_in_order() 
     let total = (users * per_user) as f64;
     let setup = Setup::new(&opts(2, 200));
     let engine = setup.start();
-    let pid = engine.child.id();
-    let stop = Arc::new(AtomicBool::new(false));
-    let max_rss = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (stop, max_rss) = (stop.clone(), max_rss.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(rss) = rss_bytes(pid) {
-                    max_rss.fetch_max(rss, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let sampler = RssSampler::start(engine.child.id());
     let started = Instant::now();
     let ids = fill(engine.business, users, per_user, 4, "");
     let fill_time = started.elapsed();
     let spilled = wait_metric(engine.admin, "esh3ar_backlog_spilled_total", total, Duration::from_secs(60));
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
+    let max_rss = sampler.stop();
     let in_memory = metric(engine.admin, "esh3ar_pending_messages");
     eprintln!(
         "{total} messages to {users} users in {fill_time:?}; spilled {spilled}; in memory {in_memory}; max RSS {} MiB",
-        max_rss.load(Ordering::Relaxed) >> 20
+        max_rss >> 20
     );
     assert_eq!(spilled, total, "every message of users who are not connected moves to the cold store");
     assert_eq!(in_memory, 0.0, "none is left in the in-memory queues");

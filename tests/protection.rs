@@ -177,20 +177,8 @@ fn overload_answers_only_202_429_503_sheds_low_first_and_recovers() {
         ..Opts::default()
     });
     let engine = setup.start();
-    let pid = engine.child.id();
+    let sampler = RssSampler::start(engine.child.id());
     let stop = Arc::new(AtomicBool::new(false));
-    let max_rss = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (stop, max_rss) = (stop.clone(), max_rss.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(rss) = rss_bytes(pid) {
-                    max_rss.fetch_max(rss, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
     let tally = Arc::new(Mutex::new(Tally::default()));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let body = "x".repeat(16 * 1024);
@@ -287,7 +275,7 @@ fn overload_answers_only_202_429_503_sheds_low_first_and_recovers() {
     for w in workers {
         w.join().unwrap();
     }
-    sampler.join().unwrap();
+    let max_rss = sampler.stop();
     let (batch_accepted, batch_refused, all_shed_202) = batches.join().unwrap();
     eprintln!("low batches during the overload: {batch_accepted} accepted, {batch_refused} refused with 503");
     // Whether a batch lands while its items would be shed depends on timing
@@ -299,7 +287,7 @@ fn overload_answers_only_202_429_503_sheds_low_first_and_recovers() {
         "answers by (priority, status): {:?}; high accepted after low shedding began: {}; max RSS {} MiB of {} MiB",
         tl.by_priority,
         tl.high_accepted_after_shed,
-        max_rss.load(Ordering::Relaxed) >> 20,
+        max_rss >> 20,
         memory_limit >> 20
     );
     assert!(errors.is_empty(), "timeouts, resets or malformed answers under overload: {errors:?}");
@@ -311,7 +299,7 @@ fn overload_answers_only_202_429_503_sheds_low_first_and_recovers() {
     let low_shed = tl.by_priority.get(&("low", 503)).copied().unwrap_or(0);
     let high_shed = tl.by_priority.get(&("high", 503)).copied().unwrap_or(0);
     assert!(low_shed > high_shed, "low must be shed more than high: low {low_shed}, high {high_shed}");
-    assert!(max_rss.load(Ordering::Relaxed) < memory_limit, "RSS went over engine.memory_limit_bytes");
+    assert!(max_rss < memory_limit, "RSS went over engine.memory_limit_bytes");
     drop(tl);
 
     // Load gone: the engine serves normally again, low priority included.

@@ -11,8 +11,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -56,19 +55,6 @@ impl Drop for LoopMount {
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// The sum over shards of a metric from `GET /metrics`.
-fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 const USERS: usize = 8;
@@ -212,6 +198,16 @@ fn a_full_disk_refuses_with_storage_full_loses_nothing_and_recovers_when_space_r
         }
     }
     let lost: Vec<_> = acked.keys().filter(|id| !got.contains(*id)).collect();
+    if !lost.is_empty() {
+        // Stuck or gone: the engine's log and the status of a few.
+        for line in engine.stderr_lines().iter().rev().take(30).rev() {
+            eprintln!("engine: {line}");
+        }
+        for id in lost.iter().take(3) {
+            let r = client.get_status(id);
+            eprintln!("status of lost {id}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+        }
+    }
     assert!(
         lost.is_empty(),
         "{} of {} acknowledged messages lost, e.g. {:?}",
