@@ -860,20 +860,13 @@ mod tests {
     use super::*;
     use crate::record::{Accepted, SegmentHeader, StatusChange};
 
+    /// A normal-priority message from client `c` to `to`, accepted at `seq` ms.
+    fn message(seq: u64, to: &str) -> Accepted<'_> {
+        Accepted { seq, client: "c", to, priority: Priority::Normal, expires_at_ms: 0, accepted_at_ms: seq, body: b"x" }
+    }
+
     fn accept(ix: &mut MessageIndex, seg: u64, seq: u64, to: &str) {
-        ix.apply(
-            seg,
-            seq * 100,
-            &Record::Accepted(Accepted {
-                seq,
-                client: "c",
-                to,
-                priority: Priority::Normal,
-                expires_at_ms: 0,
-                accepted_at_ms: seq,
-                body: b"x",
-            }),
-        );
+        ix.apply(seg, seq * 100, &Record::Accepted(message(seq, to)));
     }
 
     fn status(ix: &mut MessageIndex, seq: u64, status: Status) {
@@ -1073,19 +1066,7 @@ mod tests {
     }
 
     fn restored(ix: &mut MessageIndex, seg: u64, seq: u64, to: &str) {
-        ix.apply(
-            seg,
-            seq * 100,
-            &Record::Restored(Accepted {
-                seq,
-                client: "c",
-                to,
-                priority: Priority::Normal,
-                expires_at_ms: 0,
-                accepted_at_ms: seq,
-                body: b"x",
-            }),
-        );
+        ix.apply(seg, seq * 100, &Record::Restored(message(seq, to)));
     }
 
     #[test]
