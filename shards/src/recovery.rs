@@ -288,7 +288,7 @@ fn is_unwritten(path: &Path) -> Result<bool, RecoveryError> {
         if n == 0 {
             return Ok(true);
         }
-        if buf[..n].iter().any(|&b| b != 0) {
+        if crate::scan::first_nonzero(&buf[..n]).is_some() {
             return Ok(false);
         }
     }
@@ -318,31 +318,44 @@ pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, Re
         commits: 0,
         bytes: 0,
     };
-    for (i, &no) in segments.iter().enumerate() {
-        let last = i + 1 == segments.len();
-        let path = segment_path(dir, no);
-        let data = fs::read(&path).map_err(io_err(&path))?;
-        let end = recover_segment(&path, &data, shard, no, last, mode, &mut rec)?;
-        if last {
-            if let Some(m) = clean {
-                if m.segment != no || m.end != end || m.commit_seq + 1 != rec.next_commit_seq {
-                    return Err(RecoveryError::CleanEndMismatch {
-                        path,
-                        found_end: end,
-                        marker_segment: m.segment,
-                        marker_end: m.end,
-                    });
+    let paths: Vec<PathBuf> = segments.iter().map(|&no| segment_path(dir, no)).collect();
+    std::thread::scope(|scope| -> Result<(), RecoveryError> {
+        let reads = ReadAhead::start(scope, paths).map_err(io_err(dir))?;
+        let mut bytes_left: u64 = reads.sizes.iter().sum();
+        for (i, &no) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            let path = segment_path(dir, no);
+            let data = reads.next(&path)?;
+            bytes_left -= reads.sizes[i];
+            let end = recover_segment(&path, &data, shard, no, last, mode, &mut rec)?;
+            // The messages of the segments still to read, at the rate of
+            // those read so far: the index grows once instead of doubling
+            // (and moving every entry) all the way up.
+            let expected = bytes_left as u128 * rec.index.len() as u128 / rec.bytes.max(1) as u128;
+            rec.index.reserve_messages(expected.min(MESSAGES_RESERVE_MAX as u128) as usize);
+            if last {
+                if let Some(m) = clean {
+                    if m.segment != no || m.end != end || m.commit_seq + 1 != rec.next_commit_seq {
+                        return Err(RecoveryError::CleanEndMismatch {
+                            path,
+                            found_end: end,
+                            marker_segment: m.segment,
+                            marker_end: m.end,
+                        });
+                    }
                 }
+                let block_start = end - end % BLOCK_BYTES;
+                rec.tail = Some(RecoveredTail {
+                    segment: no,
+                    end,
+                    partial_block: data[block_start as usize..end as usize].to_vec(),
+                    needs_header: end == 0,
+                });
             }
-            let block_start = end - end % BLOCK_BYTES;
-            rec.tail = Some(RecoveredTail {
-                segment: no,
-                end,
-                partial_block: data[block_start as usize..end as usize].to_vec(),
-                needs_header: end == 0,
-            });
+            reads.recycle(data);
         }
-    }
+        Ok(())
+    })?;
     if segments.is_empty() {
         if let Some(m) = clean {
             return Err(RecoveryError::CleanEndMismatch {
@@ -357,6 +370,73 @@ pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, Re
         rec.next_seq = rec.next_seq.max(max + 1);
     }
     Ok(rec)
+}
+
+/// Most messages recovery reserves index room for ahead of reading them
+/// (a table of 2^22 slots of 128 bytes, mostly untouched until filled):
+/// beyond it the table grows as it fills.
+const MESSAGES_RESERVE_MAX: usize = 1 << 21;
+
+/// Reads a shard's segments on a thread of its own, one segment ahead of
+/// the decoding: the read (a copy out of the page cache, or the disk's
+/// read time on a cold start) overlaps the index rebuild, and the two
+/// buffers are reused, so a segment's pages are faulted in once per
+/// recovery rather than once per segment. At most two segments are in
+/// memory: the one decoded and the one read ahead. The thread inherits the
+/// shard thread's CPU (the engine pins it): with one shard per core, a
+/// shard's read competes with no other shard's decoding. Waiting on it is
+/// waiting on a disk read, as the decoding did before.
+struct ReadAhead {
+    ready: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    spare: std::sync::mpsc::Sender<Vec<u8>>,
+    /// Each segment's file size, in order (for the index reservation).
+    sizes: Vec<u64>,
+}
+
+impl ReadAhead {
+    fn start<'scope>(scope: &'scope std::thread::Scope<'scope, '_>, paths: Vec<PathBuf>) -> io::Result<ReadAhead> {
+        // Rendezvous: the reader hands a segment over only when the
+        // decoder asks for it, so it is never more than one ahead.
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(0);
+        let (spare, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let sizes = paths.iter().map(|p| fs::metadata(p).map_or(0, |m| m.len())).collect();
+        std::thread::Builder::new().name("journal-read".into()).spawn_scoped(scope, move || {
+            for path in paths {
+                let buf = spare_rx.try_recv().unwrap_or_default();
+                if ready_tx.send(read_into(&path, buf)).is_err() {
+                    return; // recovery stopped early (an error)
+                }
+            }
+        })?;
+        Ok(ReadAhead { ready, spare, sizes })
+    }
+
+    /// The bytes of the next segment, `path`.
+    fn next(&self, path: &Path) -> Result<Vec<u8>, RecoveryError> {
+        match self.ready.recv() {
+            Ok(read) => read.map_err(io_err(path)),
+            Err(_) => Err(RecoveryError::Io {
+                path: path.to_owned(),
+                source: io::Error::other("the journal read-ahead thread stopped"),
+            }),
+        }
+    }
+
+    /// Gives a decoded segment's buffer back for the next read.
+    fn recycle(&self, data: Vec<u8>) {
+        let _ = self.spare.send(data);
+    }
+}
+
+/// Reads the whole file at `path` into `buf` (cleared first, its capacity kept).
+fn read_into(path: &Path, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut file = fs::File::open(path)?;
+    let len = file.metadata()?.len() as usize;
+    buf.clear();
+    buf.reserve(len);
+    file.read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 /// Scans one segment into `rec`; returns the offset just past its intact commits.
