@@ -245,3 +245,41 @@ fn backlog_survives_a_restart_and_every_owed_message_is_drained() {
     assert_eq!(back.backlog, r.backlog);
     assert!(esh3ar_perf::backlog::table(&[back]).contains("| 2000 → 200 | 2000 | 0 |"));
 }
+
+/// The replay scenario, tiny: about 2 MB of journal, two `kill -9`s and
+/// restarts; the figures come from the engine's own `journal recovered`
+/// line, and every accepted message is back in the rebuilt index. No
+/// figure is checked.
+#[test]
+fn replay_restarts_and_reads_the_engines_replay_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("replay.json");
+    let r = perf(&[
+        "--scenario",
+        "replay",
+        "--journal-bytes",
+        "2000000",
+        "--restarts",
+        "2",
+        "--receivers",
+        "50",
+        "--batch",
+        "50",
+        "--connections",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.scenario, "replay");
+    assert!(r.errors.is_empty(), "errors: {:?}\n{}", r.errors, r.human());
+    let x = |k: &str| *r.extra.get(k).unwrap_or_else(|| panic!("no `{k}` in the report\n{}", r.human()));
+    assert!(r.accepted > 0, "{}", r.human());
+    assert_eq!(x("replay_figures_from_engine"), 1.0, "{}", r.human());
+    assert_eq!(x("replay_messages"), r.accepted as f64, "every message is pending, none spilled\n{}", r.human());
+    assert!(x("replay_bytes") > 1_000_000.0 && x("journal_bytes_on_disk") > 1_000_000.0, "{}", r.human());
+    assert!(x("replay_mb_per_s_median") > 0.0 && x("restart_seconds_median") > 0.0, "{}", r.human());
+    assert!(r.extra.contains_key("replay_mb_per_s_2"), "{}", r.human());
+    let back = Report::load(&out).unwrap();
+    assert_eq!(back.extra.keys().collect::<Vec<_>>(), r.extra.keys().collect::<Vec<_>>());
+    assert_eq!((back.scenario, back.accepted), (r.scenario, r.accepted));
+}

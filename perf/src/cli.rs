@@ -143,6 +143,12 @@ pub struct RunArgs {
     /// Messages offline-drain queues; backlog: messages it sends.
     #[arg(long, default_value_t = 100_000)]
     pub messages: u64,
+    /// replay: bytes of journal to fill before the restarts (default 1 GiB).
+    #[arg(long)]
+    pub journal_bytes: Option<u64>,
+    /// replay: how many times to `kill -9` and restart (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub restarts: usize,
     /// Use this many 127.0.0.x source addresses (default: as many as needed).
     #[arg(long)]
     pub source_addrs: Option<usize>,
@@ -342,6 +348,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     if args.scenario == Scenario::Backlog {
         return crate::backlog::run(args);
     }
+    if args.scenario == Scenario::Replay {
+        return crate::replay::run(args);
+    }
     let sockets = args.connections.unwrap_or(0) + args.receivers.unwrap_or(0);
     crate::net::raise_open_files(sockets.max(default_connections(args.scenario)))?;
     let server_threads = args.server_threads.unwrap_or(if args.scenario == Scenario::AcceptAll { 2 } else { 1 });
@@ -533,6 +542,7 @@ fn plan(args: &RunArgs, cpus: Vec<usize>) -> Plan {
         Scenario::E2e | Scenario::OfflineDrain | Scenario::Receipts => 1000,
         Scenario::IdleConnections => 10_000,
         Scenario::Backlog => crate::backlog::DEFAULT_USERS,
+        Scenario::Replay => crate::replay::DEFAULT_USERS,
         Scenario::Ingest | Scenario::Batch | Scenario::Overload | Scenario::AcceptAll | Scenario::Fallback => 0,
     });
     let overload = args.scenario == Scenario::Overload;
@@ -575,6 +585,7 @@ pub(crate) fn memory_limit(args: &RunArgs) -> u64 {
     args.memory_limit_bytes.unwrap_or(match args.scenario {
         Scenario::Overload => scenario::overload::DEFAULT_MEMORY_LIMIT,
         Scenario::Backlog => crate::backlog::DEFAULT_MEMORY_LIMIT,
+        Scenario::Replay => crate::replay::DEFAULT_MEMORY_LIMIT,
         _ => engine::DEFAULT_MEMORY_LIMIT,
     })
 }

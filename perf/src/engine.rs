@@ -117,7 +117,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// failing if no line comes for `silence_max` (a replay of a large journal
 /// prints nothing until it is done).
 pub fn spawn_until_ready(mut cmd: Command, ready_prefix: &str, silence_max: Duration) -> anyhow::Result<Spawned> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+    // stderr as the caller left it (inherited unless it was redirected).
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -270,10 +271,23 @@ pub fn spawn_engine(
 /// its ready line, for at most `ready_within` after its last output line.
 /// The caller keeps the config's directory alive.
 pub fn start_engine(bin: &Path, config: &Path, ready_within: Duration) -> anyhow::Result<(Spawned, Target)> {
+    start_engine_with(engine_command(bin, config), ready_within)
+        .with_context(|| format!("cannot start the engine {}", bin.display()))
+}
+
+/// The command [`start_engine`] runs: `esh3ar serve --config config`,
+/// logging warnings and errors to the harness's stderr. A caller may
+/// change it (the log filter, where stderr goes) and start it with
+/// [`start_engine_with`].
+pub fn engine_command(bin: &Path, config: &Path) -> Command {
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--config"]).arg(config).env("ESH3AR_LOG", "warn");
-    let spawned = spawn_until_ready(cmd, "esh3ar ready ", ready_within)
-        .with_context(|| format!("cannot start the engine {}", bin.display()))?;
+    cmd
+}
+
+/// Starts an [`engine_command`] and waits for its ready line (see [`start_engine`]).
+pub fn start_engine_with(cmd: Command, ready_within: Duration) -> anyhow::Result<(Spawned, Target)> {
+    let spawned = spawn_until_ready(cmd, "esh3ar ready ", ready_within)?;
     let line = spawned.ready_line.clone();
     let addr = |name: &str| -> anyhow::Result<SocketAddr> {
         ready_field(&line, name)

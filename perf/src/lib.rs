@@ -22,6 +22,7 @@ pub mod payload;
 pub mod peers;
 pub mod plot;
 pub mod receipts;
+pub mod replay;
 pub mod report;
 pub mod scenario;
 pub mod stats;

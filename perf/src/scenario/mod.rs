@@ -63,6 +63,11 @@ pub enum Scenario {
     /// engine, then connect some of the users and time their drain
     /// (esh3ar only; `crate::backlog`).
     Backlog,
+    /// Fill about 1 GiB of journal (`--journal-bytes`) with every message
+    /// kept pending, then `kill -9` and restart the engine `--restarts`
+    /// times: the journal replay's time and MB/s from the engine's own log
+    /// line, and the time to `/readyz` (esh3ar only; `crate::replay`).
+    Replay,
 }
 
 impl Scenario {
@@ -78,6 +83,7 @@ impl Scenario {
             Scenario::Receipts => "receipts",
             Scenario::Fallback => "fallback",
             Scenario::Backlog => "backlog",
+            Scenario::Replay => "replay",
         }
     }
 
@@ -165,7 +171,12 @@ impl Plan {
         let system = target.system();
         let esh3ar_only = matches!(
             self.scenario,
-            Scenario::Batch | Scenario::IdleConnections | Scenario::Overload | Scenario::AcceptAll | Scenario::Backlog
+            Scenario::Batch
+                | Scenario::IdleConnections
+                | Scenario::Overload
+                | Scenario::AcceptAll
+                | Scenario::Backlog
+                | Scenario::Replay
         );
         if esh3ar_only && system != "esh3ar" {
             bail!("scenario {} runs against esh3ar only", self.scenario.name());
@@ -421,6 +432,7 @@ async fn thread_main(ctx: Rc<ThreadCtx>) {
         // Made of two e2e runs (`crate::receipts`); never planned itself.
         Scenario::Receipts => unreachable!("the receipts scenario runs as two e2e runs"),
         Scenario::Fallback => unreachable!("the fallback scenario runs as two ingest runs"),
+        Scenario::Replay => unreachable!("the replay scenario only fills and restarts (crate::replay)"),
         Scenario::Ingest | Scenario::Batch | Scenario::E2e | Scenario::Overload | Scenario::AcceptAll => {
             let receivers = if plan.scenario == Scenario::E2e { receivers::spawn_all(&ctx).await } else { Vec::new() };
             let gate = Rc::new(glommio::sync::Semaphore::new(0));
