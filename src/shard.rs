@@ -333,8 +333,14 @@ impl Shard {
     pub fn append_local(&self, items: &[MessageRef<'_>]) -> Result<(Vec<Option<u64>>, u64), AppendRefusal> {
         let mut seqs = Vec::with_capacity(items.len());
         let mut generation = 0;
+        // Read once per call, not per item: this loop never awaits, so no
+        // config change can be installed in the middle of it.
+        let clients = self.clients();
+        let known_only = self.cfg.borrow().validation.known_recipients_only;
         for m in items {
-            if !self.admits(m.priority, self.clients.borrow().get(m.client).shed_offset_percent) {
+            let client = clients.get(m.client);
+            // Per item: the appends before it moved the pressure.
+            if !self.admits(m.priority, client.shed_offset_percent) {
                 self.metrics.shed(m.priority);
                 seqs.push(None);
                 continue;
@@ -345,10 +351,10 @@ impl Shard {
             let mut index = self.index.borrow_mut();
             debug_assert_eq!(crate::route(m.to, self.count), self.id, "message appended on a foreign shard");
             let seq = self.journal.take_seq();
-            let clients = self.clients();
+            let client_id = clients.id(m.client);
             let record = Record::Accepted(Accepted {
                 seq,
-                client: clients.id(m.client),
+                client: client_id,
                 to: m.to,
                 priority: m.priority,
                 expires_at_ms: m.expires_at_ms,
@@ -362,13 +368,12 @@ impl Shard {
             self.metrics.messages(esh3ar_shards::Status::Accepted, 1);
             // Asynchronous validation: refused now, in the same commit, but
             // still accepted (202) for the sender (docs/API.md, "Asynchronous validation").
-            let known_only = self.cfg.borrow().validation.known_recipients_only;
-            match index.refusal(m.to, self.clients.borrow().id(m.client), known_only) {
+            match index.refusal(m.to, client_id, known_only) {
                 Some(reason) => generation = self.reject(&mut index, &[seq], reason)?,
                 None => {
                     self.bodies.borrow_mut().insert(seq, m.body);
                     // The fallback plan is born in the same commit (docs/ARCHITECTURE.md, "Fallback channels").
-                    if let Some(spec) = m.fallback.or(self.clients.borrow().get(m.client).fallback) {
+                    if let Some(spec) = m.fallback.or(client.fallback) {
                         generation = crate::fallback::plan(self, &mut index, seq, m.accepted_at_ms, spec)
                             .map_err(|e| AppendRefusal::from(&e))?;
                     }
