@@ -39,6 +39,51 @@ pub const TEST_PANIC_ON_BODY_ENV: &str = "ESH3AR_TEST_PANIC_ON_BODY";
 /// a message with exactly this body for `mesh_reply_timeout_ms` + 1 s.
 pub const TEST_SLOW_REPLY_ON_BODY_ENV: &str = "ESH3AR_TEST_SLOW_REPLY_ON_BODY";
 
+/// A validated message, borrowed from where it lives: the request being
+/// answered (a message homed on the shard that read it is never copied)
+/// or the [`NewMessage`] another shard sent.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRef<'a> {
+    /// Index of the sending client in the `ClientTable`.
+    pub client: u32,
+    pub to: &'a str,
+    pub body: &'a [u8],
+    pub priority: esh3ar_shards::Priority,
+    pub expires_at_ms: u64,
+    pub accepted_at_ms: u64,
+    /// The message's own `fallback` (None: the client's default, if any).
+    pub fallback: Option<crate::fallback::FallbackSpec>,
+}
+
+impl MessageRef<'_> {
+    /// An owned copy, to send to the message's home shard.
+    pub fn to_new_message(&self) -> NewMessage {
+        NewMessage {
+            client: self.client,
+            to: self.to.to_owned(),
+            body: self.body.to_vec(),
+            priority: self.priority,
+            expires_at_ms: self.expires_at_ms,
+            accepted_at_ms: self.accepted_at_ms,
+            fallback: self.fallback,
+        }
+    }
+}
+
+impl<'a> From<&'a NewMessage> for MessageRef<'a> {
+    fn from(m: &'a NewMessage) -> Self {
+        MessageRef {
+            client: m.client,
+            to: &m.to,
+            body: &m.body,
+            priority: m.priority,
+            expires_at_ms: m.expires_at_ms,
+            accepted_at_ms: m.accepted_at_ms,
+            fallback: m.fallback,
+        }
+    }
+}
+
 /// Idempotency keys reserved by a first request still in flight:
 /// (client, key) -> SHA-256 of the body.
 pub type KeysInFlight = HashMap<(u32, Box<str>), [u8; 32]>;
@@ -285,30 +330,36 @@ impl Shard {
     /// Appends messages homed on this shard; returns their sequence numbers
     /// and the generation to wait for. Synchronous: no other task runs
     /// between the appends, so the messages of one call stay adjacent.
-    pub fn append_local(&self, items: &[NewMessage]) -> Result<(Vec<Option<u64>>, u64), AppendRefusal> {
+    pub fn append_local(&self, items: &[MessageRef<'_>]) -> Result<(Vec<Option<u64>>, u64), AppendRefusal> {
         let mut seqs = Vec::with_capacity(items.len());
         let mut generation = 0;
+        // Read once per call, not per item: this loop never awaits, so no
+        // config change can be installed in the middle of it.
+        let clients = self.clients();
+        let known_only = self.cfg.borrow().validation.known_recipients_only;
         for m in items {
-            if !self.admits(m.priority, self.clients.borrow().get(m.client).shed_offset_percent) {
+            let client = clients.get(m.client);
+            // Per item: the appends before it moved the pressure.
+            if !self.admits(m.priority, client.shed_offset_percent) {
                 self.metrics.shed(m.priority);
                 seqs.push(None);
                 continue;
             }
-            if self.panic_on_body.as_deref() == Some(m.body.as_slice()) {
+            if self.panic_on_body.as_deref() == Some(m.body) {
                 panic!("test hook {TEST_PANIC_ON_BODY_ENV}: shard {} appends the magic body", self.id);
             }
             let mut index = self.index.borrow_mut();
-            debug_assert_eq!(crate::route(&m.to, self.count), self.id, "message appended on a foreign shard");
+            debug_assert_eq!(crate::route(m.to, self.count), self.id, "message appended on a foreign shard");
             let seq = self.journal.take_seq();
-            let clients = self.clients();
+            let client_id = clients.id(m.client);
             let record = Record::Accepted(Accepted {
                 seq,
-                client: clients.id(m.client),
-                to: &m.to,
+                client: client_id,
+                to: m.to,
                 priority: m.priority,
                 expires_at_ms: m.expires_at_ms,
                 accepted_at_ms: m.accepted_at_ms,
-                body: &m.body,
+                body: m.body,
             });
             let appended = self.journal.append(&record, &mut index).map_err(|e| AppendRefusal::from(&e))?;
             generation = appended.generation;
@@ -317,13 +368,12 @@ impl Shard {
             self.metrics.messages(esh3ar_shards::Status::Accepted, 1);
             // Asynchronous validation: refused now, in the same commit, but
             // still accepted (202) for the sender (docs/API.md, "Asynchronous validation").
-            let known_only = self.cfg.borrow().validation.known_recipients_only;
-            match index.refusal(&m.to, self.clients.borrow().id(m.client), known_only) {
+            match index.refusal(m.to, client_id, known_only) {
                 Some(reason) => generation = self.reject(&mut index, &[seq], reason)?,
                 None => {
-                    self.bodies.borrow_mut().insert(seq, &m.body);
+                    self.bodies.borrow_mut().insert(seq, m.body);
                     // The fallback plan is born in the same commit (docs/ARCHITECTURE.md, "Fallback channels").
-                    if let Some(spec) = m.fallback.or(self.clients.borrow().get(m.client).fallback) {
+                    if let Some(spec) = m.fallback.or(client.fallback) {
                         generation = crate::fallback::plan(self, &mut index, seq, m.accepted_at_ms, spec)
                             .map_err(|e| AppendRefusal::from(&e))?;
                     }
@@ -409,10 +459,10 @@ impl Shard {
     }
 
     /// Appends and waits for durability.
-    pub async fn append_durable(&self, items: &[NewMessage]) -> Result<Vec<Option<u64>>, AppendRefusal> {
+    pub async fn append_durable(&self, items: &[MessageRef<'_>]) -> Result<Vec<Option<u64>>, AppendRefusal> {
         let (seqs, generation) = self.append_local(items)?;
         self.journal.wait_durable(generation).await.map_err(|e| AppendRefusal::from(&e))?;
-        self.notify_recipients(items);
+        self.notify_recipients(items.iter().map(|m| m.to));
         Ok(seqs)
     }
 
@@ -420,7 +470,10 @@ impl Shard {
     /// it once they are durable, from a task of its own (the mesh receiver
     /// never waits).
     pub fn answer_append(self: &Rc<Self>, from: u16, req: u64, items: Vec<NewMessage>) {
-        let appended = self.append_local(&items);
+        let appended = {
+            let refs: Vec<MessageRef<'_>> = items.iter().map(MessageRef::from).collect();
+            self.append_local(&refs)
+        };
         let shard = self.clone();
         let slow = self.slow_reply_on_body.as_deref().is_some_and(|b| items.iter().any(|m| m.body == b));
         glommio::spawn_local(async move {
@@ -430,7 +483,7 @@ impl Shard {
             let result = match appended {
                 Ok((seqs, generation)) => match shard.journal.wait_durable(generation).await {
                     Ok(()) => {
-                        shard.notify_recipients(&items);
+                        shard.notify_recipients(items.iter().map(|m| m.to.as_str()));
                         Ok(seqs)
                     }
                     Err(e) => Err(AppendRefusal::from(&e)),
@@ -508,15 +561,15 @@ impl Shard {
     }
 
     /// Wakes the live sessions of the recipients of durable messages.
-    fn notify_recipients(&self, items: &[NewMessage]) {
+    fn notify_recipients<'a>(&self, recipients: impl Iterator<Item = &'a str>) {
         if self.sessions.is_empty() {
             return;
         }
         let mut last: Option<&str> = None;
-        for m in items {
-            if last != Some(m.to.as_str()) {
-                self.sessions.notify(&m.to);
-                last = Some(&m.to);
+        for to in recipients {
+            if last != Some(to) {
+                self.sessions.notify(to);
+                last = Some(to);
             }
         }
     }

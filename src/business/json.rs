@@ -1,34 +1,45 @@
 //! JSON of the business API: request validation and response bodies.
+//!
+//! Requests are read from simd-json's tape ([`with_json`]), never built
+//! into a DOM: the DOM made one map and one string table per object, and
+//! building and dropping it was ~2,100 instructions per batch item, the
+//! largest share of a batch (docs/perf-notes/batch.md). Strings on the tape
+//! borrow the request body, so a validated [`MessageRef`] copies nothing.
+
+use std::cell::RefCell;
 
 use esh3ar_shards::id::TrackingId;
 use esh3ar_shards::Priority;
 use simd_json::prelude::*;
-use simd_json::BorrowedValue;
+use simd_json::tape::{Array, Value as Json};
 
 use super::{ApiError, USER_ID_BYTES_MAX};
 use crate::config::BusinessConfig;
 use crate::http::conn::Request;
 use crate::http::json_string;
-use crate::shard::{NewMessage, StatusView};
+use crate::shard::{MessageRef, StatusView};
 
 /// Validates one message object of client `client`, accepted at `now_ms`.
-pub fn new_message(
-    value: &BorrowedValue<'_>,
+/// The result borrows `to` and `body` from the request body.
+pub fn new_message<'de>(
+    value: Json<'_, 'de>,
     client: u32,
     business: &BusinessConfig,
     providers: &crate::outbound::ProvidersConfig,
     now_ms: u64,
-) -> Result<NewMessage, ApiError> {
+) -> Result<MessageRef<'de>, ApiError> {
     let obj = value.as_object().ok_or_else(|| ApiError::invalid("a message must be a JSON object"))?;
     let mut to = None;
     let mut body = None;
     let mut priority = Priority::Normal;
     let mut ttl_seconds = business.default_ttl_seconds;
     let mut fallback = None;
+    // In document order; a repeated key: the last one wins.
     for (key, v) in obj.iter() {
-        match key.as_ref() {
-            "to" => to = Some(v.as_str().ok_or_else(|| ApiError::invalid("`to` must be a string"))?),
-            "body" => body = Some(v.as_str().ok_or_else(|| ApiError::invalid("`body` must be a string"))?),
+        match key {
+            // `into_string`: the `&'de str` in the body (`as_str` borrows `v`).
+            "to" => to = Some(v.into_string().ok_or_else(|| ApiError::invalid("`to` must be a string"))?),
+            "body" => body = Some(v.into_string().ok_or_else(|| ApiError::invalid("`body` must be a string"))?),
             "priority" => {
                 priority = v
                     .as_str()
@@ -57,10 +68,10 @@ pub fn new_message(
     if body.is_empty() {
         return Err(ApiError::invalid("`body` must not be empty"));
     }
-    Ok(NewMessage {
+    Ok(MessageRef {
         client,
-        to: to.to_owned(),
-        body: body.as_bytes().to_vec(),
+        to,
+        body: body.as_bytes(),
         priority,
         expires_at_ms: now_ms + ttl_seconds * 1000,
         accepted_at_ms: now_ms,
@@ -71,7 +82,7 @@ pub fn new_message(
 /// `"fallback": {"after_seconds": 0.., "channels": ["whatsapp", "email"]}`;
 /// `channels` defaults to every configured provider.
 fn fallback_spec(
-    v: &BorrowedValue<'_>,
+    v: Json<'_, '_>,
     business: &BusinessConfig,
     providers: &crate::outbound::ProvidersConfig,
 ) -> Result<crate::fallback::FallbackSpec, ApiError> {
@@ -79,7 +90,7 @@ fn fallback_spec(
     let mut after = None;
     let mut channels = None;
     for (key, v) in obj.iter() {
-        match key.as_ref() {
+        match key {
             "after_seconds" => {
                 after = Some(v.as_u64().filter(|&a| a <= business.max_ttl_seconds).ok_or_else(|| {
                     ApiError::invalid(format!(
@@ -90,7 +101,7 @@ fn fallback_spec(
             }
             "channels" => {
                 let list = v.as_array().ok_or_else(|| ApiError::invalid("`fallback.channels` must be an array"))?;
-                let names: Option<Vec<&str>> = list.iter().map(|c| c.as_str()).collect();
+                let names: Option<Vec<&str>> = list.iter().map(|c| c.into_string()).collect();
                 let names = names.ok_or_else(|| ApiError::invalid("`fallback.channels` must hold strings"))?;
                 channels = Some(
                     crate::fallback::parse_channels(names.into_iter(), providers)
@@ -115,11 +126,12 @@ fn fallback_spec(
 }
 
 /// The `messages` array of a batch request.
-pub fn batch_items<'v, 'a>(value: &'v BorrowedValue<'a>) -> Result<&'v [BorrowedValue<'a>], ApiError> {
+pub fn batch_items<'t, 'de>(value: Json<'t, 'de>) -> Result<Array<'t, 'de>, ApiError> {
     let obj = value.as_object().ok_or_else(|| ApiError::invalid("body must be a JSON object"))?;
-    if let Some(k) = obj.keys().find(|k| k.as_ref() != "messages") {
+    if let Some(k) = obj.keys().find(|&k| k != "messages") {
         return Err(ApiError::invalid(format!("unknown field `{k}`")));
     }
+    // A repeated `messages`: the first one counts (as the DOM's lookup did).
     let items = obj
         .get("messages")
         .and_then(|m| m.as_array())
@@ -143,7 +155,8 @@ pub fn check_json_content_type(req: &Request<'_>) -> Result<(), ApiError> {
 }
 
 /// Deepest nesting of arrays and objects a request may have. Ours need 3;
-/// the limit keeps a recursive parser's stack use small whatever the input.
+/// the limit keeps the validators' walks short whatever the input
+/// (simd-json's own stage 2 is iterative).
 pub const JSON_DEPTH_MAX: usize = 16;
 
 /// True if `body` nests arrays/objects deeper than `max` (strings skipped).
@@ -201,30 +214,89 @@ fn find_quote_or_backslash(s: &[u8]) -> Option<usize> {
     s[at..].iter().position(|&b| b == b'"' || b == b'\\').map(|i| at + i)
 }
 
-pub fn parse_json(body: &mut [u8]) -> Result<BorrowedValue<'_>, ApiError> {
+/// Checks `body` (UTF-8, nesting, JSON syntax) and hands `f` the parsed
+/// document as a view of simd-json's tape. Strings on the tape borrow
+/// `body` (simd-json unescapes them in place), so what `f` returns may too.
+///
+/// The errors keep their order: not UTF-8, then nested too deep, then not
+/// JSON. Nesting is read from the tape when the parse succeeds (for valid
+/// JSON the bytes' bracket depth is the tape's depth); the byte scan, 500
+/// instructions per batch item, runs only after a failed parse, over a
+/// copy taken before it (a failed parse may have unescaped some strings in
+/// place already, and the answer must depend on what the client sent).
+pub fn with_json<'de, R>(body: &'de mut [u8], f: impl for<'t> FnOnce(Json<'t, 'de>) -> R) -> Result<R, ApiError> {
     if std::str::from_utf8(body).is_err() {
         return Err(ApiError::new(400, "invalid_utf8", "request body is not valid UTF-8"));
     }
-    if nests_deeper_than(body, JSON_DEPTH_MAX) {
-        return Err(ApiError::new(400, "malformed_json", "request body nests deeper than 16 levels"));
+    let too_deep = || ApiError::new(400, "malformed_json", "request body nests deeper than 16 levels");
+    // The scratch is taken out of the thread-local for the parse, so `f`
+    // may itself parse (it does not today) without a double borrow.
+    let mut scratch = JSON_SCRATCH.with_borrow_mut(Option::take).unwrap_or_default();
+    scratch.pristine.clear();
+    scratch.pristine.extend_from_slice(body);
+    let mut tape = std::mem::replace(&mut scratch.tape, simd_json::Tape(Vec::new())).reset();
+    let result = match simd_json::fill_tape(body, &mut scratch.buffers, &mut tape) {
+        Ok(()) if tape_nests_deeper_than(&tape.0, JSON_DEPTH_MAX) => Err(too_deep()),
+        Ok(()) => Ok(f(tape.as_value())),
+        Err(_) if nests_deeper_than(&scratch.pristine, JSON_DEPTH_MAX) => Err(too_deep()),
+        Err(_) => Err(ApiError::new(400, "malformed_json", "request body is not valid JSON")),
+    };
+    scratch.tape = tape.reset();
+    JSON_SCRATCH.set(Some(scratch));
+    result
+}
+
+/// True if the parsed document nests arrays/objects deeper than `max`
+/// (at most [`JSON_DEPTH_MAX`]). Iterative: no recursion on client input.
+fn tape_nests_deeper_than(tape: &[simd_json::Node<'_>], max: usize) -> bool {
+    assert!(max <= JSON_DEPTH_MAX, "depth {max} over the bound of the scan");
+    // Where each open container's nodes end (exclusive), innermost last.
+    let mut ends = [0usize; JSON_DEPTH_MAX];
+    let mut depth = 0;
+    for (i, node) in tape.iter().enumerate() {
+        while depth > 0 && i >= ends[depth - 1] {
+            depth -= 1;
+        }
+        if let simd_json::Node::Object { count, .. } | simd_json::Node::Array { count, .. } = node {
+            if depth == max {
+                return true;
+            }
+            ends[depth] = i + 1 + count;
+            depth += 1;
+        }
     }
-    JSON_BUFFERS
-        .with_borrow_mut(|buffers| simd_json::to_borrowed_value_with_buffers(body, buffers))
-        .map_err(|_| ApiError::new(400, "malformed_json", "request body is not valid JSON"))
+    false
 }
 
 /// Initial size of the parser's scratch buffers: a typical single message.
 const JSON_BUFFERS_BYTES_INITIAL: usize = 4096;
 
+/// simd-json's scratch space: the buffers of both stages, the tape, and a
+/// copy of the body as it arrived (for the error of a failed parse).
+struct JsonScratch {
+    buffers: simd_json::Buffers,
+    pristine: Vec<u8>,
+    /// Empty between parses (`'static`: it borrows nothing then).
+    tape: simd_json::Tape<'static>,
+}
+
+impl Default for JsonScratch {
+    fn default() -> Self {
+        Self {
+            buffers: simd_json::Buffers::new(JSON_BUFFERS_BYTES_INITIAL),
+            pristine: Vec::with_capacity(JSON_BUFFERS_BYTES_INITIAL),
+            tape: simd_json::Tape(Vec::new()),
+        }
+    }
+}
+
 thread_local! {
     /// simd-json's scratch buffers (aligned input copy, string buffer,
-    /// structural indexes, stage-2 stack), one set per shard thread and
-    /// reused by every parse: without them each request allocated and
-    /// freed four buffers. They grow to the largest body parsed on this
-    /// thread, at most `business.max_body_bytes`. `parse_json` is
-    /// synchronous and never re-entered, so the borrow never conflicts.
-    static JSON_BUFFERS: std::cell::RefCell<simd_json::Buffers> =
-        std::cell::RefCell::new(simd_json::Buffers::new(JSON_BUFFERS_BYTES_INITIAL));
+    /// structural indexes, stage-2 stack) and its tape, one set per shard
+    /// thread and reused by every parse: without them each request
+    /// allocated and freed five buffers. They grow to the largest body
+    /// parsed on this thread, at most `business.max_body_bytes`.
+    static JSON_SCRATCH: RefCell<Option<JsonScratch>> = const { RefCell::new(None) };
 }
 
 /// `{"id":"...","status":"accepted"}`.
@@ -350,6 +422,332 @@ mod tests {
         }
     }
 
+    // The DOM-based validation `with_json` replaced, kept as the reference:
+    // the tape must give every client the same answers, errors included.
+    use simd_json::BorrowedValue;
+
+    fn new_message_dom(
+        value: &BorrowedValue<'_>,
+        client: u32,
+        business: &BusinessConfig,
+        providers: &crate::outbound::ProvidersConfig,
+        now_ms: u64,
+    ) -> Result<crate::shard::NewMessage, ApiError> {
+        let obj = value.as_object().ok_or_else(|| ApiError::invalid("a message must be a JSON object"))?;
+        let mut to = None;
+        let mut body = None;
+        let mut priority = Priority::Normal;
+        let mut ttl_seconds = business.default_ttl_seconds;
+        let mut fallback = None;
+        for (key, v) in obj.iter() {
+            match key.as_ref() {
+                "to" => to = Some(v.as_str().ok_or_else(|| ApiError::invalid("`to` must be a string"))?),
+                "body" => body = Some(v.as_str().ok_or_else(|| ApiError::invalid("`body` must be a string"))?),
+                "priority" => {
+                    priority = v
+                        .as_str()
+                        .and_then(Priority::parse)
+                        .ok_or_else(|| ApiError::invalid("`priority` must be \"high\", \"normal\" or \"low\""))?
+                }
+                "ttl_seconds" => {
+                    ttl_seconds = v.as_u64().filter(|&t| t >= 1 && t <= business.max_ttl_seconds).ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "`ttl_seconds` must be an integer from 1 to {}",
+                            business.max_ttl_seconds
+                        ))
+                    })?
+                }
+                "fallback" => fallback = Some(fallback_spec_dom(v, business, providers)?),
+                other => return Err(ApiError::invalid(format!("unknown field `{other}`"))),
+            }
+        }
+        let to = to.ok_or_else(|| ApiError::invalid("`to` is required"))?;
+        if to.is_empty() || to.len() > USER_ID_BYTES_MAX || to.chars().any(char::is_control) {
+            return Err(ApiError::invalid(format!(
+                "`to` must be 1 to {USER_ID_BYTES_MAX} bytes without control characters"
+            )));
+        }
+        let body = body.ok_or_else(|| ApiError::invalid("`body` is required"))?;
+        if body.is_empty() {
+            return Err(ApiError::invalid("`body` must not be empty"));
+        }
+        Ok(crate::shard::NewMessage {
+            client,
+            to: to.to_owned(),
+            body: body.as_bytes().to_vec(),
+            priority,
+            expires_at_ms: now_ms + ttl_seconds * 1000,
+            accepted_at_ms: now_ms,
+            fallback,
+        })
+    }
+
+    /// `"fallback": {"after_seconds": 0.., "channels": ["whatsapp", "email"]}`;
+    /// `channels` defaults to every configured provider.
+    fn fallback_spec_dom(
+        v: &BorrowedValue<'_>,
+        business: &BusinessConfig,
+        providers: &crate::outbound::ProvidersConfig,
+    ) -> Result<crate::fallback::FallbackSpec, ApiError> {
+        let obj = v.as_object().ok_or_else(|| ApiError::invalid("`fallback` must be an object"))?;
+        let mut after = None;
+        let mut channels = None;
+        for (key, v) in obj.iter() {
+            match key.as_ref() {
+                "after_seconds" => {
+                    after = Some(v.as_u64().filter(|&a| a <= business.max_ttl_seconds).ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "`fallback.after_seconds` must be an integer from 0 to {}",
+                            business.max_ttl_seconds
+                        ))
+                    })?)
+                }
+                "channels" => {
+                    let list = v.as_array().ok_or_else(|| ApiError::invalid("`fallback.channels` must be an array"))?;
+                    let names: Option<Vec<&str>> = list.iter().map(|c| c.as_str()).collect();
+                    let names = names.ok_or_else(|| ApiError::invalid("`fallback.channels` must hold strings"))?;
+                    channels = Some(
+                        crate::fallback::parse_channels(names.into_iter(), providers)
+                            .map_err(|m| ApiError::invalid(format!("`fallback.channels` {m}")))?,
+                    );
+                }
+                other => return Err(ApiError::invalid(format!("unknown field `fallback.{other}`"))),
+            }
+        }
+        let after = after.ok_or_else(|| ApiError::invalid("`fallback.after_seconds` is required"))?;
+        let channels = match channels {
+            Some(c) => c,
+            None => {
+                let all = crate::fallback::default_channels(providers);
+                if all.is_empty() {
+                    return Err(ApiError::invalid("`fallback` needs a provider, and none is configured"));
+                }
+                all
+            }
+        };
+        Ok(crate::fallback::FallbackSpec { after_seconds: after as u32, channels })
+    }
+
+    /// The `messages` array of a batch request.
+    fn batch_items_dom<'v, 'a>(value: &'v BorrowedValue<'a>) -> Result<&'v [BorrowedValue<'a>], ApiError> {
+        let obj = value.as_object().ok_or_else(|| ApiError::invalid("body must be a JSON object"))?;
+        if let Some(k) = obj.keys().find(|k| k.as_ref() != "messages") {
+            return Err(ApiError::invalid(format!("unknown field `{k}`")));
+        }
+        let items = obj
+            .get("messages")
+            .and_then(|m| m.as_array())
+            .ok_or_else(|| ApiError::invalid("`messages` must be an array"))?;
+        if items.is_empty() || items.len() > crate::business::BATCH_ITEMS_MAX {
+            return Err(ApiError::invalid(format!(
+                "`messages` must hold 1 to {} items",
+                crate::business::BATCH_ITEMS_MAX
+            )));
+        }
+        Ok(items)
+    }
+
+    /// What a validation returned, comparable across both paths.
+    fn outcome(r: Result<MessageRef<'_>, ApiError>) -> Result<String, ApiError> {
+        r.map(|m| format!("{m:?}"))
+    }
+
+    fn outcome_dom(r: Result<crate::shard::NewMessage, ApiError>) -> Result<String, ApiError> {
+        r.map(|m| format!("{:?}", MessageRef::from(&m)))
+    }
+
+    fn test_config() -> (BusinessConfig, crate::outbound::ProvidersConfig) {
+        let business = toml::from_str(r#"listen = "127.0.0.1:0""#).expect("a minimal [business] table");
+        (business, crate::outbound::ProvidersConfig::default())
+    }
+
+    /// A batch request's error, or each item's outcome.
+    type BatchOutcome = Result<Vec<Result<String, ApiError>>, ApiError>;
+
+    /// Both paths over one batch body: the request's error, or each item's outcome.
+    fn both_paths(body: &[u8]) -> (BatchOutcome, BatchOutcome) {
+        let (business, providers) = test_config();
+        let mut copy = body.to_vec();
+        let tape = with_json(&mut copy, |v| {
+            let items = batch_items(v)?;
+            Ok(items.iter().map(|i| outcome(new_message(i, 7, &business, &providers, 1_000))).collect())
+        })
+        .and_then(|r| r);
+        let mut copy = body.to_vec();
+        let dom = if std::str::from_utf8(&copy).is_err() || nests_deeper_than(&copy, JSON_DEPTH_MAX) {
+            // Answered before any parse, by the same code on both paths.
+            tape.clone()
+        } else {
+            match simd_json::to_borrowed_value(&mut copy) {
+                Err(_) => Err(ApiError::new(400, "malformed_json", "request body is not valid JSON")),
+                Ok(v) => batch_items_dom(&v).map(|items| {
+                    items.iter().map(|i| outcome_dom(new_message_dom(i, 7, &business, &providers, 1_000))).collect()
+                }),
+            }
+        };
+        (tape, dom)
+    }
+
+    /// JSON fragments an item's fields may hold: valid, invalid and edge values.
+    const VALUES: &[&str] = &[
+        r#""alice""#,
+        r#""""#,
+        r#""a\u0001b""#,
+        r#""tab\tin""#,
+        r#""\"q\\""#,
+        r#""é✓""#,
+        "1",
+        "0",
+        "300",
+        "-1",
+        "1.5",
+        "99999999999",
+        r#""high""#,
+        r#""normal""#,
+        r#""low""#,
+        r#""HIGH""#,
+        "null",
+        "true",
+        "[]",
+        "{}",
+        r#"{"after_seconds":5}"#,
+        r#"{"after_seconds":-5}"#,
+        r#"{"after_seconds":5,"channels":["whatsapp"]}"#,
+        r#"{"channels":"x"}"#,
+        r#"{"channels":[1]}"#,
+        r#"{"z":1}"#,
+        r#"["a"]"#,
+    ];
+    const KEYS: &[&str] = &["to", "body", "priority", "ttl_seconds", "fallback", "x", "To"];
+
+    fn item() -> impl Strategy<Value = String> {
+        let field = (proptest::sample::select(KEYS), proptest::sample::select(VALUES))
+            .prop_map(|(k, v)| format!(r#""{k}":{v}"#));
+        let object = proptest::collection::vec(field, 0..7).prop_map(|f| format!("{{{}}}", f.join(",")));
+        let plain = (
+            proptest::sample::select(&["alice", "u1", "a\\b"][..]),
+            "[a-z ]{1,12}",
+            proptest::option::of(proptest::sample::select(&["high", "low", "x"][..])),
+        )
+            .prop_map(|(to, body, p)| match p {
+                Some(p) => format!(r#"{{"to":"{to}","body":"{body}","priority":"{p}"}}"#),
+                None => format!(r#"{{"body":"{body}","to":"{to}"}}"#),
+            });
+        prop_oneof![4 => plain, 4 => object, 1 => proptest::sample::select(VALUES).prop_map(str::to_owned)]
+    }
+
+    fn batch() -> impl Strategy<Value = String> {
+        let items = proptest::collection::vec(item(), 0..6).prop_map(|i| format!("[{}]", i.join(",")));
+        let member = prop_oneof![
+            8 => items.prop_map(|i| format!(r#""messages":{i}"#)),
+            1 => proptest::sample::select(VALUES).prop_map(|v| format!(r#""messages":{v}"#)),
+            1 => proptest::sample::select(VALUES).prop_map(|v| format!(r#""extra":{v}"#)),
+        ];
+        prop_oneof![
+            12 => proptest::collection::vec(member, 0..3).prop_map(|m| format!("{{{}}}", m.join(","))),
+            1 => proptest::sample::select(VALUES).prop_map(str::to_owned),
+            1 => Just(r#"{"messages":[{"to":"a","body":"b"}"#.to_owned()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn tape_validation_matches_the_dom_it_replaced(body in batch()) {
+            let (tape, dom) = both_paths(body.as_bytes());
+            prop_assert_eq!(tape, dom, "body: {}", body);
+        }
+    }
+
+    #[test]
+    fn tape_validation_keeps_the_documented_answers() {
+        let ok = br#"{"messages":[{"to":"a\"b","body":"x\u00e9","priority":"low","ttl_seconds":60},{"to":"","body":"y"},{"to":"c","body":"z","to":"d"}]}"#;
+        let (tape, dom) = both_paths(ok);
+        assert_eq!(tape, dom);
+        let items = tape.expect("a valid batch");
+        assert!(items[0].as_ref().is_ok_and(|m| m.contains(r#"to: "a\"b""#)), "{:?}", items[0]);
+        assert_eq!(
+            items[1].as_ref().map_err(|e| e.message.as_str()),
+            Err("`to` must be 1 to 256 bytes without control characters")
+        );
+        assert!(
+            items[2].as_ref().is_ok_and(|m| m.contains(r#"to: "d""#)),
+            "the last repeated key wins: {:?}",
+            items[2]
+        );
+        let (tape, _) = both_paths(br#"{"messages":[],"x":1}"#);
+        assert_eq!(tape.map_err(|e| e.message), Err("unknown field `x`".to_owned()));
+        let (tape, _) = both_paths(b"{\"messages\":[{\"to\":\"a\",\"body\":\"\xff\"}]}");
+        assert_eq!(tape.map_err(|e| e.code), Err("invalid_utf8"));
+    }
+
+    /// Valid JSON of random shape: arrays, objects and strings with brackets in them.
+    fn nested() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![Just(r#""[{\"]""#.to_owned()), Just("1".to_owned()), Just(r#""x""#.to_owned())];
+        leaf.prop_recursive(24, 64, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec(inner, 0..3).prop_map(|v| {
+                    let fields: Vec<String> = v.iter().enumerate().map(|(i, x)| format!(r#""k{i}":{x}"#)).collect();
+                    format!("{{{}}}", fields.join(","))
+                }),
+            ]
+        })
+    }
+
+    /// The error order of the checks `with_json` replaced: all three before the parse.
+    fn check_order_reference(body: &[u8]) -> Option<&'static str> {
+        if std::str::from_utf8(body).is_err() {
+            return Some("invalid_utf8");
+        }
+        if nests_deeper_than(body, JSON_DEPTH_MAX) {
+            return Some("nests");
+        }
+        simd_json::to_tape(&mut body.to_vec()).err().map(|_| "malformed")
+    }
+
+    fn check_order(body: &[u8]) -> Option<&'static str> {
+        match with_json(&mut body.to_vec(), |_| ()) {
+            Ok(()) => None,
+            Err(e) if e.code == "invalid_utf8" => Some("invalid_utf8"),
+            Err(e) if e.message.contains("nests") => Some("nests"),
+            Err(_) => Some("malformed"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn tape_depth_matches_the_byte_scan_on_valid_json(doc in nested(), max in 0usize..=JSON_DEPTH_MAX) {
+            let mut bytes = doc.clone().into_bytes();
+            let tape = simd_json::to_tape(&mut bytes).expect("generated JSON is valid");
+            prop_assert_eq!(tape_nests_deeper_than(&tape.0, max), nests_deeper_than(doc.as_bytes(), max), "{}", doc);
+        }
+
+        #[test]
+        fn errors_keep_their_order(
+            body in proptest::collection::vec(proptest::sample::select(b"[]{}\"\\:,1 a\xff".to_vec()), 0..60),
+            deep in 0usize..24,
+        ) {
+            // Half of the cases start deep, so the nesting answer varies.
+            let mut b = vec![b'['; deep];
+            b.extend_from_slice(&body);
+            prop_assert_eq!(check_order(&b), check_order_reference(&b), "{:?}", String::from_utf8_lossy(&b));
+        }
+    }
+
+    #[test]
+    fn a_failed_parse_is_judged_on_the_body_as_sent() {
+        // Valid up to a bad atom at the end, with an escaped quote before
+        // brackets: unescaped in place, the bytes would read 17 deep.
+        let mut body = br#"{"a":"\"[[[[[[[[[[[[[[[[[[[[","b":tru}"#.to_vec();
+        let err = with_json(&mut body, |_| ()).expect_err("not JSON");
+        assert_eq!(err.message, "request body is not valid JSON");
+        let mut deep = format!("{}1{}", "[".repeat(17), "]".repeat(17)).into_bytes();
+        let err = with_json(&mut deep, |_| ()).expect_err("too deep");
+        assert_eq!(err.message, "request body nests deeper than 16 levels");
+        let mut sixteen = format!("{}1{}", "[".repeat(16), "]".repeat(16)).into_bytes();
+        assert!(with_json(&mut sixteen, |_| ()).is_ok());
+    }
+
     #[test]
     fn nesting_depth_is_bounded_and_strings_do_not_count() {
         assert!(!nests_deeper_than(br#"{"messages":[{"to":"a","body":"[[[[[[[[[[[[[[[[[[[[[[[["}]}"#, 16));
@@ -359,6 +757,6 @@ mod tests {
         let mut deep = br#"{"to":"x","body":"y","z":"#.to_vec();
         deep.extend(std::iter::repeat_n(b'[', 100_000));
         assert!(nests_deeper_than(&deep, 16));
-        assert!(parse_json(&mut deep).is_err());
+        assert!(with_json(&mut deep, |_| ()).is_err());
     }
 }

@@ -20,7 +20,7 @@ use sha2::Digest as _;
 use subtle::ConstantTimeEq;
 
 use self::json::{
-    accepted_json, batch_items, batch_json, check_json_content_type, new_message, parse_json, status_json,
+    accepted_json, batch_items, batch_json, check_json_content_type, new_message, status_json, with_json,
 };
 use crate::clock::now_ms;
 use crate::http::conn::{Handler, Request};
@@ -28,7 +28,7 @@ use crate::http::{write_error, write_response, Method};
 use crate::idempotency::Begin;
 use crate::mesh_msg::IdemRequest;
 use crate::metrics::HttpRoute;
-use crate::shard::{AppendRefusal, MeshError, MeshMsg, NewMessage, Shard};
+use crate::shard::{AppendRefusal, MeshError, MeshMsg, MessageRef, Shard};
 
 // The request limits live with every limit they constrain (a user id is
 // framed into a journal record): `esh3ar_shards::limits`.
@@ -398,9 +398,8 @@ impl BusinessConn {
 
     async fn send_one(&mut self, req: Request<'_>, authed: Authed) -> Result<Reply, ApiError> {
         check_json_content_type(&req)?;
-        let value = parse_json(req.body)?;
-        let msg =
-            new_message(&value, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now_ms())?;
+        let cfg = self.shard.cfg();
+        let msg = with_json(req.body, |v| new_message(v, authed.client, &cfg.business, &cfg.providers, now_ms()))??;
         let offset = self.shard.clients().get(authed.client).shed_offset_percent;
         if !self.shard.admits(msg.priority, offset) {
             self.shard.metrics().shed(msg.priority);
@@ -410,8 +409,8 @@ impl BusinessConn {
             self.shard.metrics().rate_limited(authed.client);
             return Err(ApiError::rate_limited());
         }
-        let home = crate::route(&msg.to, self.shard.count());
-        let outcome = self.append_on(home, vec![msg]).await;
+        let home = self.home_of(msg.to);
+        let outcome = self.append_on(home, msg).await;
         match outcome {
             Ok(seqs) => match seqs[0] {
                 Some(seq) => Ok(Reply { status: 202, body: accepted_json(TrackingId { shard: home as u16, seq }) }),
@@ -427,40 +426,60 @@ impl BusinessConn {
         }
     }
 
+    /// The home shard of recipient `to` (no hashing with one shard).
+    fn home_of(&self, to: &str) -> usize {
+        match self.shard.count() {
+            1 => 0,
+            count => crate::route(to, count),
+        }
+    }
+
     async fn send_batch(&mut self, req: Request<'_>, authed: Authed) -> Result<Reply, ApiError> {
         check_json_content_type(&req)?;
-        let value = parse_json(req.body)?;
-        let items = batch_items(&value)?;
         let now = now_ms();
+        let cfg = self.shard.cfg();
         let count = self.shard.count();
         let offset = self.shard.clients().get(authed.client).shed_offset_percent;
         // Validate and shed item by item; group the rest by home shard.
-        let mut results: Vec<Result<TrackingId, ApiError>> = Vec::with_capacity(items.len());
-        let mut groups: Vec<(Vec<usize>, Vec<NewMessage>)> = (0..count).map(|_| (Vec::new(), Vec::new())).collect();
+        // The messages borrow the request body: only those sent to another
+        // shard are copied (below).
+        let mut results: Vec<Result<TrackingId, ApiError>> = Vec::new();
+        let mut groups: Vec<(Vec<usize>, Vec<MessageRef<'_>>)> = (0..count).map(|_| (Vec::new(), Vec::new())).collect();
         let mut wanted = 0u32;
         // One reading for the whole loop: nothing in it changes the
         // shard's memory pressure (same answers as `Shard::admits` per
         // item, which recomputed it for every item).
         let pressure = self.shard.shed_pressure_percent();
-        let admits = |m: &NewMessage| pressure < crate::pressure::threshold_percent(m.priority, offset);
-        for (i, item) in items.iter().enumerate() {
-            match new_message(item, authed.client, &self.shard.cfg().business, &self.shard.cfg().providers, now) {
-                Ok(m) if !admits(&m) => {
-                    self.shard.metrics().shed(m.priority);
-                    results.push(Err(ApiError::refusal(Refusal::Shed)))
+        let admits = |m: &MessageRef<'_>| pressure < crate::pressure::threshold_percent(m.priority, offset);
+        with_json(req.body, |value| {
+            let items = batch_items(value)?;
+            results.reserve_exact(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match new_message(item, authed.client, &cfg.business, &cfg.providers, now) {
+                    Ok(m) if !admits(&m) => {
+                        self.shard.metrics().shed(m.priority);
+                        results.push(Err(ApiError::refusal(Refusal::Shed)))
+                    }
+                    Ok(m) => {
+                        let (positions, msgs) = &mut groups[self.home_of(m.to)];
+                        if msgs.is_empty() {
+                            // One allocation per group, not one per doubling.
+                            let room = items.len() - i;
+                            positions.reserve_exact(room);
+                            msgs.reserve_exact(room);
+                        }
+                        positions.push(i);
+                        msgs.push(m);
+                        // A placeholder that `Tally::record` overwrites (every
+                        // grouped position gets an outcome); no allocation.
+                        results.push(Ok(TrackingId { shard: u16::MAX, seq: 0 }));
+                        wanted += 1;
+                    }
+                    Err(e) => results.push(Err(e)),
                 }
-                Ok(m) => {
-                    let home = crate::route(&m.to, count);
-                    groups[home].0.push(i);
-                    groups[home].1.push(m);
-                    // A placeholder that `Tally::record` overwrites (every
-                    // grouped position gets an outcome); no allocation.
-                    results.push(Ok(TrackingId { shard: u16::MAX, seq: 0 }));
-                    wanted += 1;
-                }
-                Err(e) => results.push(Err(e)),
             }
-        }
+            Ok::<(), ApiError>(())
+        })??;
         if wanted > 0 && !self.rate(authed, wanted).await?.admitted {
             self.shard.metrics().rate_limited(authed.client);
             return Err(ApiError::rate_limited()); // the whole batch, as documented
@@ -468,7 +487,7 @@ impl BusinessConn {
         // Send every remote group first, then append the local one, then
         // collect: the shards commit in parallel.
         let mut waits = Vec::new();
-        let mut local: Option<(Vec<usize>, Vec<NewMessage>)> = None;
+        let mut local = None;
         for (home, (positions, msgs)) in groups.into_iter().enumerate() {
             if msgs.is_empty() {
                 continue;
@@ -478,7 +497,8 @@ impl BusinessConn {
                 continue;
             }
             let from = self.shard.id() as u16;
-            let sent = self.shard.request(home, |req| MeshMsg::Append { from, req, items: msgs }).await;
+            let items = msgs.iter().map(MessageRef::to_new_message).collect();
+            let sent = self.shard.request(home, |req| MeshMsg::Append { from, req, items }).await;
             waits.push((home, positions, sent));
         }
         let mut tally = Tally::default();
@@ -564,11 +584,11 @@ impl BusinessConn {
         }
     }
 
-    async fn append_on(&self, home: usize, items: Vec<NewMessage>) -> Result<Vec<Option<u64>>, Refusal> {
+    async fn append_on(&self, home: usize, msg: MessageRef<'_>) -> Result<Vec<Option<u64>>, Refusal> {
         if home == self.shard.id() {
-            return self.shard.append_durable(&items).await.map_err(Refusal::Home);
+            return self.shard.append_durable(&[msg]).await.map_err(Refusal::Home);
         }
-        let from = self.shard.id() as u16;
+        let (from, items) = (self.shard.id() as u16, vec![msg.to_new_message()]);
         appended(self.shard.ask(home, |req| MeshMsg::Append { from, req, items }).await)
     }
 }
