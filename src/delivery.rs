@@ -194,18 +194,31 @@ const _: () = assert!(delivery_frame_bytes_max(BODY_BYTES_MAX) < u32::MAX as usi
 /// The frame a phone receives for one message.
 pub fn encode_frame(id: TrackingId, client: &str, body: &str, priority: Priority, accepted_at_ms: u64) -> Vec<u8> {
     let mut f = Vec::with_capacity(body.len() + client.len() + DELIVERY_FRAME_FIXED_BYTES);
+    encode_frame_into(&mut f, id, client, body, priority, accepted_at_ms);
+    f
+}
+
+/// [`encode_frame`] appended to `f`, so a caller can wrap the frame (the
+/// hub's envelope) in the same buffer: one allocation per delivered message.
+pub fn encode_frame_into(
+    f: &mut Vec<u8>,
+    id: TrackingId,
+    client: &str,
+    body: &str,
+    priority: Priority,
+    accepted_at_ms: u64,
+) {
     f.extend_from_slice(b"{\"type\":\"message\",\"id\":\"");
     f.extend_from_slice(&id.encode());
     f.extend_from_slice(b"\",\"from\":");
-    json_string(&mut f, client);
+    json_string(f, client);
     f.extend_from_slice(b",\"body\":");
-    json_string(&mut f, body);
+    json_string(f, body);
     f.extend_from_slice(b",\"priority\":\"");
     f.extend_from_slice(priority.as_str().as_bytes());
     f.extend_from_slice(b"\",\"accepted_at\":");
     f.extend_from_slice(itoa::Buffer::new().format(accepted_at_ms).as_bytes());
     f.push(b'}');
-    f
 }
 
 impl Shard {
@@ -234,16 +247,13 @@ impl Shard {
         let index = self.index().borrow();
         let durable = self.journal().durable_generation();
         let now = now_ms();
-        let mut queues = Vec::with_capacity(3);
-        let mut inflight = 0;
-        for p in [Priority::High, Priority::Normal, Priority::Low] {
-            let (sent, rest) = index.pending_after(user, p, cursor.after[p as usize]);
-            inflight += sent;
-            queues.push((p, rest));
-        }
+        // An array, not a Vec: this runs at least once per delivered message.
+        let queues = [Priority::High, Priority::Normal, Priority::Low]
+            .map(|p| (p, index.pending_after(user, p, cursor.after[p as usize])));
+        let inflight: usize = queues.iter().map(|(_, (sent, _))| sent).sum();
         let room = inflight_max.saturating_sub(inflight).min(DELIVERY_BATCH_MAX);
         let mut out = Vec::new();
-        for (p, rest) in queues {
+        for (p, (_, rest)) in queues {
             for seq in rest {
                 if out.len() >= room {
                     return out;
@@ -263,13 +273,14 @@ impl Shard {
         out
     }
 
-    /// The delivery frame of message `seq`, or None if it is gone.
-    pub async fn message_frame(&self, seq: u64) -> Result<Option<Vec<u8>>, String> {
+    /// Appends the delivery frame of message `seq` to `out`; false (and
+    /// nothing appended) if the message is gone or settled.
+    pub async fn message_frame_into(&self, seq: u64, out: &mut Vec<u8>) -> Result<bool, String> {
         let (client, priority, accepted_at, segment, offset, bytes) = {
             let index = self.index().borrow();
-            let Some(m) = index.get(seq) else { return Ok(None) };
+            let Some(m) = index.get(seq) else { return Ok(false) };
             if m.status.is_settled() {
-                return Ok(None);
+                return Ok(false);
             }
             (m.client.clone(), m.priority, m.accepted_at_ms, m.segment, m.offset, m.record_bytes)
         };
@@ -279,7 +290,9 @@ impl Shard {
             None => Rc::from(self.journal().read_body(segment, offset, bytes).await?),
         };
         let body = std::str::from_utf8(&body).map_err(|_| format!("message {seq} body is not UTF-8"))?;
-        Ok(Some(encode_frame(self.tracking_id(seq), &client, body, priority, accepted_at)))
+        out.reserve(body.len() + client.len() + DELIVERY_FRAME_FIXED_BYTES);
+        encode_frame_into(out, self.tracking_id(seq), &client, body, priority, accepted_at);
+        Ok(true)
     }
 
     /// Journals that `seqs` were written to a connection. Not awaited: a
