@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use esh3ar::delivery::{encode_frame, encode_frame_into};
+use esh3ar::delivery::{delivery_text, encode_frame};
 use esh3ar::mobile::session::decode_raw;
 use esh3ar::mobile::signalr::{RECEIVE_MESSAGE_HEAD, RECEIVE_MESSAGE_TAIL};
 use esh3ar_shards::id::TrackingId;
@@ -38,14 +38,35 @@ fn frames(c: &mut Criterion) {
             black_box(out)
         })
     });
-    g.bench_function("after: hub envelope and frame in one buffer", |b| {
+    g.bench_function("after: delivery_text, hub envelope and frame in one allocation", |b| {
         b.iter(|| {
-            let mut f = Vec::new();
-            f.extend_from_slice(RECEIVE_MESSAGE_HEAD.as_bytes());
-            f.reserve(body.len() + 5 + 192);
-            encode_frame_into(&mut f, black_box(id), "bench", black_box(body), Priority::Normal, 1_795_454_771_300);
-            f.extend_from_slice(RECEIVE_MESSAGE_TAIL.as_bytes());
+            let envelope = (RECEIVE_MESSAGE_HEAD, RECEIVE_MESSAGE_TAIL);
+            black_box(delivery_text(
+                envelope,
+                black_box(id),
+                "bench",
+                black_box(body),
+                Priority::Normal,
+                1_795_454_771_300,
+            ))
+        })
+    });
+    g.bench_function("raw: encode_frame + String::from_utf8 (before)", |b| {
+        b.iter(|| {
+            let f = encode_frame(black_box(id), "bench", black_box(body), Priority::Normal, 1_795_454_771_300);
             black_box(String::from_utf8(f).unwrap())
+        })
+    });
+    g.bench_function("raw: delivery_text (after)", |b| {
+        b.iter(|| {
+            black_box(delivery_text(
+                ("", ""),
+                black_box(id),
+                "bench",
+                black_box(body),
+                Priority::Normal,
+                1_795_454_771_300,
+            ))
         })
     });
     g.finish();

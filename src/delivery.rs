@@ -198,8 +198,7 @@ pub fn encode_frame(id: TrackingId, client: &str, body: &str, priority: Priority
     f
 }
 
-/// [`encode_frame`] appended to `f`, so a caller can wrap the frame (the
-/// hub's envelope) in the same buffer: one allocation per delivered message.
+/// [`encode_frame`] appended to `f`.
 pub fn encode_frame_into(
     f: &mut Vec<u8>,
     id: TrackingId,
@@ -219,6 +218,26 @@ pub fn encode_frame_into(
     f.extend_from_slice(b"\",\"accepted_at\":");
     f.extend_from_slice(itoa::Buffer::new().format(accepted_at_ms).as_bytes());
     f.push(b'}');
+}
+
+/// The text message that delivers one message: its frame inside
+/// `envelope` (before, after; the hub's `ReceiveMessage`, or empty), in one
+/// allocation of the size it needs (unless escaping grows it).
+pub fn delivery_text(
+    envelope: (&str, &str),
+    id: TrackingId,
+    client: &str,
+    body: &str,
+    priority: Priority,
+    accepted_at_ms: u64,
+) -> String {
+    let (head, tail) = envelope;
+    let mut f = Vec::with_capacity(head.len() + body.len() + client.len() + DELIVERY_FRAME_FIXED_BYTES + tail.len());
+    f.extend_from_slice(head.as_bytes());
+    encode_frame_into(&mut f, id, client, body, priority, accepted_at_ms);
+    f.extend_from_slice(tail.as_bytes());
+    // Only `&str`s and ASCII went in, and `json_string` escapes whole characters.
+    String::from_utf8(f).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 impl Shard {
@@ -273,14 +292,14 @@ impl Shard {
         out
     }
 
-    /// Appends the delivery frame of message `seq` to `out`; false (and
-    /// nothing appended) if the message is gone or settled.
-    pub async fn message_frame_into(&self, seq: u64, out: &mut Vec<u8>) -> Result<bool, String> {
+    /// The text message that delivers message `seq` ([`delivery_text`]),
+    /// or None if it is gone or settled.
+    pub async fn message_text(&self, seq: u64, envelope: (&str, &str)) -> Result<Option<String>, String> {
         let (client, priority, accepted_at, segment, offset, bytes) = {
             let index = self.index().borrow();
-            let Some(m) = index.get(seq) else { return Ok(false) };
+            let Some(m) = index.get(seq) else { return Ok(None) };
             if m.status.is_settled() {
-                return Ok(false);
+                return Ok(None);
             }
             (m.client.clone(), m.priority, m.accepted_at_ms, m.segment, m.offset, m.record_bytes)
         };
@@ -290,9 +309,7 @@ impl Shard {
             None => Rc::from(self.journal().read_body(segment, offset, bytes).await?),
         };
         let body = std::str::from_utf8(&body).map_err(|_| format!("message {seq} body is not UTF-8"))?;
-        out.reserve(body.len() + client.len() + DELIVERY_FRAME_FIXED_BYTES);
-        encode_frame_into(out, self.tracking_id(seq), &client, body, priority, accepted_at);
-        Ok(true)
+        Ok(Some(delivery_text(envelope, self.tracking_id(seq), &client, body, priority, accepted_at)))
     }
 
     /// Journals that `seqs` were written to a connection. Not awaited: a

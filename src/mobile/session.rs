@@ -565,22 +565,17 @@ impl Session<'_> {
         // messages ready now. Otherwise what becomes ready later notifies
         // the session (a commit, a restore), so no second look is due.
         let more = batch.len() >= DELIVERY_BATCH_MAX.min(inflight_max) || barrier != Barrier::All;
-        let (head, tail) = self.wire.delivery_envelope();
+        let envelope = self.wire.delivery_envelope();
         let mut sent = Vec::with_capacity(batch.len());
         for &(priority, seq) in &batch {
-            // The frame and its envelope in one buffer, which becomes the message.
-            let mut text = Vec::new();
-            text.extend_from_slice(head.as_bytes());
-            match shard.message_frame_into(seq, &mut text).await {
-                Ok(true) => {
-                    text.extend_from_slice(tail.as_bytes());
-                    let Ok(text) = String::from_utf8(text) else { continue };
+            match shard.message_text(seq, envelope).await {
+                Ok(Some(text)) => {
                     if self.ws.feed(Message::Text(text)).await.is_err() {
                         return Err(End::Drop); // slow reader or gone: messages stay pending
                     }
                     sent.push(seq);
                 }
-                Ok(false) => {} // settled meanwhile
+                Ok(None) => {} // settled meanwhile
                 Err(e) => {
                     tracing::error!(shard = shard.id(), seq, error = %e, "cannot read a message back for delivery");
                     return Err(End::close(CloseCode::Error, "internal error"));
