@@ -194,18 +194,50 @@ const _: () = assert!(delivery_frame_bytes_max(BODY_BYTES_MAX) < u32::MAX as usi
 /// The frame a phone receives for one message.
 pub fn encode_frame(id: TrackingId, client: &str, body: &str, priority: Priority, accepted_at_ms: u64) -> Vec<u8> {
     let mut f = Vec::with_capacity(body.len() + client.len() + DELIVERY_FRAME_FIXED_BYTES);
+    encode_frame_into(&mut f, id, client, body, priority, accepted_at_ms);
+    f
+}
+
+/// [`encode_frame`] appended to `f`.
+pub fn encode_frame_into(
+    f: &mut Vec<u8>,
+    id: TrackingId,
+    client: &str,
+    body: &str,
+    priority: Priority,
+    accepted_at_ms: u64,
+) {
     f.extend_from_slice(b"{\"type\":\"message\",\"id\":\"");
     f.extend_from_slice(&id.encode());
     f.extend_from_slice(b"\",\"from\":");
-    json_string(&mut f, client);
+    json_string(f, client);
     f.extend_from_slice(b",\"body\":");
-    json_string(&mut f, body);
+    json_string(f, body);
     f.extend_from_slice(b",\"priority\":\"");
     f.extend_from_slice(priority.as_str().as_bytes());
     f.extend_from_slice(b"\",\"accepted_at\":");
     f.extend_from_slice(itoa::Buffer::new().format(accepted_at_ms).as_bytes());
     f.push(b'}');
-    f
+}
+
+/// The text message that delivers one message: its frame inside
+/// `envelope` (before, after; the hub's `ReceiveMessage`, or empty), in one
+/// allocation of the size it needs (unless escaping grows it).
+pub fn delivery_text(
+    envelope: (&str, &str),
+    id: TrackingId,
+    client: &str,
+    body: &str,
+    priority: Priority,
+    accepted_at_ms: u64,
+) -> String {
+    let (head, tail) = envelope;
+    let mut f = Vec::with_capacity(head.len() + body.len() + client.len() + DELIVERY_FRAME_FIXED_BYTES + tail.len());
+    f.extend_from_slice(head.as_bytes());
+    encode_frame_into(&mut f, id, client, body, priority, accepted_at_ms);
+    f.extend_from_slice(tail.as_bytes());
+    // Only `&str`s and ASCII went in, and `json_string` escapes whole characters.
+    String::from_utf8(f).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 impl Shard {
@@ -234,16 +266,13 @@ impl Shard {
         let index = self.index().borrow();
         let durable = self.journal().durable_generation();
         let now = now_ms();
-        let mut queues = Vec::with_capacity(3);
-        let mut inflight = 0;
-        for p in [Priority::High, Priority::Normal, Priority::Low] {
-            let (sent, rest) = index.pending_after(user, p, cursor.after[p as usize]);
-            inflight += sent;
-            queues.push((p, rest));
-        }
+        // An array, not a Vec: this runs at least once per delivered message.
+        let queues = [Priority::High, Priority::Normal, Priority::Low]
+            .map(|p| (p, index.pending_after(user, p, cursor.after[p as usize])));
+        let inflight: usize = queues.iter().map(|(_, (sent, _))| sent).sum();
         let room = inflight_max.saturating_sub(inflight).min(DELIVERY_BATCH_MAX);
         let mut out = Vec::new();
-        for (p, rest) in queues {
+        for (p, (_, rest)) in queues {
             for seq in rest {
                 if out.len() >= room {
                     return out;
@@ -263,8 +292,9 @@ impl Shard {
         out
     }
 
-    /// The delivery frame of message `seq`, or None if it is gone.
-    pub async fn message_frame(&self, seq: u64) -> Result<Option<Vec<u8>>, String> {
+    /// The text message that delivers message `seq` ([`delivery_text`]),
+    /// or None if it is gone or settled.
+    pub async fn message_text(&self, seq: u64, envelope: (&str, &str)) -> Result<Option<String>, String> {
         let (client, priority, accepted_at, segment, offset, bytes) = {
             let index = self.index().borrow();
             let Some(m) = index.get(seq) else { return Ok(None) };
@@ -279,7 +309,7 @@ impl Shard {
             None => Rc::from(self.journal().read_body(segment, offset, bytes).await?),
         };
         let body = std::str::from_utf8(&body).map_err(|_| format!("message {seq} body is not UTF-8"))?;
-        Ok(Some(encode_frame(self.tracking_id(seq), &client, body, priority, accepted_at)))
+        Ok(Some(delivery_text(envelope, self.tracking_id(seq), &client, body, priority, accepted_at)))
     }
 
     /// Journals that `seqs` were written to a connection. Not awaited: a

@@ -20,7 +20,8 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::Message;
 
 use super::signalr;
-use crate::delivery::{delivery_frame_bytes_max, Cursor, SessionSignal};
+use crate::backlog::Barrier;
+use crate::delivery::{delivery_frame_bytes_max, Cursor, SessionSignal, DELIVERY_BATCH_MAX};
 use crate::shard::Shard;
 use esh3ar_shards::limits::{BLOCKED_CLIENTS_PER_USER_MAX, BODY_BYTES_MAX};
 
@@ -52,18 +53,81 @@ const _: () = {
     assert!(delivery_frame_bytes_max(BODY_BYTES_MAX) >= 6 * BODY_BYTES_MAX);
 };
 
+/// A raw client frame, borrowed from the message text: an ack (the one
+/// frame a phone sends per delivery burst) costs no allocation but the id
+/// list (ids without JSON escapes are borrowed, as every id this engine
+/// issues is).
 #[derive(serde::Deserialize)]
-struct ClientFrame {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    ids: Option<Vec<String>>,
+struct ClientFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    id: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    ids: Option<Vec<Text<'a>>>,
     /// The sender a `block` or `unblock` frame is about.
-    #[serde(default)]
-    from: Option<String>,
+    #[serde(default, borrow)]
+    from: Option<Text<'a>>,
 }
+
+/// A string borrowed from the message when it holds no escape. (serde's
+/// own `Cow<str>` borrows only as a direct field, never inside a `Vec`.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visit(std::marker::PhantomData))
+    }
+}
+
+/// Decodes one raw (`/v1/connect`) text message: Ok(Some(ids)) for an
+/// ack, whose ids stay borrowed from `text`; Ok(None) with the action
+/// pushed to `out` for anything else.
+pub fn decode_raw<'a>(text: &'a str, out: &mut Vec<ClientAction>) -> Result<Option<Vec<Cow<'a, str>>>, RawError> {
+    let Ok(frame) = serde_json::from_str::<ClientFrame<'a>>(text) else {
+        return Err(RawError("expected a JSON ack, block or unblock"));
+    };
+    match &*frame.kind {
+        "ack" => {
+            let listed = frame.ids.unwrap_or_default();
+            if listed.len() > ACK_IDS_MAX {
+                return Err(RawError("too many ids in one ack"));
+            }
+            let mut ids = Vec::with_capacity(listed.len() + 1);
+            ids.extend(frame.id.map(|t| t.0));
+            ids.extend(listed.into_iter().map(|t| t.0));
+            Ok(Some(ids))
+        }
+        "block" | "unblock" => {
+            let Some(from) = frame.from.map(|t| t.0).filter(|c| !c.is_empty()) else {
+                return Err(RawError("block and unblock need a `from` client id"));
+            };
+            out.push(ClientAction::Block { from: from.into_owned(), blocked: frame.kind == "block", call: None });
+            Ok(None)
+        }
+        _ => Err(RawError("unsupported message type")),
+    }
+}
+
+/// A raw client frame the session refuses (closed with `Policy`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct RawError(pub &'static str);
 
 /// What a client asks of its session, whatever the wire encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,41 +191,11 @@ impl Wire {
         }
     }
 
-    /// The text message that delivers one message, from its raw frame.
-    fn delivery(self, frame: String) -> String {
+    /// What wraps a raw delivery frame on this wire: (before, after).
+    fn delivery_envelope(self) -> (&'static str, &'static str) {
         match self {
-            Wire::Raw => frame,
-            Wire::Hub => signalr::receive_message(&frame),
-        }
-    }
-
-    /// Decodes one text message into what the client asks.
-    fn decode(self, text: &str, out: &mut Vec<ClientAction>) -> Result<(), End> {
-        match self {
-            Wire::Raw => {
-                let Ok(frame) = serde_json::from_str::<ClientFrame>(text) else {
-                    return Err(End::close(CloseCode::Policy, "expected a JSON ack, block or unblock"));
-                };
-                let action = match frame.kind.as_str() {
-                    "ack" => {
-                        let ids = frame.ids.unwrap_or_default();
-                        if ids.len() > ACK_IDS_MAX {
-                            return Err(End::close(CloseCode::Policy, "too many ids in one ack"));
-                        }
-                        ClientAction::Ack { ids: frame.id.into_iter().chain(ids).collect(), call: None }
-                    }
-                    "block" | "unblock" => {
-                        let Some(from) = frame.from.filter(|c| !c.is_empty()) else {
-                            return Err(End::close(CloseCode::Policy, "block and unblock need a `from` client id"));
-                        };
-                        ClientAction::Block { from, blocked: frame.kind == "block", call: None }
-                    }
-                    _ => return Err(End::close(CloseCode::Policy, "unsupported message type")),
-                };
-                out.push(action);
-                Ok(())
-            }
-            Wire::Hub => signalr::parse_records(text, out).map_err(|e| End::Close(CloseCode::Policy, e.0.into())),
+            Wire::Raw => ("", ""),
+            Wire::Hub => (signalr::RECEIVE_MESSAGE_HEAD, signalr::RECEIVE_MESSAGE_TAIL),
         }
     }
 
@@ -213,6 +247,17 @@ enum Reply {
     After { generation: u64, text: String },
     /// Answer with this text frame now.
     Now(String),
+}
+
+/// What one [`Session::deliver_batch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivered {
+    /// Nothing was ready.
+    Nothing,
+    /// Wrote all that was ready when it looked.
+    All,
+    /// Wrote a batch; more may be ready now.
+    More,
 }
 
 enum Event {
@@ -425,15 +470,23 @@ impl Session<'_> {
             // Deliver what is ready: pending first, live after, one order.
             match Box::pin(self.deliver_batch(&mut cursor)).await {
                 Err(end) => return end,
-                Ok(false) => {}
-                Ok(true) => {
+                Ok(Delivered::Nothing) => {}
+                Ok(sent) => {
                     // Take the acks that arrived meanwhile without waiting.
+                    let mut acks = false;
                     while let Some(incoming) = futures_lite::future::poll_once(self.ws.next()).await {
                         if let Err(end) = Box::pin(self.on_incoming(incoming)).await {
                             return end;
                         }
+                        acks = true;
                     }
-                    continue;
+                    // Look again if more may be ready, or if what came in
+                    // freed room under `max_inflight`; a batch that took all
+                    // that was ready needs no second look (one fewer pass
+                    // per delivered message at light load).
+                    if sent == Delivered::More || acks {
+                        continue;
+                    }
                 }
             }
             let wait = match self.keep_alive_due().await {
@@ -494,8 +547,8 @@ impl Session<'_> {
     }
 
     /// Writes the next batch of deliverable messages and journals them as
-    /// delivered. Ok(false) when nothing was ready; Err(end) ends the session.
-    async fn deliver_batch(&mut self, cursor: &mut Cursor) -> Result<bool, End> {
+    /// delivered. Err(end) ends the session.
+    async fn deliver_batch(&mut self, cursor: &mut Cursor) -> Result<Delivered, End> {
         let shard = self.shard;
         // The user's cold messages come back into the journal first (docs/ARCHITECTURE.md, "Offline backlog").
         if let Err(e) = shard.backlog_ready(self.user).await {
@@ -503,16 +556,21 @@ impl Session<'_> {
             return Err(End::close(CloseCode::Error, "storage unavailable"));
         }
         let barrier = shard.backlog_barrier(self.user);
-        let batch = shard.deliverable(self.user, cursor, shard.cfg().mobile.max_inflight, barrier);
+        let inflight_max = shard.cfg().mobile.max_inflight;
+        let batch = shard.deliverable(self.user, cursor, inflight_max, barrier);
         if batch.is_empty() {
-            return Ok(false);
+            return Ok(Delivered::Nothing);
         }
+        // A batch cut at a bound, or held back by the backlog, may leave
+        // messages ready now. Otherwise what becomes ready later notifies
+        // the session (a commit, a restore), so no second look is due.
+        let more = batch.len() >= DELIVERY_BATCH_MAX.min(inflight_max) || barrier != Barrier::All;
+        let envelope = self.wire.delivery_envelope();
         let mut sent = Vec::with_capacity(batch.len());
         for &(priority, seq) in &batch {
-            match shard.message_frame(seq).await {
-                Ok(Some(frame)) => {
-                    let Ok(text) = String::from_utf8(frame) else { continue };
-                    if self.ws.feed(Message::Text(self.wire.delivery(text))).await.is_err() {
+            match shard.message_text(seq, envelope).await {
+                Ok(Some(text)) => {
+                    if self.ws.feed(Message::Text(text)).await.is_err() {
                         return Err(End::Drop); // slow reader or gone: messages stay pending
                     }
                     sent.push(seq);
@@ -530,7 +588,7 @@ impl Session<'_> {
         }
         self.last_sent = Instant::now();
         shard.record_delivered(&sent);
-        Ok(true)
+        Ok(if more { Delivered::More } else { Delivered::All })
     }
 
     /// Handles one incoming WebSocket message; Err(end) ends the session.
@@ -547,8 +605,21 @@ impl Session<'_> {
     /// Decodes a text message and does what it asks, answering each request.
     async fn on_text(&mut self, text: &str) -> Result<(), End> {
         let mut actions = std::mem::take(&mut self.actions);
-        let decoded = self.wire.decode(text, &mut actions);
-        let mut result = decoded;
+        let mut result = match self.wire {
+            // A raw ack is answered by nothing: journal it straight from the
+            // borrowed ids.
+            Wire::Raw => match decode_raw(text, &mut actions) {
+                Ok(Some(ids)) => {
+                    self.shard.record_acks(self.user, ids.iter().map(|id| &**id));
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(RawError(why)) => Err(End::close(CloseCode::Policy, why)),
+            },
+            Wire::Hub => {
+                signalr::parse_records(text, &mut actions).map_err(|e| End::Close(CloseCode::Policy, e.0.into()))
+            }
+        };
         for action in actions.drain(..) {
             if result.is_err() {
                 break;
@@ -652,6 +723,39 @@ fn incoming_message(incoming: Option<Result<Message, tungstenite::Error>>) -> Re
 #[cfg(test)]
 mod tests {
     use std::io::{self, Read};
+
+    use super::{decode_raw, ClientAction, RawError};
+
+    #[test]
+    fn raw_ack_ids_are_borrowed_and_keep_their_order() {
+        let mut out = Vec::new();
+        let text = r#"{"type":"ack","id":"A","ids":["B","C"]}"#;
+        let ids = decode_raw(text, &mut out).unwrap().unwrap();
+        assert_eq!(ids, ["A", "B", "C"]);
+        assert!(ids.iter().all(|id| matches!(id, std::borrow::Cow::Borrowed(_))));
+        assert!(out.is_empty());
+        // An escaped id is still read right (owned then).
+        let ids = decode_raw(r#"{"type":"ack","ids":["\u0041"]}"#, &mut out).unwrap().unwrap();
+        assert_eq!(ids, ["A"]);
+        assert_eq!(decode_raw(r#"{"type":"ack"}"#, &mut out).unwrap().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn raw_frames_other_than_acks() {
+        let mut out = Vec::new();
+        assert_eq!(decode_raw(r#"{"type":"block","from":"acme"}"#, &mut out), Ok(None));
+        assert_eq!(out, [ClientAction::Block { from: "acme".into(), blocked: true, call: None }]);
+        let cases = [
+            ("not json", "expected a JSON ack, block or unblock"),
+            (r#"{"type":"unblock","from":""}"#, "block and unblock need a `from` client id"),
+            (r#"{"type":"nope"}"#, "unsupported message type"),
+        ];
+        for (text, why) in cases {
+            assert_eq!(decode_raw(text, &mut out), Err(RawError(why)), "{text}");
+        }
+        let many = format!(r#"{{"type":"ack","ids":[{}]}}"#, vec!["\"x\""; super::ACK_IDS_MAX + 1].join(","));
+        assert_eq!(decode_raw(&many, &mut out), Err(RawError("too many ids in one ack")));
+    }
 
     /// A socket that yields `data` once, then has nothing (`WouldBlock`).
     struct Once(Option<Vec<u8>>);

@@ -27,8 +27,8 @@ pub const RS: char = '\u{1e}';
 /// `{"type":1,"target":"ReceiveMessage","arguments":[` + `]}` + RS.
 pub const INVOCATION_ENVELOPE_BYTES: usize = RECEIVE_MESSAGE_HEAD.len() + RECEIVE_MESSAGE_TAIL.len();
 
-const RECEIVE_MESSAGE_HEAD: &str = "{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[";
-const RECEIVE_MESSAGE_TAIL: &str = "]}\u{1e}";
+pub const RECEIVE_MESSAGE_HEAD: &str = "{\"type\":1,\"target\":\"ReceiveMessage\",\"arguments\":[";
+pub const RECEIVE_MESSAGE_TAIL: &str = "]}\u{1e}";
 
 /// The handshake response that accepts the connection.
 pub const HANDSHAKE_OK: &str = "{}\u{1e}";
