@@ -330,7 +330,15 @@ impl Shard {
                 let notify = crate::receipts::owes_event(self, &index, seq, status);
                 let record = Record::Status(StatusChange { seq, status, at_ms, notify, reason: Reason::None });
                 let timing = crate::metrics::StatusTiming::of(index.get(seq));
-                if self.journal().append(&record, &mut index).is_err() {
+                // A delivery attempt or an ack lost in a crash only means
+                // the message is delivered again: they ride with the next
+                // commit (at most `LAZY_COMMIT_DELAY` later) instead of
+                // starting one each. An expiry is journaled at once.
+                let appended = match status {
+                    Status::Delivered | Status::Acked => self.journal().append_lazy(&record, &mut index),
+                    _ => self.journal().append(&record, &mut index),
+                };
+                if appended.is_err() {
                     break; // journal failed or closing: the message stays pending
                 }
                 self.metrics().status_change(status, timing, at_ms);

@@ -90,8 +90,18 @@ pub struct Journal<S: Storage = DmaStorage> {
     /// Read handles of segments, for delivering bodies not in memory.
     readers: RefCell<HashMap<u64, Rc<S::File>>>,
     room: Room<S::File>,
+    /// Something appended and not yet taken into a write must be committed
+    /// now: an [`Journal::append`], a waiter, or more than one write's worth.
+    urgent: Cell<bool>,
+    /// When the oldest record appended with [`Journal::append_lazy`] and not
+    /// yet taken into a write was appended.
+    lazy_since: Cell<Option<std::time::Instant>>,
     stats: JournalStats,
 }
+
+/// The longest a record appended with [`Journal::append_lazy`] waits for a
+/// commit that something else starts before the committer starts one for it.
+pub const LAZY_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// What the journal knows about disk space (see the module doc).
 struct Room<F> {
@@ -237,6 +247,8 @@ impl<S: Storage> Journal<S> {
             commits: Cell::new(0),
             readers: RefCell::new(HashMap::new()),
             room: Room::default(),
+            urgent: Cell::new(false),
+            lazy_since: Cell::new(None),
             stats: JournalStats::default(),
         });
         if let Some(segment) = first_segment {
@@ -325,6 +337,25 @@ impl<S: Storage> Journal<S> {
     /// the record needs a new segment and none is allocated, or when it is
     /// a new message and free space is under the reserve.
     pub fn append(&self, record: &Record<'_>, index: &mut MessageIndex) -> Result<Appended, JournalError> {
+        self.append_as(record, index, false)
+    }
+
+    /// Like [`Journal::append`], but starts no commit for this record
+    /// alone: it goes with the next commit that an [`Journal::append`] or a
+    /// [`Journal::wait_durable`] starts, or with one the committer starts
+    /// [`LAZY_COMMIT_DELAY`] after it at the latest.
+    ///
+    /// For records whose loss in a crash costs only a repeat (a delivery
+    /// attempt, an ack: the message is delivered again, at least once
+    /// still holds) and that nobody waits for. At light load each message
+    /// otherwise paid three commits (accepted, delivered, acked), each a
+    /// write and an fdatasync the next message's commit could queue behind;
+    /// now the two status records ride with the next message's.
+    pub fn append_lazy(&self, record: &Record<'_>, index: &mut MessageIndex) -> Result<Appended, JournalError> {
+        self.append_as(record, index, true)
+    }
+
+    fn append_as(&self, record: &Record<'_>, index: &mut MessageIndex, lazy: bool) -> Result<Appended, JournalError> {
         if let Some(e) = self.failed.borrow().as_ref() {
             return Err(JournalError::Failed(e.clone()));
         }
@@ -361,7 +392,16 @@ impl<S: Storage> Journal<S> {
             self.push_segment_header(next);
         }
         let appended = self.gc.borrow_mut().append(record);
-        self.wake_committer();
+        if lazy {
+            if self.lazy_since.get().is_none() {
+                self.lazy_since.set(Some(std::time::Instant::now()));
+                // The committer arms its timer for it.
+                self.wake_committer();
+            }
+        } else {
+            self.urgent.set(true);
+            self.wake_committer();
+        }
         index.apply(appended.segment, appended.offset, record);
         if let Record::Accepted(a) | Record::Restored(a) = record {
             index.set_generation(a.seq, appended.generation);
@@ -373,6 +413,7 @@ impl<S: Storage> Journal<S> {
         let header =
             Record::SegmentHeader(SegmentHeader { shard: self.cfg.shard, segment, next_seq: self.next_seq.get() });
         self.gc.borrow_mut().append(&header);
+        self.urgent.set(true);
         self.wake_committer();
     }
 
@@ -510,8 +551,9 @@ impl<S: Storage> Journal<S> {
     /// or fails.
     pub async fn run_committer(self: Rc<Self>) {
         let mut files: HashMap<u64, Rc<S::File>> = HashMap::new();
+        let mut linger: Option<(std::time::Instant, glommio::timer::Timer)> = None;
         loop {
-            let write = match std::future::poll_fn(|cx| self.poll_work(cx)).await {
+            let write = match std::future::poll_fn(|cx| self.poll_work(cx, &mut linger)).await {
                 None => return,
                 Some(Work::AllocateSpare(segment)) => {
                     self.allocate_spare(segment).await;
@@ -537,7 +579,11 @@ impl<S: Storage> Journal<S> {
         }
     }
 
-    fn poll_work(&self, cx: &mut Context<'_>) -> Poll<Option<Work>> {
+    fn poll_work(
+        &self,
+        cx: &mut Context<'_>,
+        linger: &mut Option<(std::time::Instant, glommio::timer::Timer)>,
+    ) -> Poll<Option<Work>> {
         let mut gc = self.gc.borrow_mut();
         if self.room.write_blocked.get() {
             if !self.room.spare_wanted.get() && !self.closing.get() {
@@ -549,8 +595,16 @@ impl<S: Storage> Journal<S> {
             self.room.spare_wanted.set(false);
             self.room.write_blocked.set(false);
         }
-        if let Some(w) = gc.next_write() {
-            return Poll::Ready(Some(Work::Write(w)));
+        if self.commit_due(cx, linger) {
+            let write = gc.next_write();
+            // Whatever a write leaves behind (more than one write's worth
+            // was appended) is due at once as well.
+            self.urgent.set(write.as_ref().is_some_and(|w| w.generation < gc.appended_generation()));
+            self.lazy_since.set(None);
+            *linger = None;
+            if let Some(w) = write {
+                return Poll::Ready(Some(Work::Write(w)));
+            }
         }
         if self.room.spare_wanted.get() && !self.closing.get() && self.room.spare.get().is_none() {
             self.room.spare_wanted.set(false);
@@ -564,6 +618,26 @@ impl<S: Storage> Journal<S> {
         }
         *self.committer.borrow_mut() = Some(cx.waker().clone());
         Poll::Pending
+    }
+
+    /// Whether what is appended should be written now: something urgent,
+    /// the journal closing, or lazy records older than [`LAZY_COMMIT_DELAY`]
+    /// (a timer wakes the committer then).
+    fn commit_due(
+        &self,
+        cx: &mut Context<'_>,
+        linger: &mut Option<(std::time::Instant, glommio::timer::Timer)>,
+    ) -> bool {
+        if self.urgent.get() || self.closing.get() {
+            return true;
+        }
+        let Some(since) = self.lazy_since.get() else { return false };
+        let due = since + LAZY_COMMIT_DELAY;
+        if linger.as_ref().is_none_or(|(at, _)| *at != due) {
+            *linger = Some((due, glommio::timer::Timer::new(due.saturating_duration_since(std::time::Instant::now()))));
+        }
+        let (_, timer) = linger.as_mut().expect("set above");
+        Pin::new(timer).poll(cx).is_ready()
     }
 
     /// Creates and pre-allocates `segment` ahead of the rotation into it.
@@ -727,6 +801,11 @@ impl<S: Storage> Future for WaitDurable<'_, S> {
         // A spurious re-poll adds a second entry; both go at the next commit
         // that covers this generation, so the list stays bounded.
         j.waiters.borrow_mut().push((self.generation, cx.waker().clone()));
+        // Someone waits: lazy records up to here are due now.
+        if !j.urgent.get() {
+            j.urgent.set(true);
+            j.wake_committer();
+        }
         Poll::Pending
     }
 }

@@ -241,3 +241,66 @@ fn a_segment_is_deleted_only_once_the_records_that_settled_it_are_durable() {
         assert_eq!(deleted, candidates.len());
     });
 }
+
+fn status(seq: u64) -> Record<'static> {
+    Record::Status(crate::record::StatusChange {
+        seq,
+        status: crate::Status::Acked,
+        at_ms: 2,
+        notify: false,
+        reason: crate::Reason::None,
+    })
+}
+
+#[test]
+fn lazy_records_ride_with_the_next_commit_or_go_alone_after_the_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().to_owned();
+    run(move || async move {
+        let rec = recover_shard(&p, 3, Mode::Repair).unwrap();
+        let j = Journal::open(cfg(&p, 16 << 20), &rec).unwrap();
+        glommio::spawn_local(j.clone().run_committer()).detach();
+        let mut ix = MessageIndex::new();
+        let body = vec![b'x'; 100];
+        let seq = j.take_seq();
+        let first = j.append(&accepted(seq, &body), &mut ix).unwrap().generation;
+        j.wait_durable(first).await.unwrap();
+        let before = j.commits();
+
+        // Lazy records start no commit of their own...
+        let lazy = j.append_lazy(&status(seq), &mut ix).unwrap().generation;
+        glommio::timer::sleep(LAZY_COMMIT_DELAY / 5).await;
+        assert_eq!(j.commits(), before, "a lazy record alone waits");
+        assert!(j.durable_generation() < lazy);
+        // ...and go with the next urgent one: one commit for both.
+        let seq2 = j.take_seq();
+        let urgent = j.append(&accepted(seq2, &body), &mut ix).unwrap().generation;
+        j.wait_durable(urgent).await.unwrap();
+        assert_eq!(j.commits(), before + 1, "the lazy record rode with the urgent one");
+        assert!(j.durable_generation() >= lazy);
+
+        // Alone, a lazy record is committed after the delay.
+        let started = std::time::Instant::now();
+        let lazy = j.append_lazy(&status(seq2), &mut ix).unwrap().generation;
+        while j.durable_generation() < lazy {
+            assert!(started.elapsed() < LAZY_COMMIT_DELAY * 40, "a lazy record must not wait forever");
+            glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
+        }
+        assert!(started.elapsed() >= LAZY_COMMIT_DELAY, "committed before its delay: {:?}", started.elapsed());
+        assert_eq!(j.commits(), before + 2);
+
+        // Waiting for one makes it due at once.
+        let started = std::time::Instant::now();
+        let lazy = j.append_lazy(&status(seq), &mut ix).unwrap().generation;
+        j.wait_durable(lazy).await.unwrap();
+        assert!(started.elapsed() < LAZY_COMMIT_DELAY, "a waiter must not wait for the delay: {:?}", started.elapsed());
+        // And the next lazy one waits again (the waiter's urgency is spent).
+        let lazy = j.append_lazy(&status(seq2), &mut ix).unwrap().generation;
+        glommio::timer::sleep(LAZY_COMMIT_DELAY / 5).await;
+        assert!(j.durable_generation() < lazy, "urgency outlived its commit");
+        j.close().await.unwrap();
+    });
+    let rec = recover_shard(dir.path(), 3, Mode::ReadOnly).unwrap();
+    assert!(rec.torn.is_none());
+    assert_eq!(rec.next_seq, 2);
+}
