@@ -369,7 +369,11 @@ fn start_executors(
         PoolPlacement::Unbound(shards)
     };
     let pool_shared = shared.clone();
-    LocalExecutorPoolBuilder::new(placement)
+    let mut builder = LocalExecutorPoolBuilder::new(placement);
+    if let Some(spin) = spin_before_park_from_env() {
+        builder = builder.spin_before_park(spin);
+    }
+    builder
         .name("shard")
         // Registered io_uring buffers are pinned memory (RLIMIT_MEMLOCK);
         // journal writes need little of it.
@@ -385,6 +389,24 @@ fn start_executors(
             }
         })
         .map_err(|e| anyhow::anyhow!("cannot start the shard executors: {e}"))
+}
+
+/// `ESH3AR_SPIN_BEFORE_PARK_US`: executors poll this many microseconds
+/// before they sleep in `io_uring_enter`. For profiling under valgrind
+/// (docs/PERFORMANCE.md, "Hot path"): valgrind runs one thread at a time
+/// and does not hand the others the CPU while a thread sleeps in
+/// `io_uring_enter`, so a shard waiting there for its blocking-pool thread
+/// (the cold store's open, say) waits forever; a shard that spins instead
+/// lets it run. Not a tuning knob: spinning burns a core.
+fn spin_before_park_from_env() -> Option<std::time::Duration> {
+    let raw = std::env::var("ESH3AR_SPIN_BEFORE_PARK_US").ok()?;
+    match raw.parse::<u64>() {
+        Ok(us) => Some(std::time::Duration::from_micros(us)),
+        Err(_) => {
+            tracing::warn!(value = %raw, "ignoring ESH3AR_SPIN_BEFORE_PARK_US: expected a whole number of microseconds");
+            None
+        }
+    }
 }
 
 /// An executor that fails to come up (io_uring setup refused, say) leaves
