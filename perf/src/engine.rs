@@ -331,6 +331,19 @@ impl Spawned {
     }
 }
 
+/// Waits until `admin` answers `200` on `/readyz` (a restarted engine
+/// replaying its journal answers `503` first); fails once `timeout` has
+/// passed since `since`.
+pub fn wait_ready(admin: SocketAddr, since: std::time::Instant, timeout: Duration) -> anyhow::Result<()> {
+    while readyz_status(admin) != Some(200) {
+        if since.elapsed() > timeout {
+            anyhow::bail!("the engine did not answer 200 on /readyz within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 /// The status of `GET /readyz` on an admin listener (`200` once every shard
 /// recovered its journal and listens), or None if it did not answer
 /// within a second.

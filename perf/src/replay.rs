@@ -163,12 +163,7 @@ fn restart(engine: &mut Spawned, bin: &Path, config: &Path, log: &Path, on_disk:
         .with_context(|| format!("cannot restart the engine {} (its log: {})", bin.display(), log.display()))?;
     next.dir = dir;
     let admin = next.admin_addr().context("no admin listener in the restarted engine's output")?;
-    while engine::readyz_status(admin) != Some(200) {
-        if spawned_at.elapsed() > READY_TIMEOUT {
-            bail!("the restarted engine did not answer 200 on /readyz within {READY_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    engine::wait_ready(admin, spawned_at, READY_TIMEOUT)?;
     let readyz_s = spawned_at.elapsed().as_secs_f64();
     *engine = next;
     let text = std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;

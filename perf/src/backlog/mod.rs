@@ -227,12 +227,7 @@ fn restart(old: &mut Spawned, bin: &Path, config: &Path) -> anyhow::Result<Resta
     engine.dir = dir;
     let ready_line_s = spawned_at.elapsed().as_secs_f64();
     let admin = engine.admin_addr().context("no admin listener in the restarted engine's output")?;
-    while engine::readyz_status(admin) != Some(200) {
-        if spawned_at.elapsed() > READY_TIMEOUT {
-            bail!("the restarted engine did not answer 200 on /readyz within {READY_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    engine::wait_ready(admin, spawned_at, READY_TIMEOUT)?;
     let readyz_s = spawned_at.elapsed().as_secs_f64();
     let rss_bytes = engine::rss_bytes(engine.pid()).unwrap_or(0);
     if let Target::Esh3ar { mobile_protocol, .. } = &mut target {
