@@ -281,6 +281,12 @@ impl GroupCommit {
         self.durable_gen
     }
 
+    /// Every record up to this generation is durable or in the write in
+    /// flight: a commit already covers it.
+    pub fn taken_generation(&self) -> u64 {
+        self.in_flight.as_ref().map_or(self.durable_gen, |w| w.generation)
+    }
+
     /// The generation of the last appended record.
     pub fn appended_generation(&self) -> u64 {
         self.appended_gen

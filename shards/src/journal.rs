@@ -551,7 +551,9 @@ impl<S: Storage> Journal<S> {
     /// or fails.
     pub async fn run_committer(self: Rc<Self>) {
         let mut files: HashMap<u64, Rc<S::File>> = HashMap::new();
-        let mut linger: Option<(std::time::Instant, glommio::timer::Timer)> = None;
+        // The timer for the oldest lazy record (`lazy_since`): both are
+        // cleared together when a write takes what was appended.
+        let mut linger: Option<glommio::timer::Timer> = None;
         loop {
             let write = match std::future::poll_fn(|cx| self.poll_work(cx, &mut linger)).await {
                 None => return,
@@ -579,11 +581,7 @@ impl<S: Storage> Journal<S> {
         }
     }
 
-    fn poll_work(
-        &self,
-        cx: &mut Context<'_>,
-        linger: &mut Option<(std::time::Instant, glommio::timer::Timer)>,
-    ) -> Poll<Option<Work>> {
+    fn poll_work(&self, cx: &mut Context<'_>, linger: &mut Option<glommio::timer::Timer>) -> Poll<Option<Work>> {
         let mut gc = self.gc.borrow_mut();
         if self.room.write_blocked.get() {
             if !self.room.spare_wanted.get() && !self.closing.get() {
@@ -623,20 +621,13 @@ impl<S: Storage> Journal<S> {
     /// Whether what is appended should be written now: something urgent,
     /// the journal closing, or lazy records older than [`LAZY_COMMIT_DELAY`]
     /// (a timer wakes the committer then).
-    fn commit_due(
-        &self,
-        cx: &mut Context<'_>,
-        linger: &mut Option<(std::time::Instant, glommio::timer::Timer)>,
-    ) -> bool {
+    fn commit_due(&self, cx: &mut Context<'_>, linger: &mut Option<glommio::timer::Timer>) -> bool {
         if self.urgent.get() || self.closing.get() {
             return true;
         }
         let Some(since) = self.lazy_since.get() else { return false };
-        let due = since + LAZY_COMMIT_DELAY;
-        if linger.as_ref().is_none_or(|(at, _)| *at != due) {
-            *linger = Some((due, glommio::timer::Timer::new(due.saturating_duration_since(std::time::Instant::now()))));
-        }
-        let (_, timer) = linger.as_mut().expect("set above");
+        let timer =
+            linger.get_or_insert_with(|| glommio::timer::Timer::new(LAZY_COMMIT_DELAY.saturating_sub(since.elapsed())));
         Pin::new(timer).poll(cx).is_ready()
     }
 
@@ -801,8 +792,9 @@ impl<S: Storage> Future for WaitDurable<'_, S> {
         // A spurious re-poll adds a second entry; both go at the next commit
         // that covers this generation, so the list stays bounded.
         j.waiters.borrow_mut().push((self.generation, cx.waker().clone()));
-        // Someone waits: lazy records up to here are due now.
-        if !j.urgent.get() {
+        // Someone waits: lazy records up to here are due now (unless the
+        // write in flight already takes them).
+        if !j.urgent.get() && self.generation > j.gc.borrow().taken_generation() {
             j.urgent.set(true);
             j.wake_committer();
         }
