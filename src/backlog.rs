@@ -46,6 +46,11 @@ pub const SPILL_AFTER_MS_MAX: u64 = 86_400_000;
 /// Memory budget fill (percent) from which messages spill at any age.
 pub const SPILL_NOW_PERCENT: u64 = 40;
 /// Share of the memory budget (percent) the pending messages held in memory
+/// may take before they spill at any age, oldest first: half of
+/// [`HOLD_PERCENT`], so the spill has begun well before connections are
+/// held, whatever `spill_after_ms` says.
+pub const SPILL_PENDING_PERCENT: u64 = HOLD_PERCENT / 2;
+/// Share of the memory budget (percent) the pending messages held in memory
 /// may take before connections stop reading new requests until the spill
 /// has moved some to disk ([`Shard::is_full`]).
 pub const HOLD_PERCENT: u64 = 10;
@@ -72,7 +77,7 @@ pub struct BacklogConfig {
 }
 
 fn default_spill_after_ms() -> u64 {
-    2_000
+    30_000
 }
 fn default_restore_page() -> usize {
     1024
@@ -586,7 +591,8 @@ async fn spill_once(shard: &Shard, spill_after_ms: u64) -> Result<usize, String>
         backlog.rescanned_at.set(Some(Instant::now()));
     }
     let now = now_ms();
-    let until = if shard.pressure_percent() >= SPILL_NOW_PERCENT { now } else { now.saturating_sub(spill_after_ms) };
+    let spill_now = shard.pressure_percent() >= SPILL_NOW_PERCENT || shard.backlog_pending_over(SPILL_PENDING_PERCENT);
+    let until = if spill_now { now } else { now.saturating_sub(spill_after_ms) };
     let (candidates, next) = {
         let index = shard.index().borrow();
         let durable = shard.journal().durable_generation();

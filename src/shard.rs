@@ -371,7 +371,12 @@ impl Shard {
             match index.refusal(m.to, client_id, known_only) {
                 Some(reason) => generation = self.reject(&mut index, &[seq], reason)?,
                 None => {
-                    self.bodies.borrow_mut().insert(seq, m.body);
+                    // Cached for a user connected now, whose session sends
+                    // it at once; anyone else's would only push those out
+                    // (delivery and the spill read the journal on a miss).
+                    if self.sessions.has(m.to) {
+                        self.bodies.borrow_mut().insert(seq, m.body);
+                    }
                     // The fallback plan is born in the same commit (docs/ARCHITECTURE.md, "Fallback channels").
                     if let Some(spec) = m.fallback.or(client.fallback) {
                         generation = crate::fallback::plan(self, &mut index, seq, m.accepted_at_ms, spec)
@@ -421,11 +426,17 @@ impl Shard {
     }
 
     fn backlog_holds(&self) -> bool {
+        self.backlog_pending_over(crate::backlog::HOLD_PERCENT)
+    }
+
+    /// True when the spill is on and the pending messages held in memory
+    /// take more than `percent` of the memory budget.
+    pub fn backlog_pending_over(&self, percent: u64) -> bool {
         if self.cfg.borrow().backlog.spill_after_ms == 0 {
             return false;
         }
         let pending_bytes = self.index.borrow().pending_messages() * crate::pressure::INDEX_ENTRY_BYTES;
-        pending_bytes as u128 * 100 > self.pressure.budget() as u128 * crate::backlog::HOLD_PERCENT as u128
+        pending_bytes as u128 * 100 > self.pressure.budget() as u128 * percent as u128
     }
 
     /// Returns once the budget has room (or shutdown began), waking on what

@@ -95,7 +95,14 @@ fn a_full_disk_refuses_with_storage_full_loses_nothing_and_recovers_when_space_r
     write_filler(&filler, 24);
     let data = disk.mnt.join("data");
     let dir = tempfile::tempdir().unwrap();
-    let opts = Opts { shards: 1, segment_bytes: 4 << 20, ..Opts::default() };
+    // Spill after 2 s (the default waits 30 s): the test's messages must
+    // reach the cold store while the disk fills.
+    let opts = Opts {
+        shards: 1,
+        segment_bytes: 4 << 20,
+        extra_toml: "\n[backlog]\nspill_after_ms = 2000\n".into(),
+        ..Opts::default()
+    };
     let config = write_config(dir.path(), &data, &opts);
     let engine = Engine::start(&config);
 
