@@ -27,6 +27,8 @@
 //! removals that follow a restore are made durable by [`ColdStore::persist`]
 //! before the journal segment that restored them may be deleted.
 
+#[cfg(test)]
+mod cost_probe;
 mod index;
 mod migrate;
 
@@ -343,12 +345,15 @@ impl ColdStore {
     /// from its docs: pinned to fjall 2.11 (docs/ARCHITECTURE.md, "Offline
     /// backlog").
     pub fn compact(&self) -> Result<(), ColdError> {
+        // `by_user` first: the pruning then looks its keys up in one sorted
+        // run without tombstones, not in every overlapping segment.
+        self.advance_gc_watermark_past_now()?;
+        self.by_user.rotate_memtable_and_wait()?;
+        self.by_user.major_compact()?;
         self.prune_index()?;
         self.advance_gc_watermark_past_now()?;
-        for p in [&self.by_user, &self.index] {
-            p.rotate_memtable_and_wait()?;
-            p.major_compact()?;
-        }
+        self.index.rotate_memtable_and_wait()?;
+        self.index.major_compact()?;
         Ok(())
     }
 
