@@ -223,10 +223,11 @@ impl ColdStore {
             .open()?;
         let memtable = (sizing.write_buffer_bytes / 4).clamp(1 << 20, u32::MAX as u64) as u32;
         let options = || PartitionCreateOptions::default().manual_journal_persist(true).max_memtable_size(memtable);
-        // `by_user` is read by ranges and by point reads that usually hit:
-        // no bloom filters, whose memory would grow with the backlog (10
-        // bits a key). The index has three keys per batch of up to 4,096
-        // messages; its filter spares `put` a disk read for a free name.
+        // `by_user`: no bloom filters, whose memory would grow with the
+        // backlog (10 bits a key); its point reads of gone messages (expiry,
+        // pruning) go in key order instead, so they share blocks. The index
+        // has three keys per batch of up to 4,096 messages: its filters are
+        // small. (fjall keeps a partition's filter setting from its creation.)
         let by_user = keyspace.open_partition("by_user", options().bloom_filter_bits(None))?;
         let index = keyspace.open_partition("index", options())?;
         let next_batch = Arc::new(AtomicU64::new(index::first_free_batch_n(&index)?));
