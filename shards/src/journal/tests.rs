@@ -265,39 +265,79 @@ fn lazy_records_ride_with_the_next_commit_or_go_alone_after_the_delay() {
         let seq = j.take_seq();
         let first = j.append(&accepted(seq, &body), &mut ix).unwrap().generation;
         j.wait_durable(first).await.unwrap();
-        let before = j.commits();
+
+        // Timing checks are retried: a test thread descheduled for longer
+        // than the delay (a loaded machine) proves nothing either way, and
+        // an engine that commits lazy records at once (or makes a waiter
+        // wait for the delay) fails every attempt.
+        const ATTEMPTS: usize = 5;
 
         // Lazy records start no commit of their own...
-        let lazy = j.append_lazy(&status(seq), &mut ix).unwrap().generation;
-        glommio::timer::sleep(LAZY_COMMIT_DELAY / 5).await;
-        assert_eq!(j.commits(), before, "a lazy record alone waits");
-        assert!(j.durable_generation() < lazy);
-        // ...and go with the next urgent one: one commit for both.
         let seq2 = j.take_seq();
-        let urgent = j.append(&accepted(seq2, &body), &mut ix).unwrap().generation;
-        j.wait_durable(urgent).await.unwrap();
-        assert_eq!(j.commits(), before + 1, "the lazy record rode with the urgent one");
-        assert!(j.durable_generation() >= lazy);
+        let mut shown = false;
+        for _ in 0..ATTEMPTS {
+            j.wait_durable(j.appended_generation()).await.unwrap();
+            let before = j.commits();
+            let started = std::time::Instant::now();
+            let lazy = j.append_lazy(&status(seq), &mut ix).unwrap().generation;
+            glommio::timer::sleep(LAZY_COMMIT_DELAY / 5).await;
+            let alone = j.commits() == before && j.durable_generation() < lazy;
+            if started.elapsed() >= LAZY_COMMIT_DELAY {
+                continue;
+            }
+            assert!(alone, "a lazy record alone waits");
+            // ...and go with the next urgent one: one commit for both.
+            let urgent = j.append(&accepted(seq2, &body), &mut ix).unwrap().generation;
+            j.wait_durable(urgent).await.unwrap();
+            assert_eq!(j.commits(), before + 1, "the lazy record rode with the urgent one");
+            assert!(j.durable_generation() >= lazy);
+            shown = true;
+            break;
+        }
+        assert!(shown, "every attempt was descheduled past the delay");
 
         // Alone, a lazy record is committed after the delay.
+        j.wait_durable(j.appended_generation()).await.unwrap();
+        let before = j.commits();
         let started = std::time::Instant::now();
         let lazy = j.append_lazy(&status(seq2), &mut ix).unwrap().generation;
         while j.durable_generation() < lazy {
-            assert!(started.elapsed() < LAZY_COMMIT_DELAY * 40, "a lazy record must not wait forever");
+            assert!(started.elapsed() < LAZY_COMMIT_DELAY * 1000, "a lazy record must not wait forever");
             glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
         }
         assert!(started.elapsed() >= LAZY_COMMIT_DELAY, "committed before its delay: {:?}", started.elapsed());
-        assert_eq!(j.commits(), before + 2);
+        assert_eq!(j.commits(), before + 1);
 
         // Waiting for one makes it due at once.
-        let started = std::time::Instant::now();
-        let lazy = j.append_lazy(&status(seq), &mut ix).unwrap().generation;
-        j.wait_durable(lazy).await.unwrap();
-        assert!(started.elapsed() < LAZY_COMMIT_DELAY, "a waiter must not wait for the delay: {:?}", started.elapsed());
+        let mut fastest = std::time::Duration::MAX;
+        for _ in 0..ATTEMPTS {
+            j.wait_durable(j.appended_generation()).await.unwrap();
+            let started = std::time::Instant::now();
+            let lazy = j.append_lazy(&status(seq), &mut ix).unwrap().generation;
+            j.wait_durable(lazy).await.unwrap();
+            fastest = fastest.min(started.elapsed());
+            if fastest < LAZY_COMMIT_DELAY {
+                break;
+            }
+        }
+        assert!(fastest < LAZY_COMMIT_DELAY, "a waiter must not wait for the delay: {fastest:?} at best");
+
         // And the next lazy one waits again (the waiter's urgency is spent).
-        let lazy = j.append_lazy(&status(seq2), &mut ix).unwrap().generation;
-        glommio::timer::sleep(LAZY_COMMIT_DELAY / 5).await;
-        assert!(j.durable_generation() < lazy, "urgency outlived its commit");
+        let mut shown = false;
+        for _ in 0..ATTEMPTS {
+            j.wait_durable(j.appended_generation()).await.unwrap();
+            let started = std::time::Instant::now();
+            let lazy = j.append_lazy(&status(seq2), &mut ix).unwrap().generation;
+            glommio::timer::sleep(LAZY_COMMIT_DELAY / 5).await;
+            let waiting = j.durable_generation() < lazy;
+            if started.elapsed() >= LAZY_COMMIT_DELAY {
+                continue;
+            }
+            assert!(waiting, "urgency outlived its commit");
+            shown = true;
+            break;
+        }
+        assert!(shown, "every attempt was descheduled past the delay");
         j.close().await.unwrap();
     });
     let rec = recover_shard(dir.path(), 3, Mode::ReadOnly).unwrap();
