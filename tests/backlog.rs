@@ -211,6 +211,46 @@ fn a_backlog_beyond_the_memory_budget_is_accepted_flat_and_delivered_in_order() 
     assert_eq!(metric(engine.admin, "esh3ar_backlog_restored_total"), (40 * per_user) as f64);
 }
 
+/// Below `SPILL_PENDING_PERCENT` (5%) of the memory budget, pending messages
+/// younger than `spill_after_ms` stay in memory; once they take more, the
+/// oldest spill at any age until they fit again, and every user still gets
+/// its messages once and in order. Here the budget is 8 MiB (64 MiB less the
+/// 48 MiB process reserve, halved), so 5% is about 2,184 pending messages.
+#[test]
+fn a_young_backlog_spills_once_it_takes_its_share_of_memory() {
+    // Ten minutes: no message in this test is old enough to spill by age.
+    let setup = Setup::new(&opts(1, 600_000));
+    let engine = setup.start();
+    let (users, first, second) = (1_000, 1, 20);
+    fill(engine.business, users, first, 4, "");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        metric(engine.admin, "esh3ar_backlog_spilled_total"),
+        0.0,
+        "{} young messages under 5% of the budget stay in memory",
+        users * first
+    );
+    fill(engine.business, users, second, 4, "late");
+    let total = (users * (first + second)) as f64;
+    wait_metric(engine.admin, "esh3ar_backlog_spilled_total", total * 7.0 / 8.0, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+    let spilled = metric(engine.admin, "esh3ar_backlog_spilled_total");
+    let in_memory = metric(engine.admin, "esh3ar_pending_messages");
+    eprintln!("{total} messages; spilled {spilled}; pending in memory {in_memory}");
+    assert!(in_memory <= total / 8.0, "the oldest spilled, young as they are: {in_memory} of {total} still in memory");
+    assert_eq!(spilled + in_memory, total, "every message is either cold or pending in memory");
+    assert_eq!(metric(engine.admin, "esh3ar_shed_total"), 0.0, "nothing shed");
+    // Each user gets its messages once, in order, from the cold store and
+    // from memory alike.
+    for u in (0..users).step_by(users / 20) {
+        let user = format!("u{u}");
+        let bodies = drain_user(&engine, &user, first + second);
+        let expected: Vec<String> =
+            (0..first).map(|k| format!("{user}-{k}")).chain((0..second).map(|k| format!("late{user}-{k}"))).collect();
+        assert_eq!(bodies, expected, "{user}: out of order or wrong");
+    }
+}
+
 /// A user with more cold messages than one restore page gets them all, in
 /// order, and a live message sent while it drains comes after them.
 #[test]
