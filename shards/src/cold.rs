@@ -79,21 +79,19 @@ pub struct ColdPut {
     pub record: Vec<u8>,
 }
 
-/// Where a cold message's entries are: enough to remove them without a read.
+/// Where a cold message's record is: enough to remove it without a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ColdKey {
     /// Its sequence number.
     pub seq: u64,
     /// [`user_hash`] of its recipient.
     pub user_hash: u64,
-    /// Unix ms it expires (0: never).
-    pub expires_at_ms: u64,
 }
 
 impl ColdPut {
     /// Its key.
     pub fn key(&self) -> ColdKey {
-        ColdKey { seq: self.seq, user_hash: self.user_hash, expires_at_ms: self.expires_at_ms }
+        ColdKey { seq: self.seq, user_hash: self.user_hash }
     }
 }
 
@@ -113,7 +111,7 @@ pub struct ColdMessage {
 impl ColdMessage {
     /// Its key.
     pub fn key(&self) -> ColdKey {
-        ColdKey { seq: self.seq, user_hash: self.user_hash, expires_at_ms: self.expires_at_ms }
+        ColdKey { seq: self.seq, user_hash: self.user_hash }
     }
 
     /// The record, decoded and checked (CRC, kind, sequence number).
@@ -247,7 +245,7 @@ impl ColdStore {
         let mut batch = self.keyspace.batch();
         // In key order: consecutive memtable inserts then walk the same
         // skip-list path, which stays in the CPU's caches (the skip-list
-        // search was most of the spill's cost).
+        // search was the largest single cost of a spill).
         let mut order: Vec<&ColdPut> = messages.iter().collect();
         order.sort_unstable_by_key(|m| (m.user_hash, m.seq));
         for m in &order {
