@@ -332,8 +332,11 @@ fn kill_9_while_spilling_restoring_and_compacting_loses_nothing() {
         let mut mine = Vec::new();
         for id in ids {
             let r = c.get_status(id);
-            let status =
-                if r.status == 200 { r.json()["status"].as_str().unwrap_or("").to_owned() } else { r.status.to_string() };
+            let status = if r.status == 200 {
+                r.json()["status"].as_str().unwrap_or("").to_owned()
+            } else {
+                r.status.to_string()
+            };
             if status != "acked" {
                 mine.push((id.clone(), status));
             }
