@@ -165,6 +165,10 @@ pub struct Backlog {
     /// Where the next spill scan starts, and when it last started over.
     cursor: Cell<u64>,
     rescanned_at: Cell<Option<Instant>>,
+    /// The messages of the spill batch in flight (in sequence order):
+    /// chosen, their cold copies perhaps written, not yet journaled as
+    /// spilled. Cleared by [`SpillInFlight`].
+    spilling: RefCell<Vec<u64>>,
 }
 
 impl Backlog {
@@ -184,6 +188,7 @@ impl Backlog {
             in_flight: glommio::sync::Semaphore::new(BLOCKING_IN_FLIGHT),
             cursor: Cell::new(0),
             rescanned_at: Cell::new(None),
+            spilling: RefCell::new(Vec::new()),
         }
     }
 
@@ -220,6 +225,11 @@ impl Backlog {
     /// True while `user` is being restored or has a restore state (connected).
     fn holds(&self, user: &str) -> bool {
         self.users.borrow().contains_key(user)
+    }
+
+    /// True if `seq` belongs to the spill batch in flight.
+    fn is_spilling(&self, seq: u64) -> bool {
+        self.spilling.borrow().binary_search(&seq).is_ok()
     }
 
     fn add_cold(&self, n: u64) {
@@ -338,6 +348,9 @@ impl Shard {
         }
         let mut generation = 0;
         let mut owed = false;
+        // The cold copies to remove: those journaled again here, and orphans.
+        let mut restored = Vec::with_capacity(messages.len());
+        let mut orphans = Vec::new();
         {
             let mut index = self.index().borrow_mut();
             let known_only = self.cfg().validation.known_recipients_only;
@@ -350,8 +363,18 @@ impl Shard {
                     }
                 };
                 if index.get(a.seq).is_some() {
-                    continue; // its spill never completed: already in the journal
+                    // Already in the journal. The spill batch in flight wrote
+                    // this copy and decides itself whether it stays (journaled
+                    // as spilled) or goes (stale); any other copy was left by
+                    // a spill that a crash interrupted, and goes now. Without
+                    // this test, the copy's removal would be safe only while
+                    // the blocking thread and the executor keep their order.
+                    if !self.backlog().is_spilling(a.seq) {
+                        orphans.push(m.key());
+                    }
+                    continue;
                 }
+                restored.push(m.key());
                 let appended = self.journal().append(&Record::Restored(a), &mut index).map_err(|e| e.to_string())?;
                 generation = appended.generation;
                 let refusal = index.refusal(a.to, a.client, known_only);
@@ -380,9 +403,9 @@ impl Shard {
             self.events_ready().notify_all();
         }
         self.journal().wait_durable(generation).await.map_err(|e| e.to_string())?;
-        let keys: Vec<ColdKey> = messages.iter().map(ColdMessage::key).collect();
-        let n = keys.len() as u64;
-        self.remove_cold(keys).await;
+        let n = (restored.len() + orphans.len()) as u64;
+        restored.append(&mut orphans);
+        self.remove_cold(restored).await;
         let backlog = self.backlog();
         backlog.sub_cold(n);
         backlog.restored_total.set(backlog.restored_total.get() + n);
@@ -603,6 +626,8 @@ async fn spill_once(shard: &Shard, spill_after_ms: u64) -> Result<usize, String>
         backlog.cursor.set(next);
         return Ok(0);
     }
+    backlog.spilling.borrow_mut().clone_from(&candidates);
+    let _in_flight = SpillInFlight(backlog);
     let puts = cold_copies(shard, &candidates).await?;
     let count = puts.len();
     let keys: HashMap<u64, ColdKey> = puts.iter().map(|p| (p.seq, p.key())).collect();
@@ -634,6 +659,15 @@ async fn spill_once(shard: &Shard, spill_after_ms: u64) -> Result<usize, String>
     }
     shard.pressure().wake();
     Ok(count)
+}
+
+/// Clears [`Backlog::spilling`] when a spill batch ends, however it ends.
+struct SpillInFlight<'a>(&'a Backlog);
+
+impl Drop for SpillInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.spilling.borrow_mut().clear();
+    }
 }
 
 /// Most bytes one journal read of [`cold_copies`] covers.
