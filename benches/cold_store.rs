@@ -59,12 +59,21 @@ fn process_cpu_seconds() -> f64 {
 /// iterations outside criterion and prints wall and CPU time per message.
 /// On a shard the spill shares its core with ingest, so the CPU figure
 /// (flush and compaction threads included) is the one that bounds the
-/// sustained rate of ingest to offline users.
+/// sustained rate of ingest to offline users. Then it times a restore's
+/// read (the first page of 1,000 users).
+///
+/// With `COLD_STORE_LAG=0` nothing is removed while the batches go in (a
+/// backlog that grows, as when offline users pile up); then every user's
+/// backlog is read back page by page and removed, as restores do, and the
+/// drain's CPU per message is printed too. `COLD_STORE_LAG=K` removes each
+/// batch K batches after it went in (default 16).
 fn cpu_per_message(store: &ColdStore, batches: u64) {
+    let lag: u64 = std::env::var("COLD_STORE_LAG").map_or(LAG, |v| v.parse().expect("COLD_STORE_LAG: a number"));
     let inputs: Vec<(Vec<ColdPut>, Option<Vec<ColdKey>>)> = (0..batches)
         .map(|i| {
             let first = 1 + i * BATCH as u64;
-            (batch(first), i.checked_sub(LAG).map(|old| keys(1 + old * BATCH as u64)))
+            let old = if lag == 0 { None } else { i.checked_sub(lag).map(|old| keys(1 + old * BATCH as u64)) };
+            (batch(first), old)
         })
         .collect();
     let (cpu0, t0) = (process_cpu_seconds(), std::time::Instant::now());
@@ -77,10 +86,51 @@ fn cpu_per_message(store: &ColdStore, batches: u64) {
     let (cpu, wall) = (process_cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
     let messages = (batches * BATCH as u64) as f64;
     println!(
-        "cold_store: {batches} batches of {BATCH}: wall {wall:.2} s ({:.0} msg/s), cpu {cpu:.2} s ({:.2} us/msg, {:.0} msg/s per core)",
+        "cold_store: {batches} batches of {BATCH} (lag {lag}): wall {wall:.2} s ({:.0} msg/s), cpu {cpu:.2} s ({:.2} us/msg, {:.0} msg/s per core)",
         messages / wall,
         cpu * 1e6 / messages,
         messages / cpu
+    );
+    if lag == 0 {
+        // The drain: every user's backlog read back and removed, as restores
+        // do (the removals made durable at the end, as maintenance does).
+        let (cpu0, t0) = (process_cpu_seconds(), std::time::Instant::now());
+        let mut read = 0;
+        for u in 0..USERS {
+            let hash = user_hash(&format!("user-{u}"));
+            let mut after = None;
+            loop {
+                let page = store.user_messages(hash, after, 1024).expect("user_messages");
+                read += page.len();
+                let Some(last) = page.last() else { break };
+                after = Some(last.seq);
+                let keys: Vec<ColdKey> = page.iter().map(|m| m.key()).collect();
+                store.remove_known(&keys).expect("remove");
+                if page.len() < 1024 {
+                    break;
+                }
+            }
+        }
+        store.persist().expect("persist");
+        let (cpu, wall) = (process_cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
+        println!(
+            "cold_store: drain of {USERS} users, {read} messages: wall {wall:.2} s, cpu {cpu:.2} s ({:.2} us/msg)",
+            cpu * 1e6 / read.max(1) as f64
+        );
+        return;
+    }
+    // A restore's read: the first page of 1,000 users' backlogs.
+    let t0 = std::time::Instant::now();
+    let mut read = 0;
+    for u in 0..1000u64 {
+        let hash = user_hash(&format!("user-{}", (u * 7919) % USERS));
+        read += store.user_messages(hash, None, 1024).expect("user_messages").len();
+    }
+    let took = t0.elapsed().as_secs_f64();
+    println!(
+        "cold_store: 1,000 restore reads, {read} messages: {:.0} us per user ({:.2} us/msg)",
+        took * 1e6 / 1000.0,
+        took * 1e6 / read.max(1) as f64
     );
 }
 
