@@ -154,9 +154,13 @@ pub struct Backlog {
     /// Removals not yet made durable, and removals running.
     dirty: Cell<bool>,
     removing: Cell<u32>,
-    /// Removals since the last compaction began, and one running.
-    removed_since_compaction: Cell<u64>,
+    /// A compaction running, and when to try again after one failed.
     compacting: Cell<bool>,
+    compact_again_at: Cell<Option<Instant>>,
+    /// How much `cold` counts too many after a restart: fjall's estimate
+    /// counts a removed message twice (its value and its tombstone) until
+    /// a compaction; 0 once one completed here (`cold` is then set anew).
+    overcount: Cell<u64>,
     /// Totals since start (`/metrics`).
     spilled_total: Cell<u64>,
     restored_total: Cell<u64>,
@@ -175,14 +179,16 @@ impl Backlog {
     /// Wraps an opened cold store.
     pub fn new(store: ColdStore) -> Self {
         let cold = store.approximate_len() as u64;
+        let overcount = 2 * store.removed_since_compaction();
         Self {
             store,
             cold: Cell::new(cold),
             users: RefCell::new(HashMap::new()),
             dirty: Cell::new(false),
             removing: Cell::new(0),
-            removed_since_compaction: Cell::new(0),
             compacting: Cell::new(false),
+            compact_again_at: Cell::new(None),
+            overcount: Cell::new(overcount),
             spilled_total: Cell::new(0),
             restored_total: Cell::new(0),
             in_flight: glommio::sync::Semaphore::new(BLOCKING_IN_FLIGHT),
@@ -417,11 +423,9 @@ impl Shard {
     async fn remove_cold(&self, keys: Vec<ColdKey>) {
         let backlog = self.backlog();
         backlog.removing.set(backlog.removing.get() + 1);
-        let n = keys.len() as u64;
         let result = blocking(self, move |s| s.remove_known(&keys)).await;
         backlog.removing.set(backlog.removing.get() - 1);
         backlog.dirty.set(true);
-        backlog.removed_since_compaction.set(backlog.removed_since_compaction.get() + n);
         if let Err(e) = result {
             // Left in the store: a restart restores them again (a duplicate
             // delivery, which phones dedupe), never a loss.
@@ -454,11 +458,17 @@ impl Shard {
     /// Maintenance: once more messages left the cold store since its last
     /// compaction than remain in it (and at least 1,000), compacts it on a
     /// thread of its own, so restores and spills go on meanwhile. The disk
-    /// it takes then follows what is still pending, not its history.
+    /// it takes then follows what is still pending, not its history. The
+    /// store keeps the count of removals across restarts: a compaction that
+    /// a crash interrupted runs again in the next process.
     pub async fn compact_cold_when_sparse(&self) {
         let backlog = self.backlog();
-        let removed = backlog.removed_since_compaction.get();
-        if backlog.compacting.get() || removed < 1000 || removed < backlog.cold() {
+        let removed = backlog.store().removed_since_compaction();
+        let remaining = backlog.cold().saturating_sub(backlog.overcount.get());
+        if backlog.compacting.get() || removed < 1000 || removed < remaining {
+            return;
+        }
+        if backlog.compact_again_at.get().is_some_and(|at| Instant::now() < at) {
             return;
         }
         // A compaction writes before it frees: never while the disk is
@@ -468,7 +478,6 @@ impl Shard {
             return;
         }
         backlog.compacting.set(true);
-        backlog.removed_since_compaction.set(0);
         let store = backlog.store().clone();
         let (tx, rx) = futures_channel::oneshot::channel();
         let started = Instant::now();
@@ -483,6 +492,18 @@ impl Shard {
             }
         };
         backlog.compacting.set(false);
+        if result.is_ok() {
+            if backlog.overcount.get() > 0 {
+                // Right after a compaction fjall's estimate counts each cold
+                // message once (one removed meanwhile twice): never too few,
+                // which would skip a user's restore.
+                backlog.cold.set(backlog.store().approximate_len() as u64);
+                backlog.overcount.set(0);
+            }
+            backlog.compact_again_at.set(None);
+        } else {
+            backlog.compact_again_at.set(Some(Instant::now() + Duration::from_secs(60)));
+        }
         match result {
             Ok(()) => tracing::info!(
                 shard = self.id(),

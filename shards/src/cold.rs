@@ -33,7 +33,7 @@ mod index;
 mod migrate;
 
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
@@ -156,6 +156,12 @@ const GC_SAFETY_GAP_COMMITS: usize = 50;
 /// `index` partition (none of the batch index's kinds: `S`, `B`, `E`).
 const GC_TICK_KEY: &[u8] = b"G";
 
+/// The key, in the `index` partition, that holds how many messages were
+/// removed since the last major compaction completed (u64, big-endian):
+/// written with each removal, so a process that starts after a crash (in
+/// the middle of a compaction, say) still knows the store is sparse.
+const REMOVED_KEY: &[u8] = b"R";
+
 /// One shard's cold store. Cheap to clone (handles); every method blocks.
 #[derive(Clone)]
 pub struct ColdStore {
@@ -167,6 +173,8 @@ pub struct ColdStore {
     /// thread's pruning beside the blocking thread's expiry) names only
     /// messages of its own, and no lock is needed.
     next_batch: Arc<AtomicU64>,
+    /// Removals since the last major compaction completed ([`REMOVED_KEY`]).
+    removed: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ColdStore {
@@ -229,7 +237,9 @@ impl ColdStore {
         let by_user = keyspace.open_partition("by_user", options().bloom_filter_bits(None))?;
         let index = keyspace.open_partition("index", options())?;
         let next_batch = Arc::new(AtomicU64::new(index::first_free_batch_n(&index)?));
-        let store = Self { keyspace, by_user, index, next_batch };
+        let removed = index.get(REMOVED_KEY)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        let removed = Arc::new(AtomicU64::new(removed));
+        let store = Self { keyspace, by_user, index, next_batch, removed };
         migrate::per_message_index(&store, dir, &options(), migration)?;
         Ok(store)
     }
@@ -330,6 +340,7 @@ impl ColdStore {
                 removed += 1;
             }
         }
+        self.count_removals(&mut batch, removed as u64);
         batch.commit()?;
         self.advance_gc_watermark();
         Ok(removed)
@@ -344,6 +355,9 @@ impl ColdStore {
     /// from its docs: pinned to fjall 2.11 (docs/ARCHITECTURE.md, "Offline
     /// backlog").
     pub fn compact(&self) -> Result<(), ColdError> {
+        // Removals made from here on are not all compacted away by this run:
+        // they stay counted.
+        let counted = self.removed.load(Ordering::Relaxed);
         // `by_user` first: the pruning then looks its keys up in one sorted
         // run without tombstones, not in every overlapping segment.
         self.advance_gc_watermark_past_now()?;
@@ -353,6 +367,11 @@ impl ColdStore {
         self.advance_gc_watermark_past_now()?;
         self.index.rotate_memtable_and_wait()?;
         self.index.major_compact()?;
+        // Not made durable here: a crash before the next persist only
+        // brings back the older count, and with it one more compaction.
+        let left = self.removed.fetch_sub(counted, Ordering::Relaxed) - counted;
+        self.index.insert(REMOVED_KEY, left.to_be_bytes())?;
+        self.advance_gc_watermark();
         Ok(())
     }
 
@@ -395,7 +414,8 @@ impl ColdStore {
     /// Removes messages whose keys the caller knows (it just read or wrote
     /// them): no lookups, unlike [`ColdStore::remove`]. Not durable until
     /// [`ColdStore::persist`].
-    /// Only `by_user` changes: the batch index forgets them at their batch's
+    /// Only `by_user` changes (and the count of removals, [`REMOVED_KEY`]):
+    /// the batch index forgets them at their batch's
     /// expiry or the next compaction.
     pub fn remove_known(&self, keys: &[ColdKey]) -> Result<(), ColdError> {
         let mut batch = self.keyspace.batch();
@@ -405,9 +425,26 @@ impl ColdStore {
         for k in &order {
             batch.remove(&self.by_user, key16(k.user_hash, k.seq));
         }
+        self.count_removals(&mut batch, keys.len() as u64);
         batch.commit()?;
         self.advance_gc_watermark();
         Ok(())
+    }
+
+    /// Adds `n` to the removals since the last compaction, and writes the
+    /// new count in `batch` (durable with the removals it counts).
+    fn count_removals(&self, batch: &mut fjall::Batch, n: u64) {
+        if n > 0 {
+            let total = self.removed.fetch_add(n, Ordering::Relaxed) + n;
+            batch.insert(&self.index, REMOVED_KEY, total.to_be_bytes());
+        }
+    }
+
+    /// Messages removed since the last major compaction completed, this
+    /// process or an earlier one (an estimate: a removal of a message
+    /// already gone counts too).
+    pub fn removed_since_compaction(&self) -> u64 {
+        self.removed.load(Ordering::Relaxed)
     }
 
     /// Makes every write and removal so far durable.
@@ -460,6 +497,30 @@ mod tests {
         assert_eq!(store.len().unwrap(), 100);
         assert_eq!(store.get(33).unwrap().unwrap().accepted().unwrap().to, "b");
         assert!(store.get(1000).unwrap().is_none());
+    }
+
+    #[test]
+    fn removals_since_the_last_compaction_are_counted_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ColdStore::open(dir.path(), ColdSizing::default()).unwrap();
+            let puts: Vec<_> = (0..100).map(|s| put(s, "a", 0)).collect();
+            store.put(&puts).unwrap();
+            store.remove_known(&puts[..30].iter().map(ColdPut::key).collect::<Vec<_>>()).unwrap();
+            assert_eq!(store.remove(&[30, 31, 1000]).unwrap(), 2);
+            assert_eq!(store.removed_since_compaction(), 32);
+            store.persist().unwrap();
+        }
+        // As after a crash before (or during) the compaction: still due.
+        let store = ColdStore::open(dir.path(), ColdSizing::default()).unwrap();
+        assert_eq!(store.removed_since_compaction(), 32);
+        store.compact().unwrap();
+        assert_eq!(store.removed_since_compaction(), 0);
+        store.persist().unwrap();
+        drop(store);
+        let store = ColdStore::open(dir.path(), ColdSizing::default()).unwrap();
+        assert_eq!(store.removed_since_compaction(), 0);
+        assert_eq!(store.len().unwrap(), 68);
     }
 
     #[test]
