@@ -319,6 +319,7 @@ pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, Re
         bytes: 0,
     };
     let paths: Vec<PathBuf> = segments.iter().map(|&no| segment_path(dir, no)).collect();
+    rec.index.begin_replay();
     std::thread::scope(|scope| -> Result<(), RecoveryError> {
         let reads = ReadAhead::start(scope, paths).map_err(io_err(dir))?;
         let mut bytes_left: u64 = reads.sizes.iter().sum();
@@ -366,6 +367,7 @@ pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, Re
             });
         }
     }
+    rec.index.end_replay();
     if let Some(max) = rec.index.max_seq() {
         rec.next_seq = rec.next_seq.max(max + 1);
     }
