@@ -31,7 +31,7 @@ use crate::commit::hole_header;
 use crate::index::MessageIndex;
 use crate::limits::{BLOCK_BYTES, COMMIT_HEADER_BYTES};
 use crate::record::{Record, SegmentHeader};
-use crate::scan::{scan, Damage, ScanEnd};
+use crate::scan::{scan_commits, Damage, ScanEnd};
 
 /// Name of the clean-shutdown marker in a shard's journal directory.
 pub const CLEAN_MARKER: &str = "clean-shutdown";
@@ -506,7 +506,8 @@ fn recover_segment(
     let mut bad_header: Option<String> = None;
     let index = &mut rec.index;
     let mut records = 0u64;
-    let scanned = scan(data, |offset, record| {
+    let scanned = scan_commits(data, |commit| {
+        let Some(&(offset, record)) = commit.first() else { return };
         if first {
             first = false;
             match record {
@@ -522,9 +523,9 @@ fn recover_segment(
         }
         if bad_header.is_none() {
             sizing.sample(index, offset);
-            index.apply(no, offset as u64, &record);
+            index.apply_commit(no, commit);
         }
-        records += 1;
+        records += commit.len() as u64;
     });
     if let Some(reason) = bad_header {
         return Err(RecoveryError::BadSegment { path: path.to_owned(), reason });
