@@ -170,8 +170,9 @@ pub struct MessageIndex {
     /// Recovery is applying the journal ([`MessageIndex::begin_replay`]):
     /// a user's emptied pending queues stay in `pending` until
     /// [`MessageIndex::end_replay`] instead of being dropped and made
-    /// again by the user's next message.
-    replaying: bool,
+    /// again by the user's next message, and the TTL index is kept here
+    /// and built once at the end.
+    replay: Option<ReplayedExpiries>,
 }
 
 impl MessageIndex {
@@ -192,17 +193,52 @@ impl MessageIndex {
     /// keeps them: in a journal most users' queues empty and fill again
     /// many times (a message acked soon after it was accepted), and
     /// dropping them each time cost a free, then an intern, a hash-table
-    /// insert and an allocation at the user's next message. Only recovery
-    /// calls this; the live path always drops empty queues at once.
+    /// insert and an allocation at the user's next message. The TTL index
+    /// is kept as one slot per sequence number meanwhile (see
+    /// [`ReplayedExpiries`]) and built once, in bulk, at the end. Only
+    /// recovery calls this, on a new index; the live path always drops
+    /// empty queues at once and keeps the TTL index as it goes.
     pub fn begin_replay(&mut self) {
-        self.replaying = true;
+        assert!(self.messages.is_empty() && self.expiries.is_empty(), "replay starts on a new index");
+        self.replay = Some(ReplayedExpiries::default());
     }
 
     /// The journal is applied: drops the pending queues left empty during
-    /// replay, so the index is the one the live path would have built.
+    /// replay and builds the TTL index, so the index is the one the live
+    /// path would have built.
     pub fn end_replay(&mut self) {
-        self.replaying = false;
+        let Some(replayed) = self.replay.take() else { return };
         self.pending.retain(|_, queues| queues.iter().any(|q| !q.is_empty()));
+        // From sorted keys (mostly sorted already: expiry follows
+        // acceptance) a B-tree is built bottom-up in one pass.
+        let mut keys = replayed.into_keys();
+        keys.extend(std::mem::take(&mut self.expiries));
+        self.expiries = keys.into_iter().collect();
+    }
+
+    /// Indexes the TTL of message `seq` (see [`MessageIndex::begin_replay`]).
+    fn insert_expiry(&mut self, expires_at_ms: u64, seq: u64) {
+        let displaced = match self.replay.as_mut() {
+            Some(replayed) => match replayed.insert(expires_at_ms, seq) {
+                Ok(displaced) => displaced,
+                Err(()) => Some(expires_at_ms), // outside the slots' span
+            },
+            None => Some(expires_at_ms),
+        };
+        if let Some(expires_at_ms) = displaced {
+            self.expiries.insert((expires_at_ms, seq));
+        }
+    }
+
+    /// Removes the TTL index entry `(expires_at_ms, seq)`, if there is one.
+    fn remove_expiry(&mut self, expires_at_ms: u64, seq: u64) {
+        if let Some(replayed) = self.replay.as_mut() {
+            replayed.remove(expires_at_ms, seq);
+            if self.expiries.is_empty() {
+                return;
+            }
+        }
+        self.expiries.remove(&(expires_at_ms, seq));
     }
 
     /// Applies the records of one commit of `segment` (with their offsets)
@@ -306,7 +342,7 @@ impl MessageIndex {
                     fallback_open: false,
                 };
                 if a.expires_at_ms > 0 {
-                    self.expiries.insert((a.expires_at_ms, a.seq));
+                    self.insert_expiry(a.expires_at_ms, a.seq);
                 }
                 let previous = self.messages.insert(a.seq, meta);
                 assert!(previous.is_none(), "sequence {} accepted twice", a.seq);
@@ -347,7 +383,7 @@ impl MessageIndex {
             return;
         }
         let (to, expires, priority, segment) = (meta.to.clone(), meta.expires_at_ms, meta.priority, meta.segment);
-        self.expiries.remove(&(expires, seq));
+        self.remove_expiry(expires, seq);
         self.remove_pending(seq, &to, priority);
         self.messages.remove(&seq);
         if let Some(live) = self.segments.get_mut(&segment) {
@@ -472,7 +508,7 @@ impl MessageIndex {
                     meta.acked_at_ms = s.at_ms;
                 }
                 let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
-                self.expiries.remove(&(expires, s.seq));
+                self.remove_expiry(expires, s.seq);
                 self.remove_pending(s.seq, &to, priority);
                 self.close_fallback(s.seq);
             }
@@ -594,7 +630,7 @@ impl MessageIndex {
                 meta.channel = Channel::from_u8(f.channel).unwrap_or(Channel::App);
                 meta.provider_message_id = (!f.text.is_empty()).then(|| Rc::from(f.text));
                 let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
-                self.expiries.remove(&(expires, f.seq));
+                self.remove_expiry(expires, f.seq);
                 self.remove_pending(f.seq, &to, priority);
                 if f.notify {
                     self.owe(f.seq, Status::Delivered, f.at_ms);
@@ -613,7 +649,7 @@ impl MessageIndex {
                 meta.status = Status::Failed;
                 meta.reason = Reason::ChannelsExhausted;
                 let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
-                self.expiries.remove(&(expires, f.seq));
+                self.remove_expiry(expires, f.seq);
                 self.remove_pending(f.seq, &to, priority);
                 if f.notify {
                     self.owe(f.seq, Status::Failed, f.at_ms);
@@ -724,7 +760,7 @@ impl MessageIndex {
                 queue.remove(i);
                 self.pending_messages -= 1;
             }
-            if !self.replaying && queues.iter().all(VecDeque::is_empty) {
+            if self.replay.is_none() && queues.iter().all(VecDeque::is_empty) {
                 self.pending.remove(to);
             }
         }
@@ -935,6 +971,58 @@ impl MessageIndex {
             }
         }
         self.interned.retain(|s| Rc::strong_count(s) > 1);
+    }
+}
+
+/// The TTL index while recovery replays a journal: the expiry of message
+/// `first_seq + i` in slot `i` (0: none), so an insert or a removal is a
+/// store into an array that fills in sequence order, where the B-tree
+/// took a descent and, for removals, a rebalance (a tenth of replay's time
+/// with every message under a TTL). [`MessageIndex::end_replay`] builds
+/// the B-tree from the slots in one pass. The set it stands for is exactly
+/// the B-tree's: a slot holds at most one expiry per message, and what
+/// does not fit a slot (a number before `first_seq`, a second expiry for
+/// one number, a span past [`REPLAYED_EXPIRIES_SLOTS_MAX`]) goes to the
+/// B-tree as before; removals look in both.
+#[derive(Debug, Default)]
+struct ReplayedExpiries {
+    /// The sequence number of slot 0 (the first message with a TTL).
+    first_seq: Option<u64>,
+    slots: Vec<u64>,
+}
+
+/// Most slots [`ReplayedExpiries`] holds (8 bytes each: 512 MiB at most, 8
+/// bytes per message of the journal, where the message table takes 128).
+const REPLAYED_EXPIRIES_SLOTS_MAX: u64 = 1 << 26;
+
+impl ReplayedExpiries {
+    /// Stores `expires_at_ms` (not 0) for `seq`. `Ok(Some(old))`: the slot
+    /// held another expiry, which the caller keeps elsewhere; `Err`: `seq`
+    /// has no slot.
+    fn insert(&mut self, expires_at_ms: u64, seq: u64) -> Result<Option<u64>, ()> {
+        assert!(expires_at_ms > 0, "0 means no expiry");
+        let first = *self.first_seq.get_or_insert(seq);
+        let at = seq.checked_sub(first).filter(|&at| at < REPLAYED_EXPIRIES_SLOTS_MAX).ok_or(())? as usize;
+        if at >= self.slots.len() {
+            self.slots.resize(at + 1, 0);
+        }
+        let old = std::mem::replace(&mut self.slots[at], expires_at_ms);
+        Ok((old != 0 && old != expires_at_ms).then_some(old))
+    }
+
+    /// Clears `seq`'s slot if it holds `expires_at_ms`.
+    fn remove(&mut self, expires_at_ms: u64, seq: u64) {
+        let Some(at) = self.first_seq.and_then(|first| seq.checked_sub(first)) else { return };
+        if let Some(slot) = self.slots.get_mut(at as usize).filter(|slot| **slot == expires_at_ms) {
+            *slot = 0;
+        }
+    }
+
+    /// The (expires_at_ms, seq) keys held, in sequence order.
+    fn into_keys(self) -> Vec<(u64, u64)> {
+        let first = self.first_seq.unwrap_or(0);
+        let held = self.slots.iter().enumerate().filter(|(_, &expires)| expires != 0);
+        held.map(|(at, &expires)| (expires, first + at as u64)).collect()
     }
 }
 
@@ -1513,12 +1601,14 @@ mod tests {
             }
             6 => spilled(ix, segment, &[seq]),
             7 => {
+                // A TTL other than the one it was accepted with, at times.
+                let expires_at_ms = if ttl { 2_000 + seq % 3 } else { 0 };
                 let a = Accepted {
                     seq,
                     client: "c",
                     to: &to,
                     priority: Priority::Normal,
-                    expires_at_ms: 0,
+                    expires_at_ms,
                     accepted_at_ms: seq,
                     body: b"x",
                 };
@@ -1544,8 +1634,9 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Recovery's replay mode (emptied queues kept until the end) leaves
-        /// the index the live path leaves.
+        /// Recovery's replay mode (emptied queues kept until the end, the
+        /// TTL index kept in slots and built at the end) leaves the index the
+        /// live path leaves.
         #[test]
         fn replay_mode_builds_the_index_the_live_path_builds(
             ops in proptest::collection::vec((0u8..9, 0u64..64, 0u8..4, 0u8..4, proptest::bool::ANY), 1..120)
