@@ -217,8 +217,10 @@ impl MessageIndex {
     }
 
     /// Indexes the TTL of message `seq` (see [`MessageIndex::begin_replay`]).
-    fn insert_expiry(&mut self, expires_at_ms: u64, seq: u64) {
-        let displaced = match self.replay.as_mut() {
+    /// A restored message keeps its old number, which may lie far before
+    /// the journal's own: it never takes a slot (nor sets where they start).
+    fn insert_expiry(&mut self, expires_at_ms: u64, seq: u64, restored: bool) {
+        let displaced = match self.replay.as_mut().filter(|_| !restored) {
             Some(replayed) => match replayed.insert(expires_at_ms, seq) {
                 Ok(displaced) => displaced,
                 Err(()) => Some(expires_at_ms), // outside the slots' span
@@ -342,7 +344,7 @@ impl MessageIndex {
                     fallback_open: false,
                 };
                 if a.expires_at_ms > 0 {
-                    self.insert_expiry(a.expires_at_ms, a.seq);
+                    self.insert_expiry(a.expires_at_ms, a.seq, restored);
                 }
                 let previous = self.messages.insert(a.seq, meta);
                 assert!(previous.is_none(), "sequence {} accepted twice", a.seq);
@@ -981,12 +983,14 @@ impl MessageIndex {
 /// with every message under a TTL). [`MessageIndex::end_replay`] builds
 /// the B-tree from the slots in one pass. The set it stands for is exactly
 /// the B-tree's: a slot holds at most one expiry per message, and what
-/// does not fit a slot (a number before `first_seq`, a second expiry for
-/// one number, a span past [`REPLAYED_EXPIRIES_SLOTS_MAX`]) goes to the
-/// B-tree as before; removals look in both.
+/// does not fit a slot (a restored message, a number before `first_seq`, a
+/// second expiry for one number, a span past
+/// [`REPLAYED_EXPIRIES_SLOTS_MAX`]) goes to the B-tree as before; removals
+/// look in both. Accepted messages are numbered densely from the oldest
+/// segment kept, so the slots cost 8 bytes per message of the journal.
 #[derive(Debug, Default)]
 struct ReplayedExpiries {
-    /// The sequence number of slot 0 (the first message with a TTL).
+    /// The sequence number of slot 0 (the first accepted message with a TTL).
     first_seq: Option<u64>,
     slots: Vec<u64>,
 }
