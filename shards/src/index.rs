@@ -999,6 +999,10 @@ struct ReplayedExpiries {
 /// bytes per message of the journal, where the message table takes 128).
 const REPLAYED_EXPIRIES_SLOTS_MAX: u64 = 1 << 26;
 
+/// Largest run of numbers without a slot [`ReplayedExpiries`] fills with
+/// zeros (512 KiB); a message past a larger gap goes to the B-tree.
+const REPLAYED_EXPIRIES_GAP_MAX: usize = 1 << 16;
+
 impl ReplayedExpiries {
     /// Stores `expires_at_ms` (not 0) for `seq`. `Ok(Some(old))`: the slot
     /// held another expiry, which the caller keeps elsewhere; `Err`: `seq`
@@ -1008,6 +1012,13 @@ impl ReplayedExpiries {
         let first = *self.first_seq.get_or_insert(seq);
         let at = seq.checked_sub(first).filter(|&at| at < REPLAYED_EXPIRIES_SLOTS_MAX).ok_or(())? as usize;
         if at >= self.slots.len() {
+            // A jump in the numbers (the segments between two kept ones were
+            // deleted: one unacked message pins its segment for its whole
+            // TTL) would fill the gap with zeros, every page of it written:
+            // past a small one, the B-tree takes the rest.
+            if at - self.slots.len() > REPLAYED_EXPIRIES_GAP_MAX {
+                return Err(());
+            }
             self.slots.resize(at + 1, 0);
         }
         let old = std::mem::replace(&mut self.slots[at], expires_at_ms);
@@ -1550,6 +1561,18 @@ mod tests {
         assert_eq!(ix.user("a").unwrap().blocked.len(), 1, "carrying keeps the blocks");
         ix.forget_segment(1);
         assert!(ix.user("a").unwrap().blocks("c"), "the entry outlives its old segment");
+    }
+
+    #[test]
+    fn replay_slots_never_fill_a_large_gap_in_the_numbers() {
+        let mut r = ReplayedExpiries::default();
+        assert_eq!(r.insert(5, 1_000), Ok(None));
+        assert_eq!(r.insert(6, 1_001), Ok(None));
+        // Segments between were deleted: 60 M numbers with no message here.
+        assert_eq!(r.insert(7, 60_000_000), Err(()));
+        assert_eq!(r.slots.len(), 2);
+        assert_eq!(r.insert(8, 1_002 + REPLAYED_EXPIRIES_GAP_MAX as u64), Ok(None));
+        assert_eq!(r.into_keys(), vec![(5, 1_000), (6, 1_001), (8, 1_002 + REPLAYED_EXPIRIES_GAP_MAX as u64)]);
     }
 
     /// What recovery's replay mode may not change: the pending queues (and
