@@ -6,7 +6,9 @@
 //! (`GroupCommit`, commits of up to 1 MiB) into files in the target dir,
 //! then times:
 //! - `scan`: commit and record checksums only (the read and verify floor);
-//! - `recover`: `recover_shard` in read-only mode, index included.
+//! - `recover`: `recover_shard` in read-only mode, index included;
+//! - `recover-ttl`: the same with a TTL on every message (the engine's
+//!   default, `message_ttl`), so every message is in the TTL index too.
 //!
 //! The files are in the page cache after the first iteration: this measures
 //! the CPU side of replay; a cold start adds the disk's read rate.
@@ -23,8 +25,9 @@ use esh3ar_shards::{Priority, Status};
 const SEGMENT_BYTES: u64 = 64 << 20;
 const SEGMENTS: u64 = 4;
 
-/// Writes the journal of shard 0 into `dir`; returns the bytes of records written.
-fn build(dir: &Path) -> u64 {
+/// Writes the journal of shard 0 into `dir` (every message with a TTL if
+/// `ttl`); returns the bytes of records written.
+fn build(dir: &Path, ttl: bool) -> u64 {
     std::fs::create_dir_all(dir).expect("dir");
     let mut gc = GroupCommit::new(None);
     let mut images: Vec<Vec<u8>> = Vec::new();
@@ -55,7 +58,8 @@ fn build(dir: &Path) -> u64 {
                 client: "acme",
                 to: &to,
                 priority: Priority::Normal,
-                expires_at_ms: 0,
+                // A day after acceptance, as the default TTL gives.
+                expires_at_ms: if ttl { seq + 86_400_000 } else { 0 },
                 accepted_at_ms: seq,
                 body: &body,
             }));
@@ -81,7 +85,7 @@ fn build(dir: &Path) -> u64 {
 fn replay(c: &mut Criterion) {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let dir = tmp.path().join("shard-0");
-    let bytes = build(&dir);
+    let bytes = build(&dir, false);
     let mut g = c.benchmark_group("journal-replay");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(bytes));
@@ -97,6 +101,12 @@ fn replay(c: &mut Criterion) {
     });
     g.bench_function("recover", |b| {
         b.iter(|| recover_shard(&dir, 0, Mode::ReadOnly).expect("recover").records);
+    });
+    let dir_ttl = tmp.path().join("ttl").join("shard-0");
+    let bytes_ttl = build(&dir_ttl, true);
+    g.throughput(Throughput::Bytes(bytes_ttl));
+    g.bench_function("recover-ttl", |b| {
+        b.iter(|| recover_shard(&dir_ttl, 0, Mode::ReadOnly).expect("recover").records);
     });
     g.finish();
 }

@@ -31,7 +31,7 @@ use crate::commit::hole_header;
 use crate::index::MessageIndex;
 use crate::limits::{BLOCK_BYTES, COMMIT_HEADER_BYTES};
 use crate::record::{Record, SegmentHeader};
-use crate::scan::{scan, Damage, ScanEnd};
+use crate::scan::{scan_commits, Damage, ScanEnd};
 
 /// Name of the clean-shutdown marker in a shard's journal directory.
 pub const CLEAN_MARKER: &str = "clean-shutdown";
@@ -319,20 +319,18 @@ pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, Re
         bytes: 0,
     };
     let paths: Vec<PathBuf> = segments.iter().map(|&no| segment_path(dir, no)).collect();
+    rec.index.begin_replay();
     std::thread::scope(|scope| -> Result<(), RecoveryError> {
         let reads = ReadAhead::start(scope, paths).map_err(io_err(dir))?;
-        let mut bytes_left: u64 = reads.sizes.iter().sum();
+        // One segment: its pre-allocated zeros would count as messages to come.
+        let mut sizing = TableSizing { bytes_left: reads.sizes.iter().sum(), sampled: segments.len() < 2 };
         for (i, &no) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
             let path = segment_path(dir, no);
             let data = reads.next(&path)?;
-            bytes_left -= reads.sizes[i];
-            let end = recover_segment(&path, &data, shard, no, last, mode, &mut rec)?;
-            // The messages of the segments still to read, at the rate of
-            // those read so far: the index grows once instead of doubling
-            // (and moving every entry) all the way up.
-            let expected = bytes_left as u128 * rec.index.len() as u128 / rec.bytes.max(1) as u128;
-            rec.index.reserve_messages(expected.min(MESSAGES_RESERVE_MAX as u128) as usize);
+            let end = recover_segment(SegmentAt { path: &path, no, last }, &data, shard, mode, &mut sizing, &mut rec)?;
+            sizing.bytes_left -= reads.sizes[i];
+            sizing.after_segment(&mut rec.index, rec.bytes);
             if last {
                 if let Some(m) = clean {
                     if m.segment != no || m.end != end || m.commit_seq + 1 != rec.next_commit_seq {
@@ -366,6 +364,7 @@ pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, Re
             });
         }
     }
+    rec.index.end_replay();
     if let Some(max) = rec.index.max_seq() {
         rec.next_seq = rec.next_seq.max(max + 1);
     }
@@ -376,6 +375,63 @@ pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, Re
 /// (a table of 2^22 slots of 128 bytes, mostly untouched until filled):
 /// beyond it the table grows as it fills.
 const MESSAGES_RESERVE_MAX: usize = 1 << 21;
+
+/// Bytes of the first segment recovery decodes before it sizes the
+/// message table for the whole journal at the rate seen in them (four
+/// commits of the largest size): enough to be a fair sample, early enough
+/// that the table doubles only a few times before.
+const RESERVE_SAMPLE_BYTES: usize = 4 << 20;
+
+/// Sizes the message table ahead of the messages: a hash table that grows
+/// by doubling moves every entry each time (page faults of the new table
+/// included): 8% of the criterion replay's samples when the first segment
+/// grew its table from empty. File sizes stand for what is left to read,
+/// so the last segment's unwritten zeros count as messages to come, at
+/// most one segment's worth (untouched table memory: only its control
+/// bytes, one per slot, are written).
+struct TableSizing {
+    /// Bytes (file sizes) of the segments not yet fully decoded.
+    bytes_left: u64,
+    /// The first segment's sample was taken (or is not wanted).
+    sampled: bool,
+}
+
+impl TableSizing {
+    /// Called before each commit of the first segment, at `offset`: past
+    /// [`RESERVE_SAMPLE_BYTES`], reserves room for the rest of the journal
+    /// at the rate of messages seen so far.
+    fn sample(&mut self, index: &mut MessageIndex, offset: usize) {
+        if self.sampled || offset < RESERVE_SAMPLE_BYTES {
+            return;
+        }
+        self.sampled = true;
+        let rest = self.bytes_left.saturating_sub(offset as u64);
+        Self::reserve(index, rest, offset as u64);
+    }
+
+    /// After a segment: room for the messages of the segments still to
+    /// read, at the rate of those read so far (a no-op when the sample's
+    /// estimate held).
+    fn after_segment(&mut self, index: &mut MessageIndex, bytes_read: u64) {
+        self.sampled = true;
+        Self::reserve(index, self.bytes_left, bytes_read);
+    }
+
+    fn reserve(index: &mut MessageIndex, bytes_to_read: u64, bytes_read: u64) {
+        let expected = bytes_to_read as u128 * index.len() as u128 / bytes_read.max(1) as u128;
+        index.reserve_messages(expected.min(MESSAGES_RESERVE_MAX as u128) as usize);
+    }
+}
+
+/// One segment of the journal being recovered.
+#[derive(Clone, Copy)]
+struct SegmentAt<'a> {
+    path: &'a Path,
+    /// Its number.
+    no: u64,
+    /// The newest segment (where a torn last commit may lie).
+    last: bool,
+}
 
 /// Reads a shard's segments on a thread of its own, one segment ahead of
 /// the decoding: the read (a copy out of the page cache, or the disk's
@@ -441,20 +497,21 @@ fn read_into(path: &Path, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
 
 /// Scans one segment into `rec`; returns the offset just past its intact commits.
 fn recover_segment(
-    path: &Path,
+    at: SegmentAt<'_>,
     data: &[u8],
     shard: u16,
-    no: u64,
-    last: bool,
     mode: Mode,
+    sizing: &mut TableSizing,
     rec: &mut Recovered,
 ) -> Result<u64, RecoveryError> {
+    let SegmentAt { path, no, last } = at;
     let mut header: Option<SegmentHeader> = None;
     let mut first = true;
     let mut bad_header: Option<String> = None;
     let index = &mut rec.index;
     let mut records = 0u64;
-    let scanned = scan(data, |offset, record| {
+    let scanned = scan_commits(data, |commit| {
+        let Some(&(offset, record)) = commit.first() else { return };
         if first {
             first = false;
             match record {
@@ -469,9 +526,10 @@ fn recover_segment(
             }
         }
         if bad_header.is_none() {
-            index.apply(no, offset as u64, &record);
+            sizing.sample(index, offset);
+            index.apply_commit(no, commit);
         }
-        records += 1;
+        records += commit.len() as u64;
     });
     if let Some(reason) = bad_header {
         return Err(RecoveryError::BadSegment { path: path.to_owned(), reason });

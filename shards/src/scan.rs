@@ -73,6 +73,17 @@ pub struct SegmentScan {
 /// Each byte's checksum is computed once: the commit's CRC covers its
 /// records, which are then decoded without their own CRC.
 pub fn scan<'a>(segment: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) -> SegmentScan {
+    scan_commits(segment, |records| {
+        for &(offset, record) in records {
+            visit(offset, record);
+        }
+    })
+}
+
+/// [`scan`], one intact commit at a time: `visit` gets the records of each
+/// (with their offsets in the segment), so a caller can look ahead over a
+/// commit's records (recovery loads their users' state in groups).
+pub fn scan_commits<'a>(segment: &'a [u8], mut visit: impl FnMut(&[(usize, Record<'a>)])) -> SegmentScan {
     let mut out =
         SegmentScan { end: ScanEnd::Clean { end: 0 }, commits: 0, first_commit_seq: None, last_commit_seq: None };
     let mut records: Vec<(usize, Record<'a>)> = Vec::new();
@@ -109,9 +120,10 @@ pub fn scan<'a>(segment: &'a [u8], mut visit: impl FnMut(usize, Record<'a>)) -> 
                 out.end = ScanEnd::Damaged(damage_at(segment, pos, "intact commit holds a malformed record"));
                 return out;
             }
-            for (at, record) in records.drain(..) {
-                visit(body_at + at, record);
+            for (at, _) in records.iter_mut() {
+                *at += body_at;
             }
+            visit(&records);
             out.commits += 1;
             out.first_commit_seq.get_or_insert(commit.header.seq);
             out.last_commit_seq = Some(commit.header.seq);
