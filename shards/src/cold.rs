@@ -9,6 +9,8 @@
 //! |-----------|----------------------------------|------------------------------|
 //! | `by_user` | user hash (8, BE) ‖ seq (8, BE)  | the encoded `Accepted` record |
 //! | `index`   | per batch written by `put` (`index.rs`) | its messages' seq, user hash, expiry |
+//! | `index`   | `R`: removals since the last compaction | count (8, BE)          |
+//! | `index`   | `G`: rewritten to move fjall's GC watermark | empty              |
 //!
 //! A message is cold iff its `by_user` key exists. A user's backlog is one
 //! prefix scan of `by_user`, in acceptance order; the batch index answers
@@ -368,7 +370,10 @@ impl ColdStore {
         self.index.rotate_memtable_and_wait()?;
         self.index.major_compact()?;
         // Not made durable here: a crash before the next persist only
-        // brings back the older count, and with it one more compaction.
+        // brings back the older count, and with it one more compaction. A
+        // removal on the blocking thread may write its count beside this
+        // one, so the stored count can be off by a batch until the next
+        // removal; it only times the next compaction.
         let left = self.removed.fetch_sub(counted, Ordering::Relaxed) - counted;
         self.index.insert(REMOVED_KEY, left.to_be_bytes())?;
         self.advance_gc_watermark();
