@@ -15,6 +15,11 @@
 
 use std::path::Path;
 
+/// The engine's allocator, so the bench replays as `esh3ar serve` does:
+/// large tables on huge pages (`ESH3AR_HUGE_PAGES=0` turns the advice off).
+#[global_allocator]
+static ALLOC: esh3ar::huge_alloc::HugePageAlloc = esh3ar::huge_alloc::HugePageAlloc;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use esh3ar_shards::group_commit::GroupCommit;
 use esh3ar_shards::limits::BLOCK_BYTES;

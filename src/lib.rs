@@ -20,6 +20,7 @@ pub mod disk_room;
 pub mod dispatch;
 pub mod fallback;
 pub mod http;
+pub mod huge_alloc;
 pub mod idempotency;
 pub mod journal_cli;
 pub mod mesh;

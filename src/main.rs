@@ -6,6 +6,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use esh3ar::config::Config;
+use esh3ar::huge_alloc::HugePageAlloc;
+
+/// Large allocations (recovery's tables above all) on transparent huge
+/// pages; see `huge_alloc`.
+#[global_allocator]
+static ALLOC: HugePageAlloc = HugePageAlloc;
 
 #[derive(Parser)]
 #[command(name = "esh3ar", version, about = "Durable thread-per-core messaging engine")]

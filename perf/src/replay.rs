@@ -56,6 +56,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(600);
 struct Restart {
     /// Spawn → first `200` of `/readyz`.
     readyz_s: f64,
+    /// The engine's VmRSS right after `/readyz` (0 if unread).
+    rss_bytes: u64,
     /// The slowest shard's replay (shards replay in parallel).
     replay_s: f64,
     /// Journal bytes replayed, all shards.
@@ -122,12 +124,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         let log = dir.path().join(format!("restart-{i}.log"));
         let run = restart(&mut engine, &bin, &config, &log, on_disk)?;
         eprintln!(
-            "replay: restart {}: {} bytes replayed in {:.3} s ({:.0} MB/s), /readyz 200 after {:.3} s",
+            "replay: restart {}: {} bytes replayed in {:.3} s ({:.0} MB/s), /readyz 200 after {:.3} s, RSS {} MB",
             i + 1,
             run.bytes,
             run.replay_s,
             run.mb_per_s(),
-            run.readyz_s
+            run.readyz_s,
+            run.rss_bytes / 1_000_000
         );
         runs.push(run);
     }
@@ -170,6 +173,7 @@ fn restart(engine: &mut Spawned, bin: &Path, config: &Path, log: &Path, on_disk:
     let mut run = parse_recovered(&text, on_disk)
         .with_context(|| format!("no `journal recovered` line in the engine's log {}", log.display()))?;
     run.readyz_s = readyz_s;
+    run.rss_bytes = engine::rss_bytes(engine.pid()).unwrap_or(0);
     Ok(run)
 }
 
@@ -284,6 +288,7 @@ fn build_report(
         ("replay_s_median", median(runs.iter().map(|r| r.replay_s).collect())),
         ("replay_mb_per_s_median", median(runs.iter().map(Restart::mb_per_s).collect())),
         ("restart_seconds_median", median(runs.iter().map(|r| r.readyz_s).collect())),
+        ("rss_bytes_after_restart_median", median(runs.iter().map(|r| r.rss_bytes as f64).collect())),
         ("replay_figures_from_engine", f64::from(u8::from(runs.iter().all(|r| r.engine_figures)))),
     ]
     .into_iter()
