@@ -70,8 +70,9 @@ pub struct StatusView {
 }
 
 impl StatusView {
-    /// The view of an indexed message.
-    pub fn of(m: &esh3ar_shards::index::MessageMeta) -> StatusView {
+    /// The view of an indexed message and its fallback provider's id
+    /// ([`esh3ar_shards::index::MessageIndex::provider_message_id`]).
+    pub fn of(m: &esh3ar_shards::index::MessageMeta, provider_message_id: Option<&str>) -> StatusView {
         StatusView {
             to: m.to.to_string(),
             status: m.status,
@@ -82,7 +83,7 @@ impl StatusView {
             acked_at_ms: m.acked_at_ms,
             reason: m.reason,
             channel: (m.delivered_at_ms != 0).then(|| m.channel.as_str()),
-            provider_message_id: m.provider_message_id.as_deref().map(str::to_owned),
+            provider_message_id: provider_message_id.map(str::to_owned),
         }
     }
 }

@@ -93,7 +93,7 @@ pub fn owes_event(shard: &Shard, index: &MessageIndex, seq: u64, status: Status)
 pub fn event_body(shard: &Shard, seq: u64, status: Status, since_ms: u64) -> Option<Vec<u8>> {
     let index = shard.index().borrow();
     let meta = index.get(seq)?;
-    let view = crate::mesh_msg::StatusView::of(meta);
+    let view = crate::mesh_msg::StatusView::of(meta, index.provider_message_id(seq));
     let data = crate::business::json::status_json(shard.tracking_id(seq), &view);
     let mut b = Vec::with_capacity(data.len() + 80);
     b.extend_from_slice(b"{\"type\":");

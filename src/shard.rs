@@ -515,7 +515,7 @@ impl Shard {
                 if &*m.client != self.clients.borrow().id(client) {
                     return None;
                 }
-                return Some(Box::new(StatusView::of(m)));
+                return Some(Box::new(StatusView::of(m, index.provider_message_id(seq))));
             }
         }
         // Not in memory: pending in the offline backlog on disk, maybe.

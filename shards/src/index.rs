@@ -54,10 +54,10 @@ pub struct MessageMeta {
     /// Events given up on, waiting in the dead-letter queue.
     pub events_dead: EventSet,
     /// Where it was delivered: the app, or a fallback channel (then it is
-    /// withdrawn from the app queue and settled for the journal).
+    /// withdrawn from the app queue and settled for the journal). The
+    /// fallback provider's id for it, where the provider gave one, is kept
+    /// apart: [`MessageIndex::provider_message_id`].
     pub channel: Channel,
-    /// The fallback provider's id for it, where the provider gave one.
-    pub provider_message_id: Option<Rc<str>>,
     /// A fallback is planned, under way or dead-lettered.
     pub fallback_open: bool,
 }
@@ -157,6 +157,13 @@ pub struct MessageIndex {
     idempotency: IdempotencyKeys,
     /// Fallback deliveries planned, under way or dead-lettered, by seq.
     fallbacks: BTreeMap<u64, FallbackState>,
+    /// The fallback provider's id for a message it delivered, where the
+    /// provider gave one, by seq. Few messages have one, so it is kept
+    /// here rather than in every [`MessageMeta`] (16 bytes of each slot of
+    /// the message table, written for every message in replay). An entry
+    /// lives exactly as long as its message's: removed wherever a message
+    /// leaves `messages` ([`MessageIndex::forget_message`]).
+    provider_ids: HashMap<u64, Rc<str>>,
     /// (due_at_ms, seq) of fallbacks waiting to be handed to a provider.
     fallback_due: BTreeSet<(u64, u64)>,
     /// Messages in the pending queues (`/metrics`), kept in step with `pending`.
@@ -340,7 +347,6 @@ impl MessageIndex {
                     events_owed: 0,
                     events_dead: 0,
                     channel: Channel::App,
-                    provider_message_id: None,
                     fallback_open: false,
                 };
                 if a.expires_at_ms > 0 {
@@ -376,6 +382,22 @@ impl MessageIndex {
             && m.events_dead == 0
     }
 
+    /// Removes message `seq` from the table, and what is kept apart for it.
+    /// Every removal from `messages` goes through here.
+    fn forget_message(&mut self, seq: u64) -> Option<MessageMeta> {
+        let meta = self.messages.remove(&seq)?;
+        if !self.provider_ids.is_empty() {
+            self.provider_ids.remove(&seq);
+        }
+        Some(meta)
+    }
+
+    /// The fallback provider's id for message `seq`, where a provider
+    /// delivered it and gave one.
+    pub fn provider_message_id(&self, seq: u64) -> Option<&str> {
+        self.provider_ids.get(&seq).map(|id| &**id)
+    }
+
     /// Forgets a message whose durable copy is now in the cold store, if it
     /// is still [`MessageIndex::spillable`] (the same test the live path
     /// made before journaling the [`Record::Spilled`], so replay agrees).
@@ -387,7 +409,7 @@ impl MessageIndex {
         let (to, expires, priority, segment) = (meta.to.clone(), meta.expires_at_ms, meta.priority, meta.segment);
         self.remove_expiry(expires, seq);
         self.remove_pending(seq, &to, priority);
-        self.messages.remove(&seq);
+        self.forget_message(seq);
         if let Some(live) = self.segments.get_mut(&segment) {
             assert!(live.unsettled > 0, "segment {segment} settled below zero");
             live.unsettled -= 1;
@@ -447,7 +469,7 @@ impl MessageIndex {
         for part in self.messages.parts.iter_mut() {
             a |= shrink(part);
         }
-        let b = shrink(&mut self.pending);
+        let b = shrink(&mut self.pending) | shrink(&mut self.provider_ids);
         // Ids no message or entry refers to any more (spilled, forgotten).
         self.interned.retain(|s| Rc::strong_count(s) > 1);
         let c = self.interned.capacity() > 4 * self.interned.len() + 1024;
@@ -630,7 +652,11 @@ impl MessageIndex {
                 meta.status = Status::Delivered;
                 meta.delivered_at_ms = f.at_ms;
                 meta.channel = Channel::from_u8(f.channel).unwrap_or(Channel::App);
-                meta.provider_message_id = (!f.text.is_empty()).then(|| Rc::from(f.text));
+                if f.text.is_empty() {
+                    self.provider_ids.remove(&f.seq);
+                } else {
+                    self.provider_ids.insert(f.seq, Rc::from(f.text));
+                }
                 let (to, expires, priority) = (meta.to.clone(), meta.expires_at_ms, meta.priority);
                 self.remove_expiry(expires, f.seq);
                 self.remove_pending(f.seq, &to, priority);
@@ -968,7 +994,7 @@ impl MessageIndex {
             // Only messages whose record lies here: a restored message keeps
             // its old number in a newer segment.
             if self.messages.get(&seq).is_some_and(|m| m.segment == segment) {
-                let m = self.messages.remove(&seq);
+                let m = self.forget_message(seq);
                 debug_assert!(!m.is_some_and(|m| m.pinned()), "forgot a pinned message {seq}");
             }
         }
@@ -996,7 +1022,7 @@ struct ReplayedExpiries {
 }
 
 /// Most slots [`ReplayedExpiries`] holds (8 bytes each: 512 MiB at most, 8
-/// bytes per message of the journal, where the message table takes 128).
+/// bytes per message of the journal, where the message table takes 112).
 const REPLAYED_EXPIRIES_SLOTS_MAX: u64 = 1 << 26;
 
 /// Largest run of numbers without a slot [`ReplayedExpiries`] fills with
@@ -1402,6 +1428,55 @@ mod tests {
         assert_eq!(counted(&ix), (0, 0, 0, 0), "dropped: out of the queue, the message stays failed");
     }
 
+    /// The message table's slots are most of the index's memory, and replay
+    /// writes one for every message (page faults included): a field added to
+    /// [`MessageMeta`] must pay for itself, or live apart as the provider
+    /// ids do. 104 bytes: 120 until the provider id moved out.
+    #[test]
+    fn message_table_slots_stay_narrow() {
+        let (meta, slot) = (std::mem::size_of::<MessageMeta>(), std::mem::size_of::<(u64, MessageMeta)>());
+        assert!(meta <= 104, "MessageMeta is {meta} bytes");
+        assert!(slot <= 112, "a message table slot is {slot} bytes");
+    }
+
+    /// A provider's id is kept apart from the table and leaves with its
+    /// message, whichever way the message leaves.
+    #[test]
+    fn provider_ids_live_as_long_as_their_messages() {
+        let mut ix = MessageIndex::new();
+        let delivered = |ix: &mut MessageIndex, seq: u64, text: &str| {
+            let change = FallbackChange {
+                seq,
+                step: FallbackStep::Delivered,
+                at_ms: 50,
+                channel: Channel::WhatsApp as u8,
+                channels: 0,
+                attempts: 0,
+                when_ms: 10,
+                notify: false,
+                text,
+            };
+            ix.apply(9, 0, &Record::Fallback(change));
+        };
+        accept(&mut ix, 1, 0, "a");
+        accept(&mut ix, 1, 1, "b");
+        accept(&mut ix, 2, 2, "a");
+        delivered(&mut ix, 0, "wamid.0");
+        delivered(&mut ix, 1, "");
+        delivered(&mut ix, 2, "wamid.2");
+        assert_eq!(ix.provider_message_id(0), Some("wamid.0"));
+        assert_eq!(ix.provider_message_id(1), None, "the provider gave none");
+        assert_eq!(ix.get(0).map(|m| m.channel), Some(Channel::WhatsApp));
+        delivered(&mut ix, 0, "wamid.again");
+        assert_eq!(ix.provider_message_id(0), Some("wamid.0"), "delivered once");
+        assert_eq!(ix.deletable_segments(3), vec![1, 2]);
+        ix.forget_segment(1);
+        assert_eq!((ix.get(0).is_none(), ix.provider_message_id(0)), (true, None));
+        assert_eq!(ix.provider_message_id(2), Some("wamid.2"));
+        ix.forget_segment(2);
+        assert!(ix.provider_ids.is_empty(), "no id outlives its message");
+    }
+
     #[test]
     fn a_rejection_settles_with_its_reason() {
         let mut ix = MessageIndex::new();
@@ -1582,8 +1657,11 @@ mod tests {
         users.sort();
         let queues: Vec<(String, Vec<u64>)> =
             users.iter().map(|u| (u.to_string(), ix.pending_for(u).collect())).collect();
+        let mut provider_ids: Vec<u64> = ix.provider_ids.keys().copied().collect();
+        provider_ids.sort_unstable();
+        assert!(provider_ids.iter().all(|seq| ix.get(*seq).is_some()), "a provider id outlived its message");
         format!(
-            "pending {queues:?} messages {} pending_messages {} unsettled {} expiries {:?} max_seq {:?}",
+            "pending {queues:?} messages {} provider ids {provider_ids:?} pending_messages {} unsettled {} expiries {:?} max_seq {:?}",
             ix.len(),
             ix.pending_messages(),
             ix.unsettled(),
@@ -1643,17 +1721,18 @@ mod tests {
             }
             _ => {
                 let step =
-                    [FallbackStep::Planned, FallbackStep::Exhausted, FallbackStep::Replayed][usize::from(which % 3)];
+                    [FallbackStep::Planned, FallbackStep::Exhausted, FallbackStep::Replayed, FallbackStep::Delivered]
+                        [usize::from(which % 4)];
                 let change = FallbackChange {
                     seq,
                     step,
                     at_ms: 50,
-                    channel: 0,
+                    channel: u8::from(step == FallbackStep::Delivered),
                     channels: 0,
                     attempts: 0,
                     when_ms: 10,
                     notify: false,
-                    text: "",
+                    text: if step == FallbackStep::Delivered { "p" } else { "" },
                 };
                 ix.apply(segment, 0, &Record::Fallback(change));
             }
