@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Allocations of this size or more get their own huge-page mapping.
-pub const HUGE_FROM: usize = 4 << 20;
+pub const HUGE_FROM: usize = HUGE_PAGE;
 
 /// 0: not read yet; 1: advise huge pages; 2: do not.
 static ADVISE: AtomicU8 = AtomicU8::new(0);
@@ -78,17 +78,29 @@ fn is_huge(layout: &Layout) -> bool {
 /// multiple of it, which `mmap` rounds up anyway).
 const PAGE: usize = 4096;
 
-fn mapped_len(size: usize) -> usize {
-    size.div_ceil(PAGE) * PAGE
+/// Bytes mapped for a block of `size`, and how many of them (from the
+/// start) are advised for huge pages. The tail past the last whole huge
+/// page gets a huge page of its own when it fills at least half of one;
+/// otherwise it stays on base pages: hashbrown puts a table's control
+/// bytes at the end of its block, so a huge page there would be resident
+/// (2 MiB) for a few KiB of use. At most 1 MiB of a huge page is unused.
+fn mapped_and_advised(size: usize) -> (usize, usize) {
+    let whole = size / HUGE_PAGE * HUGE_PAGE;
+    if size - whole >= HUGE_PAGE / 2 {
+        (whole + HUGE_PAGE, whole + HUGE_PAGE)
+    } else {
+        (size.div_ceil(PAGE) * PAGE, whole)
+    }
 }
 
-/// Maps `size` bytes (rounded up to base pages) at a 2 MiB boundary and
-/// advises huge pages for the whole huge pages among them; null when the
-/// kernel refuses. The tail past the last whole huge page stays on base
-/// pages: hashbrown puts a table's control bytes at the end of its block,
-/// so a huge page there would be resident (2 MiB) for a few KiB of use.
+fn mapped_len(size: usize) -> usize {
+    mapped_and_advised(size).0
+}
+
+/// Maps a block of `size` bytes at a 2 MiB boundary and advises huge pages
+/// for it as [`mapped_and_advised`] says; null when the kernel refuses.
 fn map(size: usize) -> *mut u8 {
-    let len = mapped_len(size);
+    let (len, whole) = mapped_and_advised(size);
     // Over-map by one huge page, then cut the unaligned head and the tail,
     // so the mapping starts on a huge-page boundary.
     let Some(span) = len.checked_add(HUGE_PAGE) else {
@@ -124,7 +136,6 @@ fn map(size: usize) -> *mut u8 {
             libc::munmap((aligned + len) as *mut libc::c_void, tail);
         }
     }
-    let whole = len / HUGE_PAGE * HUGE_PAGE;
     if whole > 0 && advise() {
         // SAFETY: the range lies inside the mapping kept above. The advice
         // only changes how the kernel backs it; a failure (huge pages off)
@@ -238,6 +249,19 @@ mod tests {
             assert!(std::slice::from_raw_parts(again, 1000).iter().all(|&b| b == 7));
             a.dealloc(again, Layout::from_size_align(HUGE_FROM, 8).unwrap());
         }
+    }
+
+    #[test]
+    fn a_tail_of_half_a_huge_page_or_more_gets_one_and_a_smaller_one_stays_on_base_pages() {
+        const MIB: usize = 1 << 20;
+        // A table part of 3.53 MiB: two huge pages, 0.47 MiB unused.
+        assert_eq!(mapped_and_advised(3 * MIB + MIB / 2 + 4096), (4 * MIB, 4 * MIB));
+        // 16 MiB of buckets and 128 KiB of control bytes: the control bytes
+        // on base pages.
+        assert_eq!(mapped_and_advised(16 * MIB + 128 * 1024 + 17), (16 * MIB + 132 * 1024, 16 * MIB));
+        assert_eq!(mapped_and_advised(2 * MIB), (2 * MIB, 2 * MIB));
+        assert_eq!(mapped_and_advised(3 * MIB), (4 * MIB, 4 * MIB));
+        assert_eq!(mapped_and_advised(3 * MIB - 1), (3 * MIB, 2 * MIB));
     }
 
     #[test]
