@@ -195,6 +195,29 @@ impl MessageIndex {
         self.messages.reserve(additional);
     }
 
+    /// Recovery expects about `total` messages in the table: chooses the
+    /// number of its parts (64 to 127) whose power-of-two capacities hold
+    /// them with the least memory, with 1/16 to spare for an estimate on
+    /// the low side, and moves what the table holds so far into them (the
+    /// room itself comes from [`MessageIndex::reserve_messages`]). Only
+    /// while the table is small (a sample of the journal's start): later
+    /// the move would cost more than it saves. Returns the parts chosen.
+    pub fn plan_message_table(&mut self, total: usize) -> usize {
+        let current = self.messages.parts.len();
+        if self.messages.len() > PLAN_MOVE_MAX || total < SEQ_TABLE_PARTS * 1024 {
+            return current;
+        }
+        let want = total + total / 16;
+        let buckets = |parts: usize| want.div_ceil(parts).saturating_mul(8).div_ceil(7).next_power_of_two();
+        let best = (SEQ_TABLE_PARTS..SEQ_TABLE_PARTS_END)
+            .min_by_key(|&parts| parts.saturating_mul(buckets(parts)))
+            .unwrap_or(SEQ_TABLE_PARTS);
+        if best != current {
+            self.messages.repartition(best);
+        }
+        best
+    }
+
     /// Recovery is about to apply a whole journal. Until
     /// [`MessageIndex::end_replay`], a user whose pending queues empty
     /// keeps them: in a journal most users' queues empty and fill again
@@ -1072,8 +1095,15 @@ impl ReplayedExpiries {
 /// overlap, few enough that what they load is still cached when applied.
 const TOUCH_GROUP: usize = 8;
 
-/// Parts of [`SeqTable`] (a power of two).
+/// Parts of [`SeqTable`] unless recovery chooses more
+/// ([`MessageIndex::plan_message_table`]).
 const SEQ_TABLE_PARTS: usize = 64;
+/// Most entries [`MessageIndex::plan_message_table`] moves to new parts.
+const PLAN_MOVE_MAX: usize = 1 << 17;
+/// Most parts [`MessageIndex::plan_message_table`] chooses (exclusive):
+/// from 64 to 127, the messages per part span a factor of two, so one of
+/// them fills its parts' power-of-two capacity well.
+const SEQ_TABLE_PARTS_END: usize = 2 * SEQ_TABLE_PARTS;
 /// Consecutive sequence numbers that go to one part of [`SeqTable`]
 /// (log2): inserts in sequence order fill one part at a time.
 const SEQ_TABLE_RUN_BITS: u32 = 12;
@@ -1086,44 +1116,74 @@ const SEQ_TABLE_RUN_BITS: u32 = 12;
 /// (and held both tables meanwhile). A part holds 1/64 of the messages,
 /// so its growth stops the shard for 1/64 of that; the total work and the
 /// memory at rest are the same.
+///
+/// The number of parts need not be a power of two: recovery chooses it
+/// ([`MessageIndex::plan_message_table`]) so that the journal's messages
+/// fill the parts' power-of-two capacities well. With 64 parts, 4.1 M
+/// messages are 64,500 a part, just over the 57,344 that 65,536 buckets
+/// hold, so every part had 131,072 buckets, half of them empty, and
+/// recovery zeroed (first touch) twice the memory it used.
 #[derive(Debug)]
 struct SeqTable {
     parts: Box<[HashMap<u64, MessageMeta, SeqHash>]>,
+    /// `u64::MAX / parts + 1`: the multiplier of Lemire's fast modulo, so
+    /// finding a part costs two multiplications, not a division.
+    part_mul: u64,
     /// Entries in all parts (read per request by the memory pressure).
     len: usize,
 }
 
 impl Default for SeqTable {
     fn default() -> Self {
-        Self { parts: (0..SEQ_TABLE_PARTS).map(|_| HashMap::default()).collect(), len: 0 }
+        Self::with_parts(SEQ_TABLE_PARTS)
     }
 }
 
 impl SeqTable {
-    fn part(seq: u64) -> usize {
-        (seq >> SEQ_TABLE_RUN_BITS) as usize & (SEQ_TABLE_PARTS - 1)
+    fn with_parts(parts: usize) -> Self {
+        let parts = parts.clamp(1, u32::MAX as usize);
+        Self { parts: (0..parts).map(|_| HashMap::default()).collect(), part_mul: u64::MAX / parts as u64 + 1, len: 0 }
+    }
+
+    /// `(seq >> SEQ_TABLE_RUN_BITS) % parts` (of its low 32 bits).
+    fn part(&self, seq: u64) -> usize {
+        let run = (seq >> SEQ_TABLE_RUN_BITS) as u32;
+        let low = self.part_mul.wrapping_mul(u64::from(run));
+        ((u128::from(low) * self.parts.len() as u128) >> 64) as usize
+    }
+
+    /// The same entries in `parts` parts.
+    fn repartition(&mut self, parts: usize) {
+        let mut next = Self::with_parts(parts);
+        for (seq, meta) in std::mem::take(&mut self.parts).into_vec().into_iter().flatten() {
+            next.insert(seq, meta);
+        }
+        *self = next;
     }
 
     fn get(&self, seq: &u64) -> Option<&MessageMeta> {
-        self.parts[Self::part(*seq)].get(seq)
+        self.parts[self.part(*seq)].get(seq)
     }
 
     fn get_mut(&mut self, seq: &u64) -> Option<&mut MessageMeta> {
-        self.parts[Self::part(*seq)].get_mut(seq)
+        let part = self.part(*seq);
+        self.parts[part].get_mut(seq)
     }
 
     fn contains_key(&self, seq: &u64) -> bool {
-        self.parts[Self::part(*seq)].contains_key(seq)
+        self.parts[self.part(*seq)].contains_key(seq)
     }
 
     fn insert(&mut self, seq: u64, meta: MessageMeta) -> Option<MessageMeta> {
-        let old = self.parts[Self::part(seq)].insert(seq, meta);
+        let part = self.part(seq);
+        let old = self.parts[part].insert(seq, meta);
         self.len += usize::from(old.is_none());
         old
     }
 
     fn remove(&mut self, seq: &u64) -> Option<MessageMeta> {
-        let old = self.parts[Self::part(*seq)].remove(seq);
+        let part = self.part(*seq);
+        let old = self.parts[part].remove(seq);
         self.len -= usize::from(old.is_some());
         old
     }
@@ -1138,7 +1198,7 @@ impl SeqTable {
 
     /// Room for `additional` more messages of consecutive sequence numbers.
     fn reserve(&mut self, additional: usize) {
-        let each = additional.div_ceil(SEQ_TABLE_PARTS);
+        let each = additional.div_ceil(self.parts.len());
         for part in self.parts.iter_mut() {
             part.reserve(each);
         }
@@ -1432,6 +1492,49 @@ mod tests {
     /// writes one for every message (page faults included): a field added to
     /// [`MessageMeta`] must pay for itself, or live apart as the provider
     /// ids do. 104 bytes: 120 until the provider id moved out.
+    #[test]
+    fn the_fast_modulo_finds_the_part_a_division_would() {
+        for parts in [1usize, 3, 64, 77, 100, 127] {
+            let t = SeqTable::with_parts(parts);
+            for run in (0u64..5000).chain([u32::MAX as u64 - 3, u32::MAX as u64, 1 << 33]) {
+                let seq = run << SEQ_TABLE_RUN_BITS;
+                let want = (run as u32) as usize % parts;
+                assert_eq!(t.part(seq), want, "parts {parts}, run {run}");
+                assert_eq!(t.part(seq + 4095), want, "a run of 4,096 stays in one part");
+            }
+        }
+    }
+
+    #[test]
+    fn recovery_chooses_parts_that_the_expected_messages_fill_and_keeps_every_entry() {
+        // 4.1 M messages (the 1 GiB replay): 64 parts would need 131,072
+        // buckets each (half empty); 77 parts of 65,536 hold them.
+        let mut ix = MessageIndex::new();
+        for seq in 0..20_000 {
+            accept(&mut ix, 1, seq, if seq % 2 == 0 { "a" } else { "b" });
+        }
+        let parts = ix.plan_message_table(4_129_777);
+        assert_eq!(parts, 77);
+        let want: usize = 4_129_777 + 4_129_777 / 16;
+        assert!(want.div_ceil(parts) <= 57_344, "a part's 65,536 buckets hold its share");
+        assert_eq!(ix.messages.parts.len(), 77);
+        assert_eq!(ix.len(), 20_000);
+        assert!((0..20_000).all(|seq| ix.get(seq).is_some_and(|m| m.offset == seq * 100)));
+        assert_eq!(ix.pending_messages(), 20_000);
+        // Small or late: left as it is.
+        assert_eq!(MessageIndex::new().plan_message_table(10_000), SEQ_TABLE_PARTS);
+        let mut big = MessageIndex::new();
+        for seq in 0..(PLAN_MOVE_MAX as u64 + 1) {
+            big.messages.insert(seq, ix.get(0).unwrap().clone());
+        }
+        assert_eq!(big.plan_message_table(4_129_777), SEQ_TABLE_PARTS, "too late to move");
+        // A count that fills 64 parts best keeps 64 (57,110 of 57,344 a
+        // part; 127 parts of 32,768 buckets would be 108 short).
+        assert_eq!(MessageIndex::new().plan_message_table(3_440_000), SEQ_TABLE_PARTS);
+        // 3.2 M: 119 parts of 32,768 buckets (3.9 M slots) beat 64 of 65,536.
+        assert_eq!(MessageIndex::new().plan_message_table(3_200_000), 119);
+    }
+
     #[test]
     fn message_table_slots_stay_narrow() {
         let (meta, slot) = (std::mem::size_of::<MessageMeta>(), std::mem::size_of::<(u64, MessageMeta)>());

@@ -406,6 +406,8 @@ impl TableSizing {
         }
         self.sampled = true;
         let rest = self.bytes_left.saturating_sub(offset as u64);
+        let total = self.bytes_left as u128 * index.len() as u128 / (offset as u128).max(1);
+        index.plan_message_table(total.min(usize::MAX as u128) as usize);
         Self::reserve(index, rest, offset as u64);
     }
 
