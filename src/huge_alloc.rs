@@ -3,8 +3,8 @@
 //! transparent huge pages (`MADV_HUGEPAGE`).
 //!
 //! Why: recovery rebuilds tables of millions of entries (the message table
-//! alone is ~130 bytes per pending message, 1 GiB of journal holds 4 M of
-//! them), writing them in hash order. With 4 KiB pages every first write
+//! alone is ~112 bytes per slot, 1 GiB of journal holds 4 M pending
+//! messages), writing them in hash order. With 4 KiB pages every first write
 //! of a page is a fault, and the misses of the TLB come on top of the cache
 //! misses; with 2 MiB pages there are 512 times fewer of both. The kernel's
 //! default here (`/sys/kernel/mm/transparent_hugepage/enabled` =
@@ -24,8 +24,12 @@
 //! parts of a large block never written (the empty buckets of a hash table
 //! that recovery filled to half its capacity) are resident too, where base
 //! pages would have stayed unmapped until used. After a restart with 4.1 M
-//! pending messages that was 1,032 → 1,221 MB (+18%); a table in use fills
-//! its pages sooner or later either way.
+//! pending messages that was 1,032 → 1,221 MB (+18%), until recovery sized
+//! the message table's parts to the journal (`plan_message_table` in
+//! `esh3ar_shards::index`): 827 MB. The two are coupled: a part just under
+//! [`HUGE_FROM`] falls back to base pages. A large block allocated and
+//! freed on a hot path would pay a mapping and a huge page's zeroing each
+//! time; keep such buffers under [`HUGE_FROM`] or reuse them.
 //!
 //! Where transparent huge pages are off (`never`) the advice is ignored and
 //! the mappings behave as the system allocator's own large ones would.
