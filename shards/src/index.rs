@@ -1126,8 +1126,9 @@ const SEQ_TABLE_RUN_BITS: u32 = 12;
 #[derive(Debug)]
 struct SeqTable {
     parts: Box<[HashMap<u64, MessageMeta, SeqHash>]>,
-    /// `u64::MAX / parts + 1`: the multiplier of Lemire's fast modulo, so
-    /// finding a part costs two multiplications, not a division.
+    /// `u64::MAX / parts + 1` (0 for one part, as in Lemire's C, where it
+    /// wraps): the multiplier of his fast modulo, so finding a part costs
+    /// two multiplications, not a division.
     part_mul: u64,
     /// Entries in all parts (read per request by the memory pressure).
     len: usize,
@@ -1142,7 +1143,11 @@ impl Default for SeqTable {
 impl SeqTable {
     fn with_parts(parts: usize) -> Self {
         let parts = parts.clamp(1, u32::MAX as usize);
-        Self { parts: (0..parts).map(|_| HashMap::default()).collect(), part_mul: u64::MAX / parts as u64 + 1, len: 0 }
+        Self {
+            parts: (0..parts).map(|_| HashMap::default()).collect(),
+            part_mul: (u64::MAX / parts as u64).wrapping_add(1),
+            len: 0,
+        }
     }
 
     /// `(seq >> SEQ_TABLE_RUN_BITS) % parts` (of its low 32 bits).
