@@ -276,32 +276,31 @@ mod tests {
     }
 
     #[test]
-    fn a_large_block_is_backed_by_huge_pages_where_the_kernel_allows_them() {
+    fn a_large_block_is_advised_and_backed_by_huge_pages_where_the_kernel_allows_them() {
         let enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
-        if !(enabled.contains("[madvise]") || enabled.contains("[always]")) {
-            eprintln!("transparent huge pages are off on this host: {enabled}");
-            return;
-        }
         let a = HugePageAlloc;
         let layout = Layout::from_size_align(8 * HUGE_PAGE, 8).unwrap();
         // SAFETY: a valid layout, freed below with the same layout.
         unsafe {
             let p = a.alloc(layout);
             p.write_bytes(1, layout.size());
-            let anon_huge = anon_huge_kib_of_mapping_holding(p as usize);
+            let (flags, anon_huge) = mapping_holding(p as usize);
             a.dealloc(p, layout);
-            // The kernel may lack free huge pages at this instant; most of
-            // the 16 MiB should still be huge.
-            assert!(anon_huge >= 8 * 1024, "only {anon_huge} kB of 16 MiB in huge pages");
+            // The advice is recorded whatever the kernel's setting ("hg").
+            assert!(flags.split_whitespace().any(|f| f == "hg"), "not advised: {flags}");
+            if enabled.contains("[madvise]") || enabled.contains("[always]") {
+                // The kernel may lack free huge pages at this instant; most
+                // of the 16 MiB should still be huge.
+                assert!(anon_huge >= 8 * 1024, "only {anon_huge} kB of 16 MiB in huge pages");
+            }
         }
     }
 
-    /// `AnonHugePages` of the mapping (as `/proc/self/smaps` lists it) that
-    /// holds `addr`; a neighbouring mapping with the same flags may have
-    /// been merged into it, which only adds to the count.
-    fn anon_huge_kib_of_mapping_holding(addr: usize) -> u64 {
+    /// `VmFlags` and `AnonHugePages` (kB) of the mapping (as
+    /// `/proc/self/smaps` lists it) that holds `addr`.
+    fn mapping_holding(addr: usize) -> (String, u64) {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
+        let (mut inside, mut huge) = (false, None);
         for line in smaps.lines() {
             let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
             if let Some((Ok(start), Ok(end))) =
@@ -310,7 +309,9 @@ mod tests {
                 inside = start <= addr && addr < end;
             } else if inside {
                 if let Some(v) = line.strip_prefix("AnonHugePages:") {
-                    return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+                    huge = v.trim().trim_end_matches("kB").trim().parse().ok();
+                } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return (flags.to_owned(), huge.expect("AnonHugePages comes before VmFlags"));
                 }
             }
         }

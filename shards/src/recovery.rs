@@ -406,8 +406,7 @@ impl TableSizing {
         }
         self.sampled = true;
         let rest = self.bytes_left.saturating_sub(offset as u64);
-        let total = self.bytes_left as u128 * index.len() as u128 / (offset as u128).max(1);
-        index.plan_message_table(total.min(usize::MAX as u128) as usize);
+        index.plan_message_table(Self::expected(index, self.bytes_left, offset as u64));
         Self::reserve(index, rest, offset as u64);
     }
 
@@ -420,8 +419,15 @@ impl TableSizing {
     }
 
     fn reserve(index: &mut MessageIndex, bytes_to_read: u64, bytes_read: u64) {
-        let expected = bytes_to_read as u128 * index.len() as u128 / bytes_read.max(1) as u128;
-        index.reserve_messages(expected.min(MESSAGES_RESERVE_MAX as u128) as usize);
+        let expected = Self::expected(index, bytes_to_read, bytes_read);
+        index.reserve_messages(expected.min(MESSAGES_RESERVE_MAX));
+    }
+
+    /// Messages in `bytes` of journal at the rate of those indexed in the
+    /// first `bytes_read`.
+    fn expected(index: &MessageIndex, bytes: u64, bytes_read: u64) -> usize {
+        let n = bytes as u128 * index.len() as u128 / bytes_read.max(1) as u128;
+        n.min(usize::MAX as u128) as usize
     }
 }
 
