@@ -378,6 +378,7 @@ fn start_executors(
         // Registered io_uring buffers are pinned memory (RLIMIT_MEMLOCK);
         // journal writes need little of it.
         .io_memory(IO_MEMORY_BYTES)
+        .ring_depth(RING_DEPTH)
         .on_all_shards(move || {
             let shared = pool_shared.clone();
             let seed = seeds.lock().ok().and_then(|mut s| s.pop());
@@ -390,6 +391,17 @@ fn start_executors(
         })
         .map_err(|e| anyhow::anyhow!("cannot start the shard executors: {e}"))
 }
+
+/// Entries of each shard's io_uring rings (glommio's default is 128). The
+/// kernel sizes a ring's cancellation hash from it (cq entries / 32, at
+/// most 256 buckets), and glommio cancels and re-arms its preemption timer
+/// on nearly every turn of the executor: each cancel first walks the
+/// bucket where the shard's armed socket polls (one per idle connection)
+/// would be. With 128 entries that is 8 buckets, ~1,250 polls each at
+/// 10,000 connections: 7% of the shard's time in `io_poll_find` at 46,000
+/// msg/s (docs/PERFORMANCE.md, "Issue #9, sixth round"). 4,096 gives the
+/// most buckets; the rings' memory is a few hundred KiB per shard.
+const RING_DEPTH: usize = 4096;
 
 /// `ESH3AR_SPIN_BEFORE_PARK_US`: executors poll this many microseconds
 /// before they sleep in `io_uring_enter`. For profiling under valgrind
