@@ -14,6 +14,15 @@
 //! know about. docs/PERFORMANCE.md ("Issue #9, fifth round") has the
 //! figures.
 //!
+//! Only while a journal replay runs
+//! (`esh3ar_shards::recovery::replay_running`): the blocks recovery fills
+//! keep their huge pages for their life, but a block the live path
+//! allocates later (a table part that doubles as messages arrive) stays on
+//! base pages. Live, a part is written a little at a time, and zeroing a
+//! whole 2 MiB page at its first touch cost ingest ~5% (86,488 against
+//! 81,559 and 82,706 msg/s, one shard, 256 connections, advice off and on:
+//! docs/PERFORMANCE.md, "Issue #9, sixth round").
+//!
 //! Only allocations of [`HUGE_FROM`] bytes or more are mapped here (the
 //! tables of recovery and of the live index, read-ahead buffers); the
 //! small and frequent ones (per-request buffers, per-connection state,
@@ -105,9 +114,16 @@ fn mapped_len(size: usize) -> usize {
     mapped_and_advised(size).0
 }
 
-/// Maps a block of `size` bytes at a 2 MiB boundary and advises huge pages
-/// for it as [`mapped_and_advised`] says; null when the kernel refuses.
-fn map(size: usize) -> *mut u8 {
+/// Whether a large block mapped now gets the huge-page advice: not turned
+/// off, and a journal replay is running (see the module docs).
+fn advise_now() -> bool {
+    advise() && esh3ar_shards::recovery::replay_running()
+}
+
+/// Maps a block of `size` bytes at a 2 MiB boundary and, if `huge`, advises
+/// huge pages for it as [`mapped_and_advised`] says; null when the kernel
+/// refuses.
+fn map(size: usize, huge: bool) -> *mut u8 {
     let (len, whole) = mapped_and_advised(size);
     // Over-map by one huge page, then cut the unaligned head and the tail,
     // so the mapping starts on a huge-page boundary.
@@ -144,7 +160,7 @@ fn map(size: usize) -> *mut u8 {
             libc::munmap((aligned + len) as *mut libc::c_void, tail);
         }
     }
-    if whole > 0 && advise() {
+    if whole > 0 && huge {
         // SAFETY: the range lies inside the mapping kept above. The advice
         // only changes how the kernel backs it; a failure (huge pages off)
         // leaves ordinary pages, which is correct, so the result is ignored.
@@ -176,7 +192,7 @@ unsafe fn unmap(ptr: *mut u8, size: usize) {
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if is_huge(&layout) {
-            map(layout.size())
+            map(layout.size(), advise_now())
         } else {
             // SAFETY: forwarded with the caller's (valid, non-zero) layout.
             unsafe { System.alloc(layout) }
@@ -186,7 +202,7 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if is_huge(&layout) {
             // Fresh anonymous mappings read as zeros.
-            map(layout.size())
+            map(layout.size(), advise_now())
         } else {
             // SAFETY: forwarded with the caller's layout.
             unsafe { System.alloc_zeroed(layout) }
@@ -280,12 +296,21 @@ mod tests {
         let enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
         let a = HugePageAlloc;
         let layout = Layout::from_size_align(8 * HUGE_PAGE, 8).unwrap();
+        let replay = esh3ar_shards::recovery::ReplayRunning::enter();
         // SAFETY: a valid layout, freed below with the same layout.
         unsafe {
             let p = a.alloc(layout);
             p.write_bytes(1, layout.size());
             let (flags, anon_huge) = mapping_holding(p as usize);
             a.dealloc(p, layout);
+            drop(replay);
+            // Outside a replay (`advise_now` false) a large block is mapped
+            // the same way but not advised.
+            let live = map(layout.size(), false);
+            assert_eq!(live as usize % HUGE_PAGE, 0);
+            let (live_flags, _) = mapping_holding(live as usize);
+            unmap(live, layout.size());
+            assert!(!live_flags.split_whitespace().any(|f| f == "hg"), "advised outside a replay: {live_flags}");
             // The advice is recorded whatever the kernel's setting ("hg").
             assert!(flags.split_whitespace().any(|f| f == "hg"), "not advised: {flags}");
             if enabled.contains("[madvise]") || enabled.contains("[always]") {

@@ -26,6 +26,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::commit::hole_header;
 use crate::index::MessageIndex;
@@ -294,8 +295,39 @@ fn is_unwritten(path: &Path) -> Result<bool, RecoveryError> {
     }
 }
 
+/// Recoveries running now, in any thread. The engine's allocator
+/// (`src/huge_alloc.rs`) backs large blocks with huge pages only while one
+/// runs: recovery fills tables of millions of entries at once, where a
+/// fault per 4 KiB dominated; the live path grows its tables a part at a
+/// time, where zeroing a whole huge page per new block cost ingest ~5%
+/// (docs/PERFORMANCE.md, "Issue #9, sixth round").
+static REPLAYS_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a recovery is running in this process (see [`REPLAYS_RUNNING`]).
+pub fn replay_running() -> bool {
+    REPLAYS_RUNNING.load(Ordering::Relaxed) > 0
+}
+
+/// Counts one running recovery until dropped.
+pub struct ReplayRunning(());
+
+impl ReplayRunning {
+    /// A recovery starts (recovery itself and tests of the allocator).
+    pub fn enter() -> Self {
+        REPLAYS_RUNNING.fetch_add(1, Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Drop for ReplayRunning {
+    fn drop(&mut self) {
+        REPLAYS_RUNNING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Reads every segment of shard `shard` in `dir` and rebuilds its index.
 pub fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<Recovered, RecoveryError> {
+    let _running = ReplayRunning::enter();
     let mut segments = list_segments(dir)?;
     // The journal allocates its next segment ahead (the spare, all zeros
     // until rotated into): after a crash it is not the tail, the segment
