@@ -78,18 +78,8 @@ fn failing_storage(spec: &str, op: &str) {
     let (more, refusal) = send_until_refused(&engine, 3, 10);
     assert!(more.is_empty(), "{spec}: a 202 after the journal failed");
     assert_eq!(refusal.map(|r| r.0), Some(503));
-    // The engine logs before it answers, but the test's reader thread may
-    // not have taken the line off the pipe yet: wait for it a little.
-    let mut logs = String::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !logs.contains("journal failed") && std::time::Instant::now() < deadline {
-        for line in engine.stderr_lines() {
-            logs.push_str(&line);
-            logs.push('\n');
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(logs.contains("journal failed"), "{spec}: the failure is logged: {logs}");
+    let logged = engine.wait_for_stderr(Duration::from_secs(5), |l| l.contains("journal failed"));
+    assert!(logged.is_ok(), "{spec}: the failure is logged: {logged:?}");
     engine.kill9();
     assert_all_found(&setup, &ids, spec);
 }

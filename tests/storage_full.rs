@@ -135,16 +135,10 @@ fn a_full_disk_refuses_with_storage_full_loses_nothing_and_recovers_when_space_r
         let r = client.send("u0", &body(100_000 + n));
         assert_eq!((r.status, r.error_code()), (503, "storage_full".into()));
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut lines = Vec::new();
-    let logged = loop {
-        lines.extend(engine.stderr_lines());
-        if let Some(l) = lines.iter().find(|l| l.contains("storage_full") && l.contains(data.to_str().unwrap())) {
-            break l.clone();
-        }
-        assert!(Instant::now() < deadline, "no error line naming the data dir:\n{}", lines.join("\n"));
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let dir = data.to_str().unwrap();
+    let logged = engine
+        .wait_for_stderr(Duration::from_secs(5), |l| l.contains("storage_full") && l.contains(dir))
+        .unwrap_or_else(|lines| panic!("no error line naming the data dir:\n{}", lines.join("\n")));
     assert!(logged.contains("ERROR"), "{logged}");
 
     // kill -9 while full: recovery works on a full disk, nothing is lost.

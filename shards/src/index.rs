@@ -1493,10 +1493,6 @@ mod tests {
         assert_eq!(counted(&ix), (0, 0, 0, 0), "dropped: out of the queue, the message stays failed");
     }
 
-    /// The message table's slots are most of the index's memory, and replay
-    /// writes one for every message (page faults included): a field added to
-    /// [`MessageMeta`] must pay for itself, or live apart as the provider
-    /// ids do. 104 bytes: 120 until the provider id moved out.
     #[test]
     fn the_fast_modulo_finds_the_part_a_division_would() {
         for parts in [1usize, 3, 64, 77, 100, 127] {
@@ -1540,6 +1536,10 @@ mod tests {
         assert_eq!(MessageIndex::new().plan_message_table(3_200_000), 119);
     }
 
+    /// The message table's slots are most of the index's memory, and replay
+    /// writes one for every message (page faults included): a field added to
+    /// [`MessageMeta`] must pay for itself, or live apart as the provider
+    /// ids do. 104 bytes: 120 until the provider id moved out.
     #[test]
     fn message_table_slots_stay_narrow() {
         let (meta, slot) = (std::mem::size_of::<MessageMeta>(), std::mem::size_of::<(u64, MessageMeta)>());

@@ -232,9 +232,25 @@ impl Engine {
         Client::connect(self.business)
     }
 
-    /// Everything the engine wrote to stderr so far.
+    /// The lines the engine wrote to stderr since the last call (each line
+    /// is taken off the pipe once).
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.try_iter().collect()
+    }
+
+    /// Reads the engine's stderr until a line satisfies `want` (returned),
+    /// or `timeout` passes (Err with every line read meanwhile). The engine
+    /// logs before it answers, but the pipe's reader thread may lag.
+    pub fn wait_for_stderr(&self, timeout: Duration, want: impl Fn(&str) -> bool) -> Result<String, Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Ok(line) = self.stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if want(&line) {
+                return Ok(line);
+            }
+            seen.push(line);
+        }
+        Err(seen)
     }
 }
 
