@@ -1,6 +1,7 @@
 //! The engine's global allocator: the system allocator, except that large
-//! allocations get their own mapping, aligned to 2 MiB and advised for
-//! transparent huge pages (`MADV_HUGEPAGE`).
+//! allocations get their own mapping, aligned to 2 MiB, and those made
+//! while a journal replay runs are advised for transparent huge pages
+//! (`MADV_HUGEPAGE`).
 //!
 //! Why: recovery rebuilds tables of millions of entries (the message table
 //! alone is ~112 bytes per slot, 1 GiB of journal holds 4 M pending
@@ -37,8 +38,8 @@
 //! the message table's parts to the journal (`plan_message_table` in
 //! `esh3ar_shards::index`): 827 MB. The two are coupled: a part just under
 //! [`HUGE_FROM`] falls back to base pages. A large block allocated and
-//! freed on a hot path would pay a mapping and a huge page's zeroing each
-//! time; keep such buffers under [`HUGE_FROM`] or reuse them.
+//! freed on a hot path would pay a mapping (and its first-touch faults)
+//! each time; keep such buffers under [`HUGE_FROM`] or reuse them.
 //!
 //! Where transparent huge pages are off (`never`) the advice is ignored and
 //! the mappings behave as the system allocator's own large ones would.

@@ -398,9 +398,10 @@ fn start_executors(
 /// on nearly every turn of the executor: each cancel first walks the
 /// bucket where the shard's armed socket polls (one per idle connection)
 /// would be. With 128 entries that is 8 buckets, ~1,250 polls each at
-/// 10,000 connections: 7% of the shard's time in `io_poll_find` at 46,000
-/// msg/s (docs/PERFORMANCE.md, "Issue #9, sixth round"). 4,096 gives the
-/// most buckets; the rings' memory is a few hundred KiB per shard.
+/// 10,000 connections: 7.4% of the shard's time in `io_poll_find` at
+/// 46,000 msg/s, 5.1% with 4,096 (docs/PERFORMANCE.md, "Issue #9, sixth
+/// round"). 4,096 gives the most buckets; the rings' memory is a few
+/// hundred KiB per shard.
 const RING_DEPTH: usize = 4096;
 
 /// `ESH3AR_SPIN_BEFORE_PARK_US`: executors poll this many microseconds

@@ -907,11 +907,12 @@ impl SleepableRing {
         // preemption timer) takes its completions cooperatively: without
         // COOP_TASKRUN every completion that comes while the executor runs
         // in user space (a peer's send waking a socket poll) costs the
-        // sender an inter-processor interrupt to this thread. The executor
-        // makes a system call (a send, a submission) at least every few
-        // microseconds while busy, and when it sleeps in io_uring_enter the
-        // kernel still wakes it. The latency ring (the latency preemption
-        // timer, which must interrupt a busy task queue) keeps the default.
+        // sender an inter-processor interrupt to this thread. A busy
+        // executor makes system calls anyway (its sends, its submissions),
+        // and when it sleeps in io_uring_enter the kernel still wakes it.
+        // The latency ring keeps the default: the latency preemption timer
+        // must interrupt a busy task queue, and the foreign-wake eventfd
+        // (other threads waking this one) is there too.
         // Before Linux 5.19 the flag is refused (EINVAL): the ring is set up
         // without it.
         let ring = if name == "main" {
